@@ -1,0 +1,41 @@
+# Two entry points, each installing what it needs into .venv first:
+#   make demo   the project's main job
+#   make test   the whole test suite: lint, types, pytest, docs (html + doctest) with -W
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.selhn-installed
+
+.PHONY: demo test install lint typecheck pytest docs clean
+
+$(STAMP): pyproject.toml setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU build on this machine's disk; the package itself asks for torch>=2.1
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check selhn tests examples docs/conf.py
+	$(PY) -m ruff format --check selhn tests examples docs/conf.py
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+pytest: $(STAMP)
+	@$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) -m sphinx -W --keep-going -q -b doctest docs docs/_build/doctest
+
+test: lint typecheck pytest docs
+
+clean:
+	rm -rf $(VENV) docs/_build build dist *.egg-info

@@ -1,0 +1,117 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises a ``TypeError`` (wrong type) or a ``ValueError`` (wrong value or shape)
+whose message names the argument, what was expected and what was given. The checks only
+read shapes, dtypes and Python numbers, never tensor values, so they cost nothing on the
+hot path and stay transparent to ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+FALLBACKS = ("mean", "sum")
+
+
+def check_float_tensor(value: Any, name: str) -> Tensor:
+    """Require a floating-point tensor."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    return value
+
+
+def check_scores(value: Any, name: str = "scores") -> Tensor:
+    """Require a square (B, B) floating-point score matrix with B >= 1."""
+    scores = check_float_tensor(value, name)
+    if scores.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (B, B) score matrix, got {scores.ndim}-D shape {tuple(scores.shape)}")
+    if scores.shape[0] != scores.shape[1]:
+        raise ValueError(
+            f"{name} must be square (B, B) with positives on the diagonal, got shape {tuple(scores.shape)}"
+        )
+    if scores.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one pair, got shape {tuple(scores.shape)}")
+    return scores
+
+
+def check_embeddings(img_emb: Any, txt_emb: Any) -> None:
+    """Require two (B, D) floating-point embedding matrices of equal shape and device."""
+    for name, emb in (("img_emb", img_emb), ("txt_emb", txt_emb)):
+        check_float_tensor(emb, name)
+        if emb.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (B, D), got {emb.ndim}-D shape {tuple(emb.shape)}")
+        if emb.shape[0] == 0:
+            raise ValueError(f"{name} must hold at least one row, got shape {tuple(emb.shape)}")
+    if img_emb.shape[0] != txt_emb.shape[0]:
+        raise ValueError(
+            "img_emb and txt_emb must have the same batch size (row i of each is a matched pair), "
+            f"got {img_emb.shape[0]} and {txt_emb.shape[0]}"
+        )
+    if img_emb.shape[1] != txt_emb.shape[1]:
+        raise ValueError(
+            f"img_emb and txt_emb must have the same embedding size, got {img_emb.shape[1]} and {txt_emb.shape[1]}"
+        )
+    if img_emb.device != txt_emb.device:
+        raise ValueError(f"img_emb and txt_emb must be on the same device, got {img_emb.device} and {txt_emb.device}")
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    """Require a finite, non-negative Python number (bool is rejected)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {number}")
+    return number
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """Require one of a fixed set of strings."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_mask(value: Any, batch: int, device: torch.device) -> Tensor | None:
+    """Require ``None`` or a boolean (B, B) mask on the scores' device."""
+    if value is None:
+        return None
+    if not isinstance(value, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of dtype torch.bool or None, got {type(value).__name__}")
+    mask: Tensor = value
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True = not a negative), got {mask.dtype}")
+    if tuple(mask.shape) != (batch, batch):
+        raise ValueError(f"mask must have shape ({batch}, {batch}) like scores, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask must be on the scores' device {device}, got {mask.device}")
+    return mask
+
+
+def ids_to_mask(value: Any, batch: int, device: torch.device) -> Tensor | None:
+    """Turn per-pair ids into the (B, B) mask of pairs that share an id.
+
+    ``ids`` may be ``None``, a 1-D integer tensor or a sequence of ints of length B.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        ids: Tensor = value
+    else:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise TypeError(f"ids must be a 1-D integer tensor or a sequence of ints, got {type(value).__name__}")
+        ids = torch.as_tensor(list(value))
+    if ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"ids must hold integers (one image id per pair), got dtype {ids.dtype}")
+    if ids.ndim != 1 or ids.shape[0] != batch:
+        raise ValueError(f"ids must have shape ({batch},), one id per pair, got {tuple(ids.shape)}")
+    ids = ids.to(device)
+    return ids.unsqueeze(1) == ids.unsqueeze(0)

@@ -1,0 +1,231 @@
+r"""Triplet losses over a score matrix: the single source of each loss's semantics.
+
+Every function takes a (B, B) score matrix whose row ``i`` is image anchor ``i``
+(image-to-text), whose column ``j`` is caption anchor ``j`` (text-to-image) and whose
+diagonal holds the positives. The scores may come from ``img @ txt.T`` with L2-normalised
+embeddings (cosine similarities) or from any other model, e.g. SCAN-style cross-attention;
+they are not assumed to lie in [-1, 1].
+
+Both directions are always used. ``reduction="none"`` returns the per-anchor losses with
+shape (2, B): row 0 the image anchors, row 1 the caption anchors. ``"mean"`` averages those
+2B values and ``"sum"`` adds them:
+
+======================  ===========  ==============================================================
+loss                    reduction    equals
+======================  ===========  ==============================================================
+``selhn_loss``          ``"mean"``   the SelHN authors' (RVSE++) returned value
+``max_violation_loss``  ``"sum"``    VSE++ / VSE-infinity ``ContrastiveLoss(max_violation=True)``
+``sum_hinge_loss``      ``"sum"``    VSE++ / VSE-infinity ``ContrastiveLoss(max_violation=False)``
+======================  ===========  ==============================================================
+
+Half-precision scores are upcast to float32 inside the loss (so the hard/fallback choice does
+not flip on rounding) and the result is float32; other dtypes are kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from selhn import _selection as sel
+from selhn._validation import FALLBACKS, REDUCTIONS, check_choice, check_mask, check_nonnegative, check_scores
+
+__all__ = ["max_violation_loss", "selhn_loss", "sum_hinge_loss"]
+
+
+def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_anchor.mean()
+    if reduction == "sum":
+        return per_anchor.sum()
+    return per_anchor
+
+
+def _per_anchor(
+    scores: Tensor, margin: float, epsilon: float | None, mask: Tensor | None, fallback: str | None
+) -> Tensor:
+    """Per-anchor losses (2, B) of the three losses.
+
+    ``epsilon is None`` and ``fallback is None``: max violation; ``epsilon is None`` and a
+    ``fallback``: the hinges reduced by ``fallback`` for every anchor (sum of hinges with
+    ``"sum"``); both given: SelHN.
+    """
+    scores = scores.to(sel.compute_dtype(scores.dtype))
+    batch = scores.shape[0]
+    excluded = sel.excluded_pairs(batch, mask, scores.device)
+    positives = scores.diagonal()
+    rows = []
+    for view, view_excluded in sel.direction_views(scores, excluded):
+        negatives = sel.negative_scores(view, view_excluded)
+        hardest, _ = sel.hardest_negative(negatives)
+        hard = sel.hinge(positives, hardest, margin)
+        if fallback is None:
+            rows.append(hard)
+            continue
+        total = sel.hinge(positives.unsqueeze(1), negatives, margin).sum(dim=1)
+        if fallback == "mean":
+            total = total / sel.negative_counts(view_excluded).clamp(min=1)
+        if epsilon is None:
+            rows.append(total)
+        else:
+            rows.append(torch.where(sel.vanishing(sel.gap(positives, hardest), epsilon), total, hard))
+    return torch.stack(rows)
+
+
+def selhn_loss(
+    scores: Tensor,
+    margin: float = 0.2,
+    epsilon: float = 0.01,
+    *,
+    fallback: str = "mean",
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Selectively hard negative (SelHN) triplet loss over a score matrix.
+
+    For each anchor ``a`` in each direction, with positive score :math:`s_p`, negatives
+    :math:`n \in N_a` and hardest negative :math:`\hat n = \arg\max_{n \in N_a} s_n`:
+
+    .. math::
+
+        h_n = \max(0,\, m - s_p + s_n), \qquad
+        \ell_a = \begin{cases}
+            \frac{1}{|N_a|} \sum_{n \in N_a} h_n & \text{if } |s_p - s_{\hat n}| < \epsilon
+                \quad (\text{fallback="mean"}) \\
+            h_{\hat n} & \text{otherwise.}
+        \end{cases}
+
+    The condition is evaluated on detached scores: while an anchor's hardest negative sits
+    on its positive, the hardest-negative gradient vanishes and the anchor uses the hinge
+    averaged over all its negatives (zero hinges included) instead.
+
+    Args:
+        scores: (B, B) score matrix, rows image anchors, columns caption anchors,
+            positives on the diagonal.
+        margin: triplet margin :math:`m` (>= 0).
+        epsilon: gap threshold :math:`\epsilon` (>= 0); ``0`` gives max violation.
+        fallback: ``"mean"`` (the authors' code) averages the hinges over the negatives,
+            ``"sum"`` adds them.
+        mask: optional boolean (B, B); ``True`` marks a pair that is not a negative (e.g.
+            two captions of the same image). The diagonal is always the positive.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"`` over the 2B per-anchor losses.
+
+    Returns:
+        The loss: a scalar, or (2, B) for ``reduction="none"``.
+
+    Shape:
+        - scores: :math:`(B, B)`
+        - mask: :math:`(B, B)`, boolean
+        - output: :math:`()` or :math:`(2, B)` (row 0 image anchors, row 1 caption anchors)
+
+    Example:
+        >>> import torch
+        >>> from selhn.functional import selhn_loss
+        >>> scores = torch.tensor([[0.9, 0.75, 0.8],
+        ...                        [0.5, 0.5,  0.3],
+        ...                        [0.0, 0.1,  0.8]])
+        >>> selhn_loss(scores, reduction="none")
+        tensor([[0.1000, 0.1000, 0.0000],
+                [0.0000, 0.4500, 0.1000]])
+    """
+    check_scores(scores)
+    margin = check_nonnegative(margin, "margin")
+    epsilon = check_nonnegative(epsilon, "epsilon")
+    check_choice(fallback, "fallback", FALLBACKS)
+    check_choice(reduction, "reduction", REDUCTIONS)
+    mask = check_mask(mask, scores.shape[0], scores.device)
+    return _reduce(_per_anchor(scores, margin, epsilon, mask, fallback), reduction)
+
+
+def max_violation_loss(
+    scores: Tensor,
+    margin: float = 0.2,
+    *,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""VSE++ max-violation (hardest negative) triplet loss over a score matrix.
+
+    .. math::
+
+        \ell_a = \max_{n \in N_a} \max(0,\, m - s_p + s_n)
+
+    for each image anchor (over its row) and each caption anchor (over its column).
+
+    Args:
+        scores: (B, B) score matrix, rows image anchors, columns caption anchors,
+            positives on the diagonal.
+        margin: triplet margin :math:`m` (>= 0).
+        mask: optional boolean (B, B); ``True`` marks a pair that is not a negative.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``; ``"sum"`` equals VSE++'s
+            ``ContrastiveLoss(max_violation=True)``.
+
+    Returns:
+        The loss: a scalar, or (2, B) for ``reduction="none"``.
+
+    Shape:
+        - scores: :math:`(B, B)`
+        - mask: :math:`(B, B)`, boolean
+        - output: :math:`()` or :math:`(2, B)`
+
+    Example:
+        >>> import torch
+        >>> from selhn.functional import max_violation_loss
+        >>> scores = torch.tensor([[0.9, 0.75, 0.8],
+        ...                        [0.5, 0.5,  0.3],
+        ...                        [0.0, 0.1,  0.8]])
+        >>> max_violation_loss(scores, reduction="sum")
+        tensor(0.9500)
+    """
+    check_scores(scores)
+    margin = check_nonnegative(margin, "margin")
+    check_choice(reduction, "reduction", REDUCTIONS)
+    mask = check_mask(mask, scores.shape[0], scores.device)
+    return _reduce(_per_anchor(scores, margin, None, mask, None), reduction)
+
+
+def sum_hinge_loss(
+    scores: Tensor,
+    margin: float = 0.2,
+    *,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Sum-of-hinges triplet loss (VSE0, Kiros et al.) over a score matrix.
+
+    .. math::
+
+        \ell_a = \sum_{n \in N_a} \max(0,\, m - s_p + s_n)
+
+    for each image anchor (over its row) and each caption anchor (over its column).
+
+    Args:
+        scores: (B, B) score matrix, rows image anchors, columns caption anchors,
+            positives on the diagonal.
+        margin: triplet margin :math:`m` (>= 0).
+        mask: optional boolean (B, B); ``True`` marks a pair that is not a negative.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``; ``"sum"`` equals VSE++'s
+            ``ContrastiveLoss(max_violation=False)``.
+
+    Returns:
+        The loss: a scalar, or (2, B) for ``reduction="none"``.
+
+    Shape:
+        - scores: :math:`(B, B)`
+        - mask: :math:`(B, B)`, boolean
+        - output: :math:`()` or :math:`(2, B)`
+
+    Example:
+        >>> import torch
+        >>> from selhn.functional import sum_hinge_loss
+        >>> scores = torch.tensor([[0.9, 0.75, 0.8],
+        ...                        [0.5, 0.5,  0.3],
+        ...                        [0.0, 0.1,  0.8]])
+        >>> sum_hinge_loss(scores, reduction="sum")
+        tensor(1.)
+    """
+    check_scores(scores)
+    margin = check_nonnegative(margin, "margin")
+    check_choice(reduction, "reduction", REDUCTIONS)
+    mask = check_mask(mask, scores.shape[0], scores.device)
+    return _reduce(_per_anchor(scores, margin, None, mask, "sum"), reduction)

@@ -1,0 +1,271 @@
+"""``torch.nn.Module`` twins of :mod:`selhn.functional` over embeddings.
+
+Each module takes the image and caption embeddings of a batch of B matched pairs (row ``i``
+of each is a pair), computes the score matrix ``img_emb @ txt_emb.T`` and delegates to the
+functional form. Embeddings are expected to be L2-normalised (as in VSE++, VSE-infinity and
+RVSE++), so the scores are cosine similarities; the modules do not normalise for you.
+
+The scores are computed in float32 for half-precision embeddings (autocast is disabled
+inside the loss), so the hard/fallback choice never flips on rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from selhn import functional as F
+from selhn._validation import (
+    FALLBACKS,
+    REDUCTIONS,
+    check_choice,
+    check_embeddings,
+    check_nonnegative,
+    ids_to_mask,
+)
+
+__all__ = ["ContrastiveLoss", "MaxViolationLoss", "SelHNLoss", "SumHingeLoss"]
+
+
+def similarity(img_emb: Tensor, txt_emb: Tensor) -> Tensor:
+    """Score matrix ``img_emb @ txt_emb.T`` in float32 or wider, outside autocast."""
+    dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
+    with torch.autocast(device_type=img_emb.device.type, enabled=False):
+        return img_emb.to(dtype) @ txt_emb.to(dtype).t()
+
+
+class _TripletLoss(nn.Module):
+    """Shared plumbing: margin, reduction, ids -> mask and the VSE-infinity switch methods."""
+
+    def __init__(self, margin: float, reduction: str) -> None:
+        super().__init__()
+        self.margin = check_nonnegative(margin, "margin")
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
+
+    def _scores_and_mask(self, img_emb: Tensor, txt_emb: Tensor, ids: Any) -> tuple[Tensor, Tensor | None]:
+        check_embeddings(img_emb, txt_emb)
+        return similarity(img_emb, txt_emb), ids_to_mask(ids, img_emb.shape[0], img_emb.device)
+
+    def max_violation_on(self) -> None:
+        """No-op, for drop-in use in VSE-infinity's training loop.
+
+        This loss has a fixed objective; use :class:`ContrastiveLoss` for the switchable one.
+        """
+
+    def max_violation_off(self) -> None:
+        """No-op, for drop-in use in VSE-infinity's training loop.
+
+        This loss has a fixed objective; use :class:`ContrastiveLoss` for the switchable one.
+        """
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, reduction={self.reduction!r}"
+
+
+class SelHNLoss(_TripletLoss):
+    r"""Selectively hard negative (SelHN) triplet loss over embeddings.
+
+    Computes ``scores = img_emb @ txt_emb.T`` and returns
+    :func:`selhn.functional.selhn_loss` of it: per anchor and direction,
+
+    .. math::
+
+        \ell_a = \begin{cases}
+            \frac{1}{|N_a|} \sum_{n \in N_a} \max(0,\, m - s_p + s_n)
+                & \text{if } |s_p - s_{\hat n}| < \epsilon \\
+            \max(0,\, m - s_p + s_{\hat n}) & \text{otherwise,}
+        \end{cases}
+
+    with :math:`\hat n` the hardest (highest-scoring) negative of the anchor. The default
+    ``reduction="mean"`` returns exactly the value of the authors' RVSE++ code.
+
+    :meth:`max_violation_on` / :meth:`max_violation_off` are no-ops: SelHN handles the cold
+    start itself, so VSE-infinity's warm-up switch calls can stay in a training loop.
+
+    Args:
+        margin: triplet margin :math:`m` (>= 0).
+        epsilon: gap threshold :math:`\epsilon` (>= 0).
+        fallback: ``"mean"`` (authors' code) or ``"sum"`` over the negatives.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"`` over the 2B per-anchor losses.
+
+    Shape:
+        - img_emb: :math:`(B, D)`, L2-normalised
+        - txt_emb: :math:`(B, D)`, L2-normalised
+        - ids: optional :math:`(B,)` integers; pairs sharing an id are not negatives
+        - output: :math:`()` or :math:`(2, B)` for ``reduction="none"``
+
+    Example:
+        >>> import torch
+        >>> import selhn
+        >>> _ = torch.manual_seed(0)
+        >>> img = torch.nn.functional.normalize(torch.randn(8, 16), dim=1).requires_grad_()
+        >>> txt = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> criterion = selhn.SelHNLoss(margin=0.2, epsilon=0.01)
+        >>> loss = criterion(img, txt)
+        >>> loss.backward()
+        >>> loss.shape, img.grad.shape
+        (torch.Size([]), torch.Size([8, 16]))
+    """
+
+    def __init__(
+        self, margin: float = 0.2, epsilon: float = 0.01, *, fallback: str = "mean", reduction: str = "mean"
+    ) -> None:
+        super().__init__(margin, reduction)
+        self.epsilon = check_nonnegative(epsilon, "epsilon")
+        self.fallback = check_choice(fallback, "fallback", FALLBACKS)
+
+    def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
+        """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
+        scores, mask = self._scores_and_mask(img_emb, txt_emb, ids)
+        return F.selhn_loss(
+            scores, self.margin, self.epsilon, fallback=self.fallback, mask=mask, reduction=self.reduction
+        )
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, epsilon={self.epsilon}, fallback={self.fallback!r}, reduction={self.reduction!r}"
+
+
+class MaxViolationLoss(_TripletLoss):
+    r"""VSE++ max-violation (hardest negative) triplet loss over embeddings.
+
+    .. math::
+
+        \ell_a = \max_{n \in N_a} \max(0,\, m - s_p + s_n)
+
+    Computes ``scores = img_emb @ txt_emb.T`` and returns
+    :func:`selhn.functional.max_violation_loss` of it. With ``reduction="sum"`` it equals
+    VSE++ / VSE-infinity's ``ContrastiveLoss(max_violation=True)`` exactly.
+    :meth:`max_violation_on` / :meth:`max_violation_off` are no-ops (always hard negatives).
+
+    Args:
+        margin: triplet margin :math:`m` (>= 0).
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+
+    Shape:
+        - img_emb: :math:`(B, D)`, L2-normalised
+        - txt_emb: :math:`(B, D)`, L2-normalised
+        - ids: optional :math:`(B,)` integers; pairs sharing an id are not negatives
+        - output: :math:`()` or :math:`(2, B)` for ``reduction="none"``
+
+    Example:
+        >>> import torch
+        >>> import selhn
+        >>> img = torch.eye(3)
+        >>> txt = torch.eye(3)
+        >>> selhn.MaxViolationLoss(margin=0.2, reduction="sum")(img, txt)
+        tensor(0.)
+        >>> selhn.MaxViolationLoss(reduction="sum")(img, torch.ones(3, 3) / 3 ** 0.5)
+        tensor(1.2000)
+    """
+
+    def __init__(self, margin: float = 0.2, *, reduction: str = "mean") -> None:
+        super().__init__(margin, reduction)
+
+    def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
+        """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
+        scores, mask = self._scores_and_mask(img_emb, txt_emb, ids)
+        return F.max_violation_loss(scores, self.margin, mask=mask, reduction=self.reduction)
+
+
+class SumHingeLoss(_TripletLoss):
+    r"""Sum-of-hinges triplet loss (VSE0) over embeddings.
+
+    .. math::
+
+        \ell_a = \sum_{n \in N_a} \max(0,\, m - s_p + s_n)
+
+    Computes ``scores = img_emb @ txt_emb.T`` and returns
+    :func:`selhn.functional.sum_hinge_loss` of it. With ``reduction="sum"`` it equals
+    VSE++ / VSE-infinity's ``ContrastiveLoss(max_violation=False)`` exactly.
+    :meth:`max_violation_on` / :meth:`max_violation_off` are no-ops (always all negatives).
+
+    Args:
+        margin: triplet margin :math:`m` (>= 0).
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+
+    Shape:
+        - img_emb: :math:`(B, D)`, L2-normalised
+        - txt_emb: :math:`(B, D)`, L2-normalised
+        - ids: optional :math:`(B,)` integers; pairs sharing an id are not negatives
+        - output: :math:`()` or :math:`(2, B)` for ``reduction="none"``
+
+    Example:
+        >>> import torch
+        >>> import selhn
+        >>> selhn.SumHingeLoss(reduction="sum")(torch.eye(3), torch.ones(3, 3) / 3 ** 0.5)
+        tensor(2.4000)
+    """
+
+    def __init__(self, margin: float = 0.2, *, reduction: str = "mean") -> None:
+        super().__init__(margin, reduction)
+
+    def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
+        """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
+        scores, mask = self._scores_and_mask(img_emb, txt_emb, ids)
+        return F.sum_hinge_loss(scores, self.margin, mask=mask, reduction=self.reduction)
+
+
+class ContrastiveLoss(_TripletLoss):
+    r"""Drop-in for VSE++ / VSE-infinity's switchable ``ContrastiveLoss``.
+
+    Sum of hinges while ``max_violation`` is off, max violation while it is on, summed over
+    both directions by default (``reduction="sum"``), exactly as those code bases compute it.
+    :meth:`max_violation_on` and :meth:`max_violation_off` flip the switch, so VSE-infinity's
+    warm-up (sum of hinges in epoch 0, hard negatives from epoch 1) is reproduced by its own
+    training loop unchanged:
+
+    .. math::
+
+        \ell_a = \begin{cases}
+            \max_{n \in N_a} \max(0,\, m - s_p + s_n) & \text{max violation on} \\
+            \sum_{n \in N_a} \max(0,\, m - s_p + s_n) & \text{max violation off}
+        \end{cases}
+
+    Args:
+        margin: triplet margin :math:`m` (>= 0).
+        max_violation: initial state of the switch.
+        reduction: ``"sum"`` (the VSE code bases) | ``"mean"`` | ``"none"``.
+
+    Shape:
+        - im: :math:`(B, D)`, L2-normalised image embeddings
+        - s: :math:`(B, D)`, L2-normalised caption embeddings
+        - ids: optional :math:`(B,)` integers; pairs sharing an id are not negatives
+        - output: :math:`()` or :math:`(2, B)` for ``reduction="none"``
+
+    Example:
+        >>> import torch
+        >>> import selhn
+        >>> criterion = selhn.ContrastiveLoss(margin=0.2, max_violation=False)
+        >>> img, txt = torch.eye(3), torch.ones(3, 3) / 3 ** 0.5
+        >>> criterion(img, txt)
+        tensor(2.4000)
+        >>> criterion.max_violation_on()
+        >>> criterion(img, txt)
+        tensor(1.2000)
+    """
+
+    def __init__(self, margin: float = 0.2, *, max_violation: bool = False, reduction: str = "sum") -> None:
+        super().__init__(margin, reduction)
+        if not isinstance(max_violation, bool):
+            raise TypeError(f"max_violation must be a bool, got {type(max_violation).__name__}")
+        self.max_violation = max_violation
+
+    def max_violation_on(self) -> None:
+        """Switch to the VSE++ hardest-negative objective."""
+        self.max_violation = True
+
+    def max_violation_off(self) -> None:
+        """Switch to the VSE0 sum-of-hinges objective."""
+        self.max_violation = False
+
+    def forward(self, im: Tensor, s: Tensor, ids: Any = None) -> Tensor:
+        """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
+        scores, mask = self._scores_and_mask(im, s, ids)
+        if self.max_violation:
+            return F.max_violation_loss(scores, self.margin, mask=mask, reduction=self.reduction)
+        return F.sum_hinge_loss(scores, self.margin, mask=mask, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, max_violation={self.max_violation}, reduction={self.reduction!r}"
