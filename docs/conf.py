@@ -41,6 +41,5 @@ napoleon_numpy_docstring = False
 nitpicky = False
 html_theme = "furo"
 html_title = f"selhn {__version__}"
-html_static_path = ["_static"]
 exclude_patterns = ["_build"]
 doctest_global_setup = "import torch\nimport selhn\n"
