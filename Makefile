@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check selhn tests examples docs/conf.py
-	$(PY) -m ruff format --check selhn tests examples docs/conf.py
+	$(PY) -m ruff check selhn tests examples benchmarks docs/conf.py
+	$(PY) -m ruff format --check selhn tests examples benchmarks docs/conf.py
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

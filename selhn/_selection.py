@@ -68,6 +68,22 @@ def vanishing(gap_: Tensor, epsilon: float) -> Tensor:
     return gap_.abs() < epsilon
 
 
-def negative_counts(excluded: Tensor) -> Tensor:
-    """Number of negatives per row anchor of a direction view's ``excluded`` matrix."""
-    return (~excluded).sum(dim=1)
+def fill_excluded_(scores: Tensor, mask: Tensor | None) -> Tensor:
+    """In place: set every pair that is not a negative (diagonal, ``mask``) to ``-inf``.
+
+    On the result the hardest negative of image anchor ``i`` is the maximum of row ``i``, that
+    of caption anchor ``j`` the maximum of column ``j``, and every hinge of an excluded pair
+    is exactly 0, in both directions at once.
+    """
+    if mask is not None:
+        scores.masked_fill_(mask, float("-inf"))
+    scores.diagonal().fill_(float("-inf"))
+    return scores
+
+
+def negative_counts(batch: int, mask: Tensor | None, device: torch.device) -> Tensor:
+    """(2, B) number of negatives of each image anchor (row 0) and caption anchor (row 1)."""
+    if mask is None:
+        return torch.full((2, batch), batch - 1, dtype=torch.long, device=device)
+    off_diagonal = mask & ~torch.eye(batch, dtype=torch.bool, device=device)
+    return (batch - 1) - torch.stack([off_diagonal.sum(dim=1), off_diagonal.sum(dim=0)])

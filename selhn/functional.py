@@ -27,13 +27,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from selhn import _fast
 from selhn import _selection as sel
 from selhn._validation import FALLBACKS, REDUCTIONS, check_choice, check_mask, check_nonnegative, check_scores
 
 __all__ = ["max_violation_loss", "selhn_loss", "sum_hinge_loss"]
 
 
-def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
+def reduce(per_anchor: Tensor, reduction: str) -> Tensor:
+    """Reduce (2, B) per-anchor losses: ``"mean"``, ``"sum"`` or ``"none"`` (unchanged)."""
     if reduction == "mean":
         return per_anchor.mean()
     if reduction == "sum":
@@ -41,35 +43,24 @@ def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
     return per_anchor
 
 
-def _per_anchor(
-    scores: Tensor, margin: float, epsilon: float | None, mask: Tensor | None, fallback: str | None
-) -> Tensor:
-    """Per-anchor losses (2, B) of the three losses.
-
-    ``epsilon is None`` and ``fallback is None``: max violation; ``epsilon is None`` and a
-    ``fallback``: the hinges reduced by ``fallback`` for every anchor (sum of hinges with
-    ``"sum"``); both given: SelHN.
-    """
+def _per_anchor(scores: Tensor, margin: float, epsilon: float, mask: Tensor | None, mode: str, mean: bool) -> Tensor:
+    """Per-anchor losses (2, B) of a score matrix (modes: ``"hard"``, ``"selhn"``, ``"sum"``)."""
     scores = scores.to(sel.compute_dtype(scores.dtype))
-    batch = scores.shape[0]
-    excluded = sel.excluded_pairs(batch, mask, scores.device)
-    positives = scores.diagonal()
-    rows = []
-    for view, view_excluded in sel.direction_views(scores, excluded):
-        negatives = sel.negative_scores(view, view_excluded)
-        hardest, _ = sel.hardest_negative(negatives)
-        hard = sel.hinge(positives, hardest, margin)
-        if fallback is None:
-            rows.append(hard)
-            continue
-        total = sel.hinge(positives.unsqueeze(1), negatives, margin).sum(dim=1)
-        if fallback == "mean":
-            total = total / sel.negative_counts(view_excluded).clamp(min=1)
-        if epsilon is None:
-            rows.append(total)
-        else:
-            rows.append(torch.where(sel.vanishing(sel.gap(positives, hardest), epsilon), total, hard))
-    return torch.stack(rows)
+    losses: Tensor = _fast.ScoreLoss.apply(scores, mask, margin, epsilon, mode, mean)  # type: ignore[no-untyped-call]
+    return losses
+
+
+def _per_anchor_from_embeddings(
+    img_emb: Tensor, txt_emb: Tensor, margin: float, epsilon: float, mask: Tensor | None, mode: str, mean: bool
+) -> Tensor:
+    """Per-anchor losses (2, B) of ``img_emb @ txt_emb.T``, scored in float32 or wider outside
+    autocast, with the lean gather/scatter backward of :mod:`selhn._fast` (used by the modules)."""
+    dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
+    with torch.autocast(device_type=img_emb.device.type, enabled=False):
+        losses: Tensor = _fast.EmbeddingLoss.apply(  # type: ignore[no-untyped-call]
+            img_emb.to(dtype), txt_emb.to(dtype), mask, margin, epsilon, mode, mean
+        )
+    return losses
 
 
 def selhn_loss(
@@ -134,7 +125,7 @@ def selhn_loss(
     check_choice(fallback, "fallback", FALLBACKS)
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _reduce(_per_anchor(scores, margin, epsilon, mask, fallback), reduction)
+    return reduce(_per_anchor(scores, margin, epsilon, mask, _fast.SELHN, fallback == "mean"), reduction)
 
 
 def max_violation_loss(
@@ -181,7 +172,7 @@ def max_violation_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _reduce(_per_anchor(scores, margin, None, mask, None), reduction)
+    return reduce(_per_anchor(scores, margin, 0.0, mask, _fast.HARD, False), reduction)
 
 
 def sum_hinge_loss(
@@ -228,4 +219,4 @@ def sum_hinge_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _reduce(_per_anchor(scores, margin, None, mask, "sum"), reduction)
+    return reduce(_per_anchor(scores, margin, 0.0, mask, _fast.SUM, False), reduction)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from selhn import _fast
 from selhn import functional as F
 from selhn._validation import (
     FALLBACKS,
@@ -29,13 +29,6 @@ from selhn._validation import (
 __all__ = ["ContrastiveLoss", "MaxViolationLoss", "SelHNLoss", "SumHingeLoss"]
 
 
-def similarity(img_emb: Tensor, txt_emb: Tensor) -> Tensor:
-    """Score matrix ``img_emb @ txt_emb.T`` in float32 or wider, outside autocast."""
-    dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
-    with torch.autocast(device_type=img_emb.device.type, enabled=False):
-        return img_emb.to(dtype) @ txt_emb.to(dtype).t()
-
-
 class _TripletLoss(nn.Module):
     """Shared plumbing: margin, reduction, ids -> mask and the VSE-infinity switch methods."""
 
@@ -44,9 +37,13 @@ class _TripletLoss(nn.Module):
         self.margin = check_nonnegative(margin, "margin")
         self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
 
-    def _scores_and_mask(self, img_emb: Tensor, txt_emb: Tensor, ids: Any) -> tuple[Tensor, Tensor | None]:
+    def _loss(
+        self, img_emb: Tensor, txt_emb: Tensor, ids: Any, mode: str, epsilon: float = 0.0, mean: bool = False
+    ) -> Tensor:
         check_embeddings(img_emb, txt_emb)
-        return similarity(img_emb, txt_emb), ids_to_mask(ids, img_emb.shape[0], img_emb.device)
+        mask = ids_to_mask(ids, img_emb.shape[0], img_emb.device)
+        per_anchor = F._per_anchor_from_embeddings(img_emb, txt_emb, self.margin, epsilon, mask, mode, mean)
+        return F.reduce(per_anchor, self.reduction)
 
     def max_violation_on(self) -> None:
         """No-op, for drop-in use in VSE-infinity's training loop.
@@ -118,10 +115,7 @@ class SelHNLoss(_TripletLoss):
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        scores, mask = self._scores_and_mask(img_emb, txt_emb, ids)
-        return F.selhn_loss(
-            scores, self.margin, self.epsilon, fallback=self.fallback, mask=mask, reduction=self.reduction
-        )
+        return self._loss(img_emb, txt_emb, ids, _fast.SELHN, self.epsilon, self.fallback == "mean")
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, epsilon={self.epsilon}, fallback={self.fallback!r}, reduction={self.reduction!r}"
@@ -165,8 +159,7 @@ class MaxViolationLoss(_TripletLoss):
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        scores, mask = self._scores_and_mask(img_emb, txt_emb, ids)
-        return F.max_violation_loss(scores, self.margin, mask=mask, reduction=self.reduction)
+        return self._loss(img_emb, txt_emb, ids, _fast.HARD)
 
 
 class SumHingeLoss(_TripletLoss):
@@ -203,8 +196,7 @@ class SumHingeLoss(_TripletLoss):
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        scores, mask = self._scores_and_mask(img_emb, txt_emb, ids)
-        return F.sum_hinge_loss(scores, self.margin, mask=mask, reduction=self.reduction)
+        return self._loss(img_emb, txt_emb, ids, _fast.SUM)
 
 
 class ContrastiveLoss(_TripletLoss):
@@ -262,10 +254,7 @@ class ContrastiveLoss(_TripletLoss):
 
     def forward(self, im: Tensor, s: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        scores, mask = self._scores_and_mask(im, s, ids)
-        if self.max_violation:
-            return F.max_violation_loss(scores, self.margin, mask=mask, reduction=self.reduction)
-        return F.sum_hinge_loss(scores, self.margin, mask=mask, reduction=self.reduction)
+        return self._loss(im, s, ids, _fast.HARD if self.max_violation else _fast.SUM)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, max_violation={self.max_violation}, reduction={self.reduction!r}"

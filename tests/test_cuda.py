@@ -1,0 +1,77 @@
+"""The losses on a CUDA device (skipped where there is none; run on the lent GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import selhn
+from selhn import functional as F
+from selhn.testing import batch_sizes, embedding_pairs, half_dtypes, score_matrices
+from tests.reference import reference_loss
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+FUNCTIONS = {"selhn": F.selhn_loss, "hn": F.max_violation_loss, "sum": F.sum_hinge_loss}
+MODULES = {"selhn": selhn.SelHNLoss, "hn": selhn.MaxViolationLoss, "sum": selhn.SumHingeLoss}
+
+
+@pytest.mark.parametrize("loss", sorted(FUNCTIONS))
+@settings(max_examples=20)
+@given(scores=score_matrices(batch_sizes(1, 12), levels=4))
+def test_functional_on_cuda_matches_cpu_reference(loss, scores):
+    expected = reference_loss(scores.clone().requires_grad_(), loss, "none")
+    on_gpu = scores.cuda().requires_grad_()
+    got = FUNCTIONS[loss](on_gpu, reduction="none")
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), expected.detach())
+    got.sum().backward()
+    cpu = scores.clone().requires_grad_()
+    reference_loss(cpu, loss, "none").sum().backward()
+    torch.testing.assert_close(on_gpu.grad.cpu(), cpu.grad)
+
+
+@pytest.mark.parametrize("loss", sorted(MODULES))
+@settings(max_examples=20)
+@given(pair=embedding_pairs(batch_sizes(1, 12)))
+def test_modules_on_cuda_match_cpu(loss, pair):
+    results = []
+    for device in ("cpu", "cuda"):
+        img, txt = (x.to(device).requires_grad_() for x in pair)
+        value = MODULES[loss](reduction="sum")(img, txt, ids=torch.arange(img.shape[0]) // 2)
+        value.backward()
+        results.append((value.cpu(), img.grad.cpu(), txt.grad.cpu()))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@settings(max_examples=10)
+@given(dtype=half_dtypes(), pair=embedding_pairs(batch_sizes(2, 12), dtype=torch.float32))
+def test_half_precision_and_autocast_on_cuda(dtype, pair):
+    img, txt = (x.cuda().to(dtype) for x in pair)
+    with torch.autocast("cuda", dtype=dtype):
+        got = selhn.SelHNLoss(reduction="none")(img, txt)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, selhn.SelHNLoss(reduction="none")(img.float(), txt.float()))
+
+
+@pytest.mark.parametrize("size", [1024, 2048])
+def test_large_batches_with_compiled_kernels_match_eager_math(size):
+    generator = torch.Generator().manual_seed(size)
+    centre = torch.randn(1, 64, generator=generator)
+    img = torch.nn.functional.normalize(centre + 0.05 * torch.randn(size, 64, generator=generator), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.05 * torch.randn(size, 64, generator=generator), dim=1)
+    scores = (img @ txt.T).double()
+    for loss in ("selhn", "sum", "hn"):
+        expected = FUNCTIONS[loss](scores, reduction="none")  # float64 on the CPU, eager kernels
+        got = MODULES[loss](reduction="none")(img.cuda(), txt.cuda())
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_on_cuda():
+    generator = torch.Generator().manual_seed(0)
+    img, txt = (torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=1).cuda() for _ in range(2))
+    module = selhn.SelHNLoss(epsilon=0.3)
+    compiled = torch.compile(module, fullgraph=True)
+    torch.testing.assert_close(compiled(img.float(), txt.float()), module(img.float(), txt.float()))

@@ -1,0 +1,214 @@
+"""The lean implementation in selhn._fast: every path against the loop references,
+what it saves for backward, and torch.compile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import selhn
+from selhn import _fast
+from selhn import functional as F
+from selhn.testing import batch_sizes, embedding_pairs, score_matrices
+from tests.reference import reference_loss
+
+MODULES = {
+    "selhn": lambda: selhn.SelHNLoss(0.2, 0.05, reduction="sum"),
+    "hn": lambda: selhn.MaxViolationLoss(0.2, reduction="sum"),
+    "sum": lambda: selhn.SumHingeLoss(0.2, reduction="sum"),
+}
+
+
+def module_matches_reference(loss: str, img: torch.Tensor, txt: torch.Tensor, ids=None) -> None:
+    a_img, a_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    b_img, b_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    got = MODULES[loss]()(a_img, a_txt, ids=ids)
+    mask = None if ids is None else ids[:, None] == ids[None, :]
+    kwargs = {"epsilon": 0.05} if loss == "selhn" else {}
+    expected = reference_loss(b_img @ b_txt.T, loss, "sum", mask=mask, **kwargs)
+    torch.testing.assert_close(got, expected)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(a_img.grad, b_img.grad)
+    torch.testing.assert_close(a_txt.grad, b_txt.grad)
+
+
+def mixed_batch(size: int, n_duplicates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random pairs, except that the first ``n_duplicates`` captions are near-copies of the
+    next caption: those image anchors have |gap| < epsilon, the others do not. With
+    ``n_duplicates=size`` the whole batch is near-collapsed: every anchor has |gap| < epsilon."""
+    generator = torch.Generator().manual_seed(size * 100 + n_duplicates)
+    if n_duplicates >= size:
+        centre = torch.randn(1, 6, generator=generator, dtype=torch.float64)
+        img = centre + 1e-4 * torch.randn(size, 6, generator=generator, dtype=torch.float64)
+        txt = centre + 1e-4 * torch.randn(size, 6, generator=generator, dtype=torch.float64)
+        return torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
+    img = torch.randn(size, 6, generator=generator, dtype=torch.float64)
+    txt = img + 0.3 * torch.randn(size, 6, generator=generator, dtype=torch.float64)
+    for k in range(n_duplicates):
+        txt[k] = txt[k + 1] + 1e-4 * torch.randn(6, generator=generator, dtype=torch.float64)
+    unit = torch.nn.functional.normalize
+    return unit(img, dim=1), unit(txt, dim=1)
+
+
+@pytest.mark.parametrize(("n_duplicates", "restricted"), [(2, True), (9, True), (12, False)])
+def test_mixed_batches_take_the_dense_path_only_where_needed(monkeypatch, n_duplicates, restricted):
+    calls = []
+    original = _fast._dense_blocks
+    monkeypatch.setattr(_fast, "_dense_blocks", lambda *a: calls.append(1) or original(*a))
+    img, txt = mixed_batch(12, n_duplicates)
+    module_matches_reference("selhn", img, txt)
+    assert bool(calls) == restricted
+
+
+@pytest.mark.parametrize("loss", sorted(MODULES))
+@given(pair=embedding_pairs(batch_sizes(1, 10)), ids=st.booleans(), data=st.data())
+def test_module_paths_match_reference(loss, pair, ids, data):
+    img, txt = pair
+    size = img.shape[0]
+    id_tensor = data.draw(st.lists(st.integers(0, max(0, size // 2)), min_size=size, max_size=size)) if ids else None
+    module_matches_reference(loss, img, txt, None if id_tensor is None else torch.tensor(id_tensor))
+
+
+@given(scores=score_matrices(batch_sizes(9, 20), levels=3, dtype=torch.float32))
+def test_blocked_maxima_equal_max_including_ties(scores):
+    original_block = _fast.MAX_BLOCK
+    try:
+        _fast.MAX_BLOCK = 2  # blocked for every B > 8
+        got = _fast._maxes(scores)
+    finally:
+        _fast.MAX_BLOCK = original_block
+    rows, cols = scores.max(dim=1), scores.max(dim=0)
+    for a, b in zip(got, (rows.values, rows.indices, cols.values, cols.indices), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def compiled_kernels():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fast, "COMPILE_MIN_BATCH", 1)
+        patch.delenv("SELHN_COMPILE", raising=False)
+        yield
+
+
+@pytest.mark.parametrize("loss", ["selhn", "sum"])
+@settings(max_examples=5)
+@given(scores=score_matrices(batch_sizes(3, 12), levels=4))
+def test_compiled_dense_kernels_match_reference(compiled_kernels, loss, scores):
+    kwargs = {"epsilon": 0.3} if loss == "selhn" else {}
+    got_in, ref_in = scores.clone().requires_grad_(), scores.clone().requires_grad_()
+    function = F.selhn_loss if loss == "selhn" else F.sum_hinge_loss
+    got = function(got_in, reduction="none", **kwargs)
+    expected = reference_loss(ref_in, loss, "none", **kwargs)
+    torch.testing.assert_close(got, expected)
+    weights = torch.rand_like(got)
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(got_in.grad, ref_in.grad)
+    assert _fast._compiled and not _fast._compile_failed  # the compiled kernels really ran
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        def fail(*a):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(_fast, "COMPILE_MIN_BATCH", 1)
+    monkeypatch.setattr(_fast, "_compiled", {})
+    monkeypatch.setattr(_fast, "_compile_failed", False)
+    monkeypatch.setattr(torch, "compile", broken)
+    scores = torch.rand(5, 5, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="selhn._fast"):
+        got = F.sum_hinge_loss(scores, reduction="none")
+    torch.testing.assert_close(got, reference_loss(scores, "sum", "none"))
+    assert "compiled loss kernels unavailable" in caplog.text
+    assert _fast._compile_failed
+
+
+def saved_sizes(fn) -> list[int]:
+    sizes: list[int] = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn()
+    loss.backward()
+    return sizes
+
+
+def test_hard_losses_save_no_square_buffer():
+    size, dim = 64, 16
+    generator = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1).requires_grad_()
+    txt = torch.nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1).requires_grad_()
+    for module in (selhn.MaxViolationLoss(), selhn.SelHNLoss(epsilon=0.0)):
+        assert max(saved_sizes(lambda m=module: m(img, txt))) < size * size
+    # cold start: one B x B buffer (the scores) at most
+    centre = torch.nn.functional.normalize(torch.ones(1, dim), dim=1)
+    cold = (centre + 1e-4 * torch.randn(size, dim, generator=generator)).requires_grad_()
+    sizes = saved_sizes(lambda: selhn.SelHNLoss()(cold, cold))
+    assert sum(s for s in sizes if s >= size * size) == size * size
+
+
+def test_functional_form_never_modifies_the_callers_scores():
+    scores = torch.rand(6, 6)
+    before = scores.clone()
+    for function in (F.selhn_loss, F.max_violation_loss, F.sum_hinge_loss):
+        function(scores.requires_grad_(), mask=torch.eye(6, dtype=torch.bool).roll(1, 0)).backward()
+        scores = scores.detach()
+    assert torch.equal(scores, before)
+
+
+def _compile_works() -> bool:
+    try:
+        torch.compile(lambda x: x + 1, fullgraph=True)(torch.ones(2))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile is not available on this platform")
+@pytest.mark.parametrize("loss", sorted(MODULES))
+def test_torch_compile_fullgraph_matches_eager(loss):
+    generator = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(12, 8, generator=generator), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.2 * torch.randn(12, 8, generator=generator), dim=1)
+    txt[3] = txt[4]  # a vanishing anchor, so SelHN mixes branches
+    module = MODULES[loss]()
+    compiled = torch.compile(module, fullgraph=True)
+    results = []
+    for fn in (module, compiled):
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        value = fn(a, b)
+        value.backward()
+        results.append((value, a.grad, b.grad))
+    for eager, comp in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(comp, eager)
+    scores = (img @ txt.T).requires_grad_()
+    function = {"selhn": F.selhn_loss, "hn": F.max_violation_loss, "sum": F.sum_hinge_loss}[loss]
+    compiled_function = torch.compile(function, fullgraph=True)
+    torch.testing.assert_close(compiled_function(scores), function(scores))
+
+
+def test_benchmark_script_smoke():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_losses.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--sizes", "48", "--dim", "16", "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    for case in ("bare", "literal SelHN", "MaxViolationLoss", "SelHNLoss cold", "SumHingeLoss"):
+        assert case in result.stdout
+    assert "x bare" in result.stdout and "extra peak" in result.stdout
