@@ -36,40 +36,11 @@ logger = logging.getLogger(__name__)
 
 #: Smallest batch for which the compiled dense kernels are used (compiling costs seconds once).
 COMPILE_MIN_BATCH = 256
-#: Row block of the one-pass row and column maximum (rows of S stay in cache for both).
-MAX_BLOCK = 256
 
 HARD, SELHN, SUM = "hard", "selhn", "sum"
 
 
 # --------------------------------------------------------------------------- kernels
-def _maxes(scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Hardest negative of every image anchor (row) and caption anchor (column).
-
-    Large matrices are reduced in blocks of rows: each block's row maxima and its column
-    maxima are taken while it is in cache, and the running column maximum keeps the earlier
-    (lower) index on ties, exactly like ``max(dim=0)``.
-    """
-    batch = scores.shape[0]
-    if batch <= 4 * MAX_BLOCK or torch.compiler.is_compiling():
-        rows = scores.max(dim=1)
-        cols = scores.max(dim=0)
-        return rows.values, rows.indices, cols.values, cols.indices
-    row_values = scores.new_empty(batch)
-    row_indices = torch.empty(batch, dtype=torch.long, device=scores.device)
-    col_values = scores.new_full((scores.shape[1],), float("-inf"))
-    col_indices = torch.zeros(scores.shape[1], dtype=torch.long, device=scores.device)
-    for start in range(0, batch, MAX_BLOCK):
-        block = scores[start : start + MAX_BLOCK]
-        stop = start + block.shape[0]
-        torch.max(block, dim=1, out=(row_values[start:stop], row_indices[start:stop]))
-        values, indices = block.max(dim=0)
-        better = values > col_values
-        col_values = torch.where(better, values, col_values)
-        col_indices = torch.where(better, indices + start, col_indices)
-    return row_values, row_indices, col_values, col_indices
-
-
 def _hinge_sums(scores: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per row and per column: sum of hinges ``relu(s - threshold)`` and active count."""
     row_t = threshold.unsqueeze(1)
@@ -157,7 +128,7 @@ def _forward(
         dense = torch.ones(2, batch, dtype=torch.bool, device=scores.device)
         hard_loss = torch.zeros(2, batch, dtype=scores.dtype, device=scores.device)
     else:
-        row_max, row_idx, col_max, col_idx = _maxes(scores)
+        row_max, row_idx, col_max, col_idx = sel.hardest_negatives(scores)
         hardest = torch.stack([row_max, col_max])
         hard_loss = sel.hinge(positives, hardest, margin)
         state.hard_index = torch.stack([row_idx, col_idx])

@@ -20,16 +20,26 @@ failing case.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+from selhn import functional as F
+from selhn.diagnostics import gradient_norms, vanishing_stats
+
 __all__ = [
+    "assert_finite_gradients",
+    "assert_no_vanishing",
+    "assert_selection_rule",
     "batch_sizes",
     "collapsed_embedding_pairs",
     "duplicate_ids",
     "embedding_pairs",
     "half_dtypes",
+    "hardest_collapsed_pairs",
     "score_matrices",
 ]
 
@@ -210,3 +220,226 @@ def duplicate_ids(draw: st.DrawFn, batch_size: int, *, max_distinct: int | None 
     distinct = max_distinct if max_distinct is not None else max(1, batch_size // 2)
     values = draw(st.lists(st.integers(0, distinct - 1), min_size=batch_size, max_size=batch_size))
     return torch.tensor(values, dtype=torch.long)
+
+
+def _hardest_collapsed(seed: int, size: int, dim: int, distance: float) -> tuple[Tensor, Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    centre = _unit_rows(torch.randn(1, dim, generator=generator, dtype=torch.float64))
+    base = 0.3 * torch.randn(size // 2, dim, generator=generator, dtype=torch.float64) / dim**0.5
+    spread = base.repeat_interleave(2, dim=0)[:size]
+    direction = _unit_rows(torch.randn(size, dim, generator=generator, dtype=torch.float64))
+    txt = _unit_rows(centre + spread + distance * direction / 2)
+    features = txt + 0.05 * torch.randn(size, dim, generator=generator, dtype=torch.float64) / dim**0.5
+    return features, txt, torch.tensor(distance, dtype=torch.float64)
+
+
+@st.composite
+def hardest_collapsed_pairs(
+    draw: st.DrawFn,
+    batch_size: st.SearchStrategy[int] | None = None,
+    dim: st.SearchStrategy[int] | None = None,
+    distance: st.SearchStrategy[float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Batches whose hardest negatives collapse onto the positives while the rest stay apart.
+
+    Captions come in near-duplicate pairs (``2k`` and ``2k+1`` at the drawn ``distance``),
+    around a shared centre so that every score lies within the margin of every other (every
+    hinge active, as early in training); each image sits near its caption. Every anchor's
+    hardest negative is then its duplicate: the max-violation gradient vanishes with the
+    distance, while the average over all negatives does not.
+
+    Returns ``(img_features, txt_emb)``: image features *before* L2 normalisation (their norms
+    are near 1) and unit caption embeddings, in float64.
+
+    Args:
+        draw: supplied by hypothesis.
+        batch_size: strategy for B (default even sizes 4 to 16).
+        dim: strategy for D (default 8 to 32).
+        distance: strategy for the distance between duplicates (default 1e-7 to 1e-4).
+
+    Example:
+        >>> from hypothesis import given
+        >>> from selhn.diagnostics import vanishing_stats
+        >>> from selhn.testing import hardest_collapsed_pairs
+        >>> @given(hardest_collapsed_pairs())
+        ... def check(pair):
+        ...     features, txt = pair
+        ...     img = features / features.norm(dim=1, keepdim=True)
+        ...     assert vanishing_stats(img @ txt.T, epsilon=0.01).i2t.vanishing_fraction == 1
+        >>> check()
+    """
+    size = draw(batch_size if batch_size is not None else st.integers(2, 8).map(lambda k: 2 * k))
+    width = draw(dim if dim is not None else st.integers(min_value=8, max_value=32))
+    gap = draw(distance if distance is not None else st.floats(min_value=1e-7, max_value=1e-4))
+    features, txt, _ = _hardest_collapsed(draw(_SEEDS), size, width, gap)
+    return features, txt
+
+
+# --------------------------------------------------------------------------- property helpers
+LossOverScores = Callable[[Tensor], Tensor]
+LossOverEmbeddings = Callable[[Tensor, Tensor], Tensor]
+
+
+def assert_finite_gradients(
+    loss: LossOverScores | LossOverEmbeddings, *, over: str = "embeddings", max_examples: int = 50
+) -> None:
+    """Check with hypothesis that ``loss`` and its gradients are finite on ITM batches.
+
+    Batches include B = 1 (no negatives), ties, near-collapsed batches and large scores.
+
+    Args:
+        loss: a callable returning a tensor (reduced or not), taking ``(img_emb, txt_emb)``
+            when ``over="embeddings"`` or a (B, B) score matrix when ``over="scores"``.
+        over: ``"embeddings"`` or ``"scores"``.
+        max_examples: how many batches hypothesis tries.
+
+    Raises:
+        AssertionError: with the falsifying batch and what was not finite.
+
+    Example:
+        >>> import selhn
+        >>> from selhn.testing import assert_finite_gradients
+        >>> assert_finite_gradients(selhn.SelHNLoss(), max_examples=10)
+        >>> assert_finite_gradients(selhn.functional.max_violation_loss, over="scores", max_examples=10)
+    """
+    if over == "scores":
+        inputs: st.SearchStrategy[tuple[Tensor, ...]] = st.one_of(
+            score_matrices(levels=4), score_matrices(scale=st.floats(10.0, 1e4))
+        ).map(lambda s: (s,))
+    elif over == "embeddings":
+        inputs = st.one_of(embedding_pairs(), collapsed_embedding_pairs(), embedding_pairs(batch_sizes(1, 1)))
+    else:
+        raise ValueError(f"over must be 'embeddings' or 'scores', got {over!r}")
+
+    @settings(max_examples=max_examples, deadline=None)
+    @given(inputs)
+    def check(batch: tuple[Tensor, ...]) -> None:
+        leaves = [x.clone().requires_grad_() for x in batch]
+        value = loss(*leaves)
+        if not torch.isfinite(value).all():
+            raise AssertionError(f"the loss is not finite on this batch: {value}")
+        torch.autograd.backward(value.sum())
+        for name, leaf in zip(("first input", "second input"), leaves, strict=False):
+            if leaf.grad is not None and not torch.isfinite(leaf.grad).all():
+                raise AssertionError(
+                    f"the gradient with respect to the {name} is not finite: a NaN or Inf was introduced "
+                    "by the loss (look for divisions by a count of negatives or -1e9-style sentinels)"
+                )
+
+    check()
+
+
+def assert_no_vanishing(loss: LossOverEmbeddings, *, min_ratio: float = 0.1, max_examples: int = 25) -> None:
+    """Check that ``loss`` keeps its gradient where the hardest negatives collapse.
+
+    On :func:`hardest_collapsed_pairs` batches, the gradient of ``loss`` with respect to the
+    image features (before L2 normalisation) is measured with the hardest negatives at two
+    distances from the positives, 1e-2 and 1e-6, everything else equal. A loss whose gradient
+    vanishes with that distance (max violation: ratio about 1e-4, from
+    :func:`selhn.diagnostics.gradient_norms`) fails; one that keeps a gradient from the other
+    negatives (SelHN, sum of hinges: ratio about 1) passes.
+
+    Args:
+        loss: a callable ``loss(img_emb, txt_emb)`` over L2-normalised embeddings.
+        min_ratio: smallest allowed ratio of the gradient norms (collapsed / apart).
+        max_examples: how many batches hypothesis tries.
+
+    Raises:
+        AssertionError: with the batch, the measured ratio and the max-violation ratio.
+
+    Example:
+        >>> import selhn
+        >>> from selhn.testing import assert_no_vanishing
+        >>> assert_no_vanishing(selhn.SelHNLoss(), max_examples=5)
+        >>> try:
+        ...     assert_no_vanishing(selhn.MaxViolationLoss(), max_examples=5)
+        ... except AssertionError as error:
+        ...     print(str(error).splitlines()[0])
+        the gradient vanishes where the hardest negatives collapse: ...
+    """
+
+    def measure(features: Tensor, txt: Tensor) -> tuple[float, float]:
+        leaf = features.clone().requires_grad_()
+        norms = leaf.norm(dim=1, keepdim=True)
+        torch.autograd.backward(loss(leaf / norms, txt).sum())
+        assert leaf.grad is not None
+        img = (features / features.norm(dim=1, keepdim=True)).detach()
+        hard = gradient_norms(img, txt, "hn", img_norms=features.norm(dim=1)).image.norm()
+        return float(leaf.grad.norm()), float(hard)
+
+    @settings(max_examples=max_examples, deadline=None)
+    @given(_SEEDS, st.integers(2, 8).map(lambda k: 2 * k), st.integers(8, 32))
+    def check(seed: int, size: int, dim: int) -> None:
+        apart = measure(*_hardest_collapsed(seed, size, dim, 1e-2)[:2])
+        together = measure(*_hardest_collapsed(seed, size, dim, 1e-6)[:2])
+        ratio = together[0] / max(apart[0], 1e-300)
+        if not ratio >= min_ratio:
+            raise AssertionError(
+                f"the gradient vanishes where the hardest negatives collapse: its norm fell by a factor "
+                f"{ratio:.2e} (allowed: {min_ratio:g}) when each anchor's hardest negative moved from 1e-2 to 1e-6 "
+                f"of its positive, other negatives unchanged; max violation's ratio on this batch is "
+                f"{together[1] / max(apart[1], 1e-300):.2e}. A loss that keeps learning here must use negatives "
+                "other than the hardest one while the gap |s_pos - s_hardest| is near 0 (as SelHN does)."
+            )
+
+    check()
+
+
+def assert_selection_rule(
+    loss: LossOverScores,
+    *,
+    margin: float = 0.2,
+    epsilon: float = 0.01,
+    fallback: str = "mean",
+    max_examples: int = 50,
+) -> None:
+    """Check that a SelHN-like loss follows the selection rule, anchor by anchor.
+
+    ``loss(scores)`` must return the per-anchor losses (2, B) (row 0 image anchors, row 1
+    caption anchors). Where ``|s_pos - s_hardest| < epsilon`` each must equal the hinge
+    averaged (``fallback="mean"``) or summed over the anchor's negatives, elsewhere its
+    hardest-negative hinge. Score matrices include ties and gaps near epsilon.
+
+    Args:
+        loss: per-anchor loss over a score matrix.
+        margin: the margin the loss uses.
+        epsilon: the gap threshold the loss uses.
+        fallback: ``"mean"`` or ``"sum"``, the fallback the loss uses.
+        max_examples: how many batches hypothesis tries.
+
+    Raises:
+        AssertionError: naming the anchor, its gap, the branch it should take and both values.
+
+    Example:
+        >>> from functools import partial
+        >>> from selhn.functional import selhn_loss
+        >>> from selhn.testing import assert_selection_rule
+        >>> assert_selection_rule(partial(selhn_loss, reduction="none"), max_examples=10)
+    """
+
+    @settings(max_examples=max_examples, deadline=None)
+    @given(st.one_of(score_matrices(levels=100), score_matrices(scale=st.floats(0.001, 0.05))))
+    def check(scores: Tensor) -> None:
+        got = loss(scores)
+        if tuple(got.shape) != (2, scores.shape[0]):
+            raise AssertionError(f"the loss must return per-anchor losses of shape (2, B), got {tuple(got.shape)}")
+        hard = F.max_violation_loss(scores, margin, reduction="none")
+        dense = F.sum_hinge_loss(scores, margin, reduction="none")
+        if fallback == "mean":
+            dense = dense / max(scores.shape[0] - 1, 1)
+        stats = vanishing_stats(scores, margin, epsilon)
+        flags = torch.stack([stats.i2t.vanishing, stats.t2i.vanishing])
+        expected = torch.where(flags, dense, hard)
+        close = torch.isclose(got.to(expected.dtype), expected, rtol=1e-5, atol=1e-6)
+        if not close.all():
+            direction, anchor = (int(i) for i in (~close).nonzero()[0])
+            names = ("image anchor (row)", "caption anchor (column)")
+            branch = "fallback" if flags[direction, anchor] else "hardest negative"
+            at = (direction, anchor)
+            raise AssertionError(
+                f"{names[direction]} {anchor} should take the {branch} branch "
+                f"(expected {float(expected[at]):.6g}, got {float(got[at]):.6g}; "
+                f"fallback value {float(dense[at]):.6g}, hard value {float(hard[at]):.6g})"
+            )
+
+    check()

@@ -83,3 +83,18 @@ def reference_loss(scores: Tensor, loss: str, reduction: str = "mean", **kwargs:
     for value in per[0][1:] + per[1]:
         total = total + value
     return total / (2 * scores.shape[0]) if reduction == "mean" else total
+
+
+def reference_fallback_flags(scores: Tensor, epsilon: float, mask: Tensor | None = None) -> list[list[bool]]:
+    """Which anchors SelHN sends to its fallback, by the literal rule ``|gap| < epsilon``."""
+    size = scores.shape[0]
+    flags: list[list[bool]] = [[], []]
+    for direction in (0, 1):
+        for a in range(size):
+            negatives = [n for n in range(size) if not _excluded(mask, direction, a, n)]
+            if not negatives:
+                flags[direction].append(False)
+                continue
+            hardest = max(_score(scores, direction, a, n).item() for n in negatives)
+            flags[direction].append(abs(scores[a, a].item() - hardest) < epsilon)
+    return flags

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import selhn
-from selhn import _fast
+from selhn import _fast, _selection
 from selhn import functional as F
 from selhn.testing import batch_sizes, embedding_pairs, score_matrices
 from tests.reference import reference_loss
@@ -78,12 +78,12 @@ def test_module_paths_match_reference(loss, pair, ids, data):
 
 @given(scores=score_matrices(batch_sizes(9, 20), levels=3, dtype=torch.float32))
 def test_blocked_maxima_equal_max_including_ties(scores):
-    original_block = _fast.MAX_BLOCK
+    original_block = _selection.MAX_BLOCK
     try:
-        _fast.MAX_BLOCK = 2  # blocked for every B > 8
-        got = _fast._maxes(scores)
+        _selection.MAX_BLOCK = 2  # blocked for every B > 8
+        got = _selection.hardest_negatives(scores)
     finally:
-        _fast.MAX_BLOCK = original_block
+        _selection.MAX_BLOCK = original_block
     rows, cols = scores.max(dim=1), scores.max(dim=0)
     for a, b in zip(got, (rows.values, rows.indices, cols.values, cols.indices), strict=True):
         assert torch.equal(a, b)

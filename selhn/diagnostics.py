@@ -1,0 +1,555 @@
+r"""See gradient vanishing happen: batch statistics, analytic gradient norms, a monitor.
+
+* :func:`vanishing_stats` reads a score matrix (the one your loss already has: no second
+  matmul) and returns per-direction statistics as tensors, without a host sync;
+* :func:`gradient_norms` gives the exact gradient norms that a loss sends to each embedding,
+  computed analytically (no backward pass), also with respect to the features before the
+  L2 normalisation;
+* :class:`TrainingMonitor` records, per step, the gradient norm of each encoder and the batch
+  statistics, keeps a bounded history, exports CSV, TensorBoard scalars and a plot;
+* :class:`CollapseAlarm` says once, in plain words, when hard-negative training sits on the
+  collapse plateau, and what to do about it.
+
+Every statistic uses the package's single definition of hinge, hardest negative and gap, so
+the vanishing fraction is exactly the share of anchors for which SelHN takes its fallback.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from selhn import _fast
+from selhn import _selection as sel
+from selhn._validation import check_choice, check_embeddings, check_mask, check_nonnegative, check_scores
+
+__all__ = [
+    "CollapseAlarm",
+    "CollapseWarning",
+    "DirectionStats",
+    "GradientNorms",
+    "TrainingMonitor",
+    "VanishingStats",
+    "gradient_norms",
+    "plot_histories",
+    "vanishing_stats",
+]
+
+#: Quantiles of the gap reported by :func:`vanishing_stats`.
+GAP_QUANTILES = (0.1, 0.5, 0.9)
+
+
+# --------------------------------------------------------------------------- batch statistics
+@dataclass(frozen=True)
+class DirectionStats:
+    """Statistics of one direction's anchors (0-d tensors, except ``gap_quantiles`` and
+    ``vanishing``). Anchors without any negative are left out of every average.
+
+    Attributes:
+        vanishing_fraction: share of anchors with ``|gap| < epsilon`` (SelHN's fallback).
+        gap_mean: mean of ``gap = s_pos - s_hardest``.
+        gap_quantiles: the gap at :data:`GAP_QUANTILES` (10%, 50%, 90%).
+        active_fraction: share of anchors whose hardest-negative hinge is active (> 0).
+        positive_mean: mean positive similarity.
+        hardest_mean: mean hardest-negative similarity.
+        hard_loss_mean: mean hardest-negative hinge, the per-anchor max-violation loss;
+            it equals the margin on the collapse plateau.
+        vanishing: per-anchor flags (B,) of ``|gap| < epsilon``.
+    """
+
+    vanishing_fraction: Tensor
+    gap_mean: Tensor
+    gap_quantiles: Tensor
+    active_fraction: Tensor
+    positive_mean: Tensor
+    hardest_mean: Tensor
+    hard_loss_mean: Tensor
+    vanishing: Tensor
+
+    def to_dict(self, prefix: str = "") -> dict[str, float]:
+        """Flat floats for loggers (one host sync); quantiles as ``gap_q10`` etc."""
+        out: dict[str, float] = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "vanishing":
+                continue
+            if field.name == "gap_quantiles":
+                for q, v in zip(GAP_QUANTILES, value.tolist(), strict=True):
+                    out[f"{prefix}gap_q{round(100 * q)}"] = v
+            else:
+                out[f"{prefix}{field.name}"] = float(value)
+        return out
+
+
+@dataclass(frozen=True)
+class VanishingStats:
+    """Per-direction statistics of a batch: ``i2t`` (image anchors, rows) and ``t2i``
+    (caption anchors, columns), plus the collapse indicator ``offdiag_mean`` (mean score of
+    the pairs that are negatives; near the positives' mean when the embeddings collapse).
+
+    Example:
+        >>> import torch
+        >>> from selhn.diagnostics import vanishing_stats
+        >>> stats = vanishing_stats(torch.full((4, 4), 0.5))   # fully collapsed
+        >>> stats.i2t.vanishing_fraction, stats.t2i.hard_loss_mean
+        (tensor(1.), tensor(0.2000))
+        >>> stats.to_dict()["i2t/vanishing_fraction"]
+        1.0
+    """
+
+    i2t: DirectionStats
+    t2i: DirectionStats
+    offdiag_mean: Tensor
+
+    def to_dict(self) -> dict[str, float]:
+        """Flat floats, ``{"i2t/vanishing_fraction": ..., "t2i/gap_mean": ..., ...}``."""
+        out = self.i2t.to_dict("i2t/")
+        out.update(self.t2i.to_dict("t2i/"))
+        out["offdiag_mean"] = float(self.offdiag_mean)
+        return out
+
+
+def _masked_mean(values: Tensor, valid: Tensor) -> Tensor:
+    return torch.where(valid, values, 0).sum() / valid.sum().clamp(min=1)
+
+
+def vanishing_stats(
+    scores: Tensor, margin: float = 0.2, epsilon: float = 0.01, mask: Tensor | None = None
+) -> VanishingStats:
+    r"""Gradient-vanishing statistics of a (B, B) score matrix, as tensors (no host sync).
+
+    For each anchor, the gap :math:`g = s_p - s_{\hat n}` to its hardest negative; the anchor
+    is in the vanishing regime when :math:`|g| < \epsilon`, exactly the condition on which
+    :func:`selhn.functional.selhn_loss` takes its fallback.
+
+    Args:
+        scores: (B, B) score matrix (rows images, columns captions, positives on the
+            diagonal); it is read detached.
+        margin: triplet margin (for the hinge statistics).
+        epsilon: gap threshold.
+        mask: optional boolean (B, B), ``True`` = not a negative (as in the losses).
+
+    Returns:
+        A :class:`VanishingStats`.
+
+    Shape:
+        - scores: :math:`(B, B)`
+        - mask: :math:`(B, B)`, boolean
+
+    Example:
+        >>> import torch
+        >>> from selhn.diagnostics import vanishing_stats
+        >>> scores = torch.tensor([[0.9, 0.75, 0.8], [0.5, 0.5, 0.3], [0.0, 0.1, 0.8]])
+        >>> stats = vanishing_stats(scores)
+        >>> stats.i2t.vanishing, stats.t2i.vanishing
+        (tensor([False,  True, False]), tensor([False, False,  True]))
+    """
+    check_scores(scores)
+    margin = check_nonnegative(margin, "margin")
+    epsilon = check_nonnegative(epsilon, "epsilon")
+    mask = check_mask(mask, scores.shape[0], scores.device)
+    work = scores.detach().to(sel.compute_dtype(scores.dtype)).clone()
+    positives = work.diagonal().clone()
+    sel.fill_excluded_(work, mask)
+    row_max, _, col_max, _ = sel.hardest_negatives(work)
+    negatives = torch.isfinite(work)
+    offdiag = torch.where(negatives, work, 0).sum() / negatives.sum().clamp(min=1)
+    parts = []
+    for hardest in (row_max, col_max):
+        valid = torch.isfinite(hardest)
+        gap = sel.gap(positives, hardest)
+        vanishing = sel.vanishing(gap, epsilon) & valid
+        hinge = sel.hinge(positives, hardest, margin)
+        finite_gap = torch.where(valid, gap, float("nan"))
+        quantiles = (
+            torch.nanquantile(finite_gap, torch.tensor(GAP_QUANTILES, dtype=gap.dtype, device=gap.device))
+            if gap.numel()
+            else gap.new_full((len(GAP_QUANTILES),), float("nan"))
+        )
+        parts.append(
+            DirectionStats(
+                vanishing_fraction=_masked_mean(vanishing.to(gap.dtype), valid),
+                gap_mean=_masked_mean(gap, valid),
+                gap_quantiles=quantiles,
+                active_fraction=_masked_mean((hinge > 0).to(gap.dtype), valid),
+                positive_mean=_masked_mean(positives, valid),
+                hardest_mean=_masked_mean(hardest, valid),
+                hard_loss_mean=_masked_mean(hinge, valid),
+                vanishing=vanishing,
+            )
+        )
+    return VanishingStats(i2t=parts[0], t2i=parts[1], offdiag_mean=offdiag)
+
+
+# --------------------------------------------------------------------------- gradient norms
+@dataclass(frozen=True)
+class GradientNorms:
+    """Gradient norms per embedding, shape (B,) each.
+
+    Attributes:
+        image: norm of the gradient of the summed per-anchor losses (``reduction="sum"``)
+            with respect to image embedding ``i`` (or its pre-normalisation features).
+        text: the same for caption embedding ``j``.
+        image_anchor: norm of the gradient that image anchor ``i``'s own loss term sends to
+            its own embedding: ``|t_hat - t_i|`` for an active hard hinge.
+        text_anchor: the same for caption anchor ``j``: ``|v_hat - v_j|``.
+    """
+
+    image: Tensor
+    text: Tensor
+    image_anchor: Tensor
+    text_anchor: Tensor
+
+
+_MODES = {"selhn": _fast.SELHN, "hn": _fast.HARD, "sum": _fast.SUM}
+
+
+def _through_normalisation(grad: Tensor, unit: Tensor, norms: Tensor | None) -> Tensor:
+    """Gradient with respect to ``u`` where ``unit = u / |u|``: ``(I - v v^T) g / |u|``."""
+    if norms is None:
+        return grad
+    radial = (grad * unit).sum(dim=1, keepdim=True)
+    return (grad - radial * unit) / norms.reshape(-1, 1)
+
+
+def gradient_norms(
+    img_emb: Tensor,
+    txt_emb: Tensor,
+    loss: str = "selhn",
+    margin: float = 0.2,
+    epsilon: float = 0.01,
+    *,
+    fallback: str = "mean",
+    mask: Tensor | None = None,
+    img_norms: Tensor | None = None,
+    txt_norms: Tensor | None = None,
+) -> GradientNorms:
+    r"""Exact per-embedding gradient norms of a loss, computed analytically (no backward).
+
+    For an image anchor :math:`i` with an active hard hinge, its own term sends
+    :math:`\hat t - t_i` to :math:`v_i`; in SelHN's fallback it sends
+    :math:`\frac{1}{|N_i|}\sum_{n\ \text{active}} (t_n - t_i)`. With ``img_norms`` /
+    ``txt_norms`` (the norms :math:`|u|` of the features before L2 normalisation,
+    :math:`v = u / |u|`), every gradient is taken with respect to :math:`u` instead:
+    :math:`(I - v v^\top) g / |u|`.
+
+    Args:
+        img_emb: (B, D) L2-normalised image embeddings.
+        txt_emb: (B, D) L2-normalised caption embeddings.
+        loss: ``"selhn"``, ``"hn"`` (max violation) or ``"sum"`` (sum of hinges).
+        margin: triplet margin.
+        epsilon: SelHN's gap threshold.
+        fallback: SelHN's fallback, ``"mean"`` or ``"sum"``.
+        mask: optional boolean (B, B), ``True`` = not a negative.
+        img_norms: optional (B,) norms of the image features before normalisation.
+        txt_norms: optional (B,) norms of the caption features before normalisation.
+
+    Returns:
+        A :class:`GradientNorms` of (B,) tensors.
+
+    Example:
+        >>> import torch
+        >>> from selhn.diagnostics import gradient_norms
+        >>> img = torch.eye(3)
+        >>> txt = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+        >>> # caption 1 duplicates caption 0: it is image 1's hardest negative's twin
+        >>> gradient_norms(img, txt, "hn").image_anchor
+        tensor([0., 0., 0.])
+        >>> gradient_norms(img, txt, "selhn").image_anchor   # image 1 averages in caption 2
+        tensor([0.0000, 0.7071, 0.0000])
+    """
+    check_embeddings(img_emb, txt_emb)
+    check_choice(loss, "loss", tuple(_MODES))
+    check_choice(fallback, "fallback", ("mean", "sum"))
+    margin = check_nonnegative(margin, "margin")
+    epsilon = check_nonnegative(epsilon, "epsilon")
+    batch = img_emb.shape[0]
+    mask = check_mask(mask, batch, img_emb.device)
+    for name, norms in (("img_norms", img_norms), ("txt_norms", txt_norms)):
+        if norms is not None and (not isinstance(norms, Tensor) or norms.shape != (batch,)):
+            raise ValueError(f"{name} must be a ({batch},) tensor of feature norms, got {norms!r}")
+    dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
+    img = img_emb.detach().to(dtype)
+    txt = txt_emb.detach().to(dtype)
+    with torch.no_grad():
+        mean = loss == "selhn" and fallback == "mean"  # the fallback option is SelHN's alone
+        _, state = _fast._forward(img @ txt.t(), mask, margin, epsilon, _MODES[loss], mean, False)
+        ones = torch.ones(2, batch, dtype=dtype, device=img.device)
+        d_img, d_txt = _fast.embedding_grads(ones, state, img, txt)
+        anchor_img = torch.zeros_like(img)
+        anchor_txt = torch.zeros_like(txt)
+        if state.hard_coef is not None and state.hard_index is not None:
+            anchor_img += state.hard_coef[0].unsqueeze(1) * (txt.index_select(0, state.hard_index[0]) - txt)
+            anchor_txt += state.hard_coef[1].unsqueeze(1) * (img.index_select(0, state.hard_index[1]) - img)
+        if state.scores is not None and state.threshold is not None and state.dense_coef is not None:
+            rows = (state.scores > state.threshold.unsqueeze(1)).to(dtype)
+            cols = (state.scores > state.threshold.unsqueeze(0)).to(dtype)
+            anchor_img += state.dense_coef[0].unsqueeze(1) * (rows @ txt - rows.sum(1, keepdim=True) * txt)
+            anchor_txt += state.dense_coef[1].unsqueeze(1) * (cols.t() @ img - cols.sum(0).unsqueeze(1) * img)
+    return GradientNorms(
+        image=_through_normalisation(d_img, img, img_norms).norm(dim=1),
+        text=_through_normalisation(d_txt, txt, txt_norms).norm(dim=1),
+        image_anchor=_through_normalisation(anchor_img, img, img_norms).norm(dim=1),
+        text_anchor=_through_normalisation(anchor_txt, txt, txt_norms).norm(dim=1),
+    )
+
+
+# --------------------------------------------------------------------------- the alarm
+class CollapseWarning(UserWarning):
+    """Hard-negative training sits on the collapse plateau."""
+
+
+class CollapseAlarm:
+    r"""Detects the collapse plateau of hard-negative training and says so once.
+
+    On the plateau every anchor's hardest negative sits on its positive, so the per-anchor
+    max-violation loss is the margin (the summed VSE++ loss reads :math:`2 B m`) and the
+    gradients to both encoders vanish. The alarm fires when, for ``patience`` consecutive
+    checks, the mean hardest-negative hinge of both directions is within ``tolerance`` (a
+    fraction of the margin) of the margin. It warns once (a :class:`CollapseWarning`) with
+    the fix, then stays quiet.
+
+    Args:
+        margin: the triplet margin.
+        tolerance: relative tolerance around the margin.
+        patience: consecutive plateau checks before firing.
+
+    Example:
+        >>> import torch, warnings
+        >>> from selhn.diagnostics import CollapseAlarm, vanishing_stats
+        >>> alarm = CollapseAlarm(margin=0.2, patience=2)
+        >>> collapsed = vanishing_stats(torch.full((8, 8), 0.3))
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     fired = [alarm.check(collapsed) for _ in range(3)]
+        >>> fired, len(caught)
+        ([False, True, False], 1)
+    """
+
+    def __init__(self, margin: float = 0.2, tolerance: float = 0.02, patience: int = 3) -> None:
+        self.margin = check_nonnegative(margin, "margin")
+        self.tolerance = check_nonnegative(tolerance, "tolerance")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
+        self.patience = patience
+        self.streak = 0
+        self.fired = False
+
+    def on_plateau(self, stats: VanishingStats) -> bool:
+        """Whether this batch reads as the plateau (one host sync)."""
+        limit = self.tolerance * self.margin
+        losses = torch.stack([stats.i2t.hard_loss_mean, stats.t2i.hard_loss_mean])
+        return bool(((losses - self.margin).abs() <= limit).all())
+
+    def check(self, stats: VanishingStats, batch_size: int | None = None) -> bool:
+        """Update with one batch; return ``True`` exactly when the alarm fires."""
+        self.streak = self.streak + 1 if self.on_plateau(stats) else 0
+        if self.fired or self.streak < self.patience:
+            return False
+        self.fired = True
+        vanishing = 50 * float(stats.i2t.vanishing_fraction + stats.t2i.vanishing_fraction)
+        scale = f" (summed VSE++ scale: 2*B*margin = {2 * batch_size * self.margin:g})" if batch_size else ""
+        message = (
+            f"selhn: training looks stuck on the collapse plateau. For {self.streak} checks in a row the "
+            f"hardest-negative loss per anchor has been the margin, {self.margin:g}{scale}, and "
+            f"{vanishing:.0f}% of anchors have their hardest negative within epsilon of their positive: the "
+            "hard-negative gradients to both encoders vanish here and recall stays at chance. Fix: train with "
+            "selhn.SelHNLoss (it falls back to all negatives for exactly these anchors), or warm up with the sum "
+            "of hinges (selhn.ContrastiveLoss with max_violation_off() for the first epoch)."
+        )
+        warnings.warn(message, CollapseWarning, stacklevel=2)
+        return True
+
+
+# --------------------------------------------------------------------------- the monitor
+def _parameters(source: nn.Module | Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    if isinstance(source, nn.Module):
+        return list(source.parameters())
+    params = list(source)
+    if not all(isinstance(p, Tensor) for p in params):
+        raise TypeError("encoders must be nn.Modules or iterables of parameters")
+    return params
+
+
+def _grad_norm(params: Sequence[Tensor], device: torch.device) -> Tensor:
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm(grads, 2.0)
+    total: Tensor = torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+    return total
+
+
+class TrainingMonitor:
+    """Per-step gradient norms of two encoders plus the batch statistics, with low overhead.
+
+    Call :meth:`step` after ``loss.backward()`` and before ``optimizer.zero_grad()``. It adds
+    no backward pass and no host sync: each step's values stay on the device as one small
+    tensor, and they are read only every ``log_every`` steps (when the alarm is checked and
+    :meth:`step` returns the values as floats) or when you export the history.
+
+    Args:
+        image_encoder: the image encoder (module or its parameters).
+        text_encoder: the text encoder (module or its parameters).
+        margin: triplet margin for the statistics.
+        epsilon: SelHN's gap threshold for the statistics.
+        history: most steps kept (older ones are dropped).
+        log_every: read values back (and check the alarm) every this many steps.
+        alarm: a :class:`CollapseAlarm`, ``True`` for a default one, ``False`` for none.
+
+    Example:
+        >>> import torch, selhn
+        >>> from selhn.diagnostics import TrainingMonitor
+        >>> img_enc, txt_enc = torch.nn.Linear(4, 3), torch.nn.Linear(5, 3)
+        >>> monitor = TrainingMonitor(img_enc, txt_enc, log_every=1)
+        >>> img = torch.nn.functional.normalize(img_enc(torch.randn(6, 4)), dim=1)
+        >>> txt = torch.nn.functional.normalize(txt_enc(torch.randn(6, 5)), dim=1)
+        >>> scores = img @ txt.T
+        >>> loss = selhn.functional.selhn_loss(scores)
+        >>> loss.backward()
+        >>> logged = monitor.step(scores, loss)
+        >>> sorted(logged)[:3]
+        ['i2t/active_fraction', 'i2t/gap_mean', 'i2t/gap_q10']
+        >>> monitor.history()["step"]
+        [1.0]
+    """
+
+    def __init__(
+        self,
+        image_encoder: nn.Module | Iterable[nn.Parameter],
+        text_encoder: nn.Module | Iterable[nn.Parameter],
+        *,
+        margin: float = 0.2,
+        epsilon: float = 0.01,
+        history: int = 100_000,
+        log_every: int = 50,
+        alarm: CollapseAlarm | bool = True,
+    ) -> None:
+        self.image_params = _parameters(image_encoder)
+        self.text_params = _parameters(text_encoder)
+        self.margin = check_nonnegative(margin, "margin")
+        self.epsilon = check_nonnegative(epsilon, "epsilon")
+        if not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
+        if not isinstance(history, int) or history < 1:
+            raise ValueError(f"history must be an int >= 1, got {history!r}")
+        self.log_every = log_every
+        self.alarm: CollapseAlarm | None = CollapseAlarm(margin) if alarm is True else (alarm or None)
+        self.steps = 0
+        self._records: deque[Tensor] = deque(maxlen=history)
+        self._last: dict[str, float] = {}
+        self.columns: list[str] = []
+
+    def step(
+        self, scores: Tensor | None = None, loss: Tensor | None = None, *, mask: Tensor | None = None
+    ) -> dict[str, float] | None:
+        """Record one training step; returns its values as floats on logging steps, else None."""
+        self.steps += 1
+        device = scores.device if scores is not None else (loss.device if loss is not None else torch.device("cpu"))
+        values: dict[str, Tensor] = {
+            "step": torch.tensor(float(self.steps), device=device),
+            "loss": loss.detach().float().reshape(()) if loss is not None else torch.tensor(math.nan, device=device),
+            "image_grad_norm": _grad_norm(self.image_params, device),
+            "text_grad_norm": _grad_norm(self.text_params, device),
+        }
+        stats = vanishing_stats(scores, self.margin, self.epsilon, mask) if scores is not None else None
+        if stats is not None:
+            for prefix, part in (("i2t/", stats.i2t), ("t2i/", stats.t2i)):
+                for field in fields(part):
+                    if field.name == "vanishing":
+                        continue
+                    value = getattr(part, field.name)
+                    if field.name == "gap_quantiles":
+                        for q, v in zip(GAP_QUANTILES, value, strict=True):
+                            values[f"{prefix}gap_q{round(100 * q)}"] = v
+                    else:
+                        values[prefix + field.name] = value
+            values["offdiag_mean"] = stats.offdiag_mean
+        names = list(values)
+        if self.columns and names != self.columns:
+            raise ValueError("call step() the same way every time (with or without scores)")
+        self.columns = names
+        record = torch.stack([v.to(device=device, dtype=torch.float32) for v in values.values()])
+        self._records.append(record)
+        if self.steps % self.log_every:
+            return None
+        self._last = dict(zip(names, record.tolist(), strict=True))
+        if self.alarm is not None and stats is not None:
+            self.alarm.check(stats, batch_size=scores.shape[0] if scores is not None else None)
+        return dict(self._last)
+
+    def scalars(self) -> dict[str, float]:
+        """The last logged values, for ``writer.add_scalar(name, value, step)``."""
+        return {k: v for k, v in self._last.items() if k != "step"}
+
+    def history(self) -> dict[str, list[float]]:
+        """Every kept step's values, column by column (one host sync)."""
+        if not self._records:
+            return {name: [] for name in self.columns}
+        table = torch.stack([r.cpu() for r in self._records]).t().tolist()
+        return dict(zip(self.columns, table, strict=True))
+
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
+        """Write the kept history as CSV, one row per step."""
+        history = self.history()
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(self.columns)
+            writer.writerows(zip(*(history[c] for c in self.columns), strict=True))
+
+    def plot(self, path: str | os.PathLike[str], **others: TrainingMonitor) -> None:
+        """Draw this run (and any others, by label) with :func:`plot_histories`."""
+        plot_histories(path, {"this run": self, **others})
+
+
+def plot_histories(
+    path: str | os.PathLike[str], runs: Mapping[str, TrainingMonitor | Mapping[str, Sequence[float]]]
+) -> None:
+    """Plot gradient norms, vanishing fraction and loss against the step, runs overlaid.
+
+    Needs matplotlib (``pip install "selhn[plot]"``).
+
+    Args:
+        path: the PNG to write.
+        runs: label -> a :class:`TrainingMonitor` or a history dict (as from
+            :meth:`TrainingMonitor.history` or a CSV), e.g. ``{"HN": hn, "SelHN": selhn}``.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError('plotting needs matplotlib: pip install "selhn[plot]"') from error
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for label, run in runs.items():
+        history = run.history() if isinstance(run, TrainingMonitor) else run
+        steps = history["step"]
+        axes[0].plot(steps, history["image_grad_norm"], label=f"{label}: image encoder")
+        axes[0].plot(steps, history["text_grad_norm"], "--", label=f"{label}: text encoder")
+        if "i2t/vanishing_fraction" in history:
+            both = [
+                (a + b) / 2
+                for a, b in zip(history["i2t/vanishing_fraction"], history["t2i/vanishing_fraction"], strict=True)
+            ]
+            axes[1].plot(steps, both, label=label)
+        axes[2].plot(steps, history["loss"], label=label)
+    axes[0].set(yscale="log", xlabel="step", ylabel="gradient norm", title="encoder gradient norms")
+    axes[1].set(
+        xlabel="step", ylabel="share of anchors", title="vanishing fraction (|gap| < epsilon)", ylim=(-0.02, 1.02)
+    )
+    axes[2].set(xlabel="step", ylabel="loss", title="loss")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
