@@ -1,12 +1,12 @@
 # Two entry points, each installing what it needs into .venv first:
-#   make demo   the project's main job
+#   make train  the project's main job: RVSE++ with SelHN on the synthetic data set, then the recall table
 #   make test   the whole test suite: lint, types, pytest, docs (html + doctest) with -W
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.selhn-installed
 
-.PHONY: demo test install lint typecheck pytest docs clean
+.PHONY: train demo test install lint typecheck pytest docs clean
 
 $(STAMP): pyproject.toml setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml setup.cfg
 	touch $(STAMP)
 
 install: $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m examples.rvsepp.train --preset cpu --root data --out runs/main
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

@@ -5,10 +5,14 @@ The public names:
 * :class:`SelHNLoss`, :class:`MaxViolationLoss`, :class:`SumHingeLoss`: modules over
   (image, caption) embeddings;
 * :class:`ContrastiveLoss`: a drop-in for VSE++ / VSE-infinity's switchable loss;
-* :mod:`selhn.functional`: the same losses over a score matrix.
+* :mod:`selhn.functional`: the same losses over a score matrix;
+* :mod:`selhn.diagnostics`: gradient-vanishing statistics, analytic gradient norms, a
+  training monitor and a collapse alarm;
+* :mod:`selhn.distributed`: the losses over the global batch of all ranks;
+* :mod:`selhn.testing` (needs hypothesis): strategies and property helpers.
 """
 
-from selhn import functional
+from selhn import diagnostics, distributed, functional
 from selhn._version import __version__
 from selhn.losses import ContrastiveLoss, MaxViolationLoss, SelHNLoss, SumHingeLoss
 
@@ -18,5 +22,7 @@ __all__ = [
     "SelHNLoss",
     "SumHingeLoss",
     "__version__",
+    "diagnostics",
+    "distributed",
     "functional",
 ]

@@ -1,0 +1,200 @@
+"""Cross-modal retrieval evaluation (the VSE++ / VSE-infinity protocol), in blocks.
+
+All captions and every image row (one per 5 captions) are encoded; the similarity of N
+images and 5N captions is never held whole: it is computed on the device block by block,
+so COCO 5K (5,000 x 25,000) fits in memory.
+
+* i2t: the rank of image ``i`` is the best position of any of its 5 captions in its row
+  sorted by descending score; t2i: the rank of caption ``5i + k`` is the position of image
+  ``i`` in its column.
+* Ties are broken by index (a stable descending sort): an item's position is the number of
+  items scoring strictly higher plus the number scoring the same with a lower index.
+* R@K = 100 x the share of ranks < K (0-based); medr = floor(median) + 1; meanr = mean + 1;
+  rsum = the sum of the six recalls.
+* Flickr30K: ``test`` (1,000 images); COCO 1K: five folds of 1,000 images of ``testall``,
+  metrics averaged; COCO 5K: all of ``testall``. Ensembles average the similarity matrices.
+
+Run: ``python -m examples.rvsepp.evaluate --checkpoint runs/x/best.pth --root data
+--name coco --split testall --fold5`` (add more ``--checkpoint`` for an ensemble).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from examples.rvsepp.data import PrecompDataset, collate
+from examples.rvsepp.model import RVSEPP
+
+METRICS = ("r1", "r5", "r10", "medr", "meanr")
+
+
+def _positions(scores: Tensor, targets: Tensor) -> Tensor:
+    """Position of column ``targets[r]`` in row ``r`` of ``scores`` under a stable descending sort."""
+    target = scores.gather(1, targets.unsqueeze(1))
+    columns = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0)
+    higher = (scores > target).sum(dim=1)
+    tied_before = ((scores == target) & (columns < targets.unsqueeze(1))).sum(dim=1)
+    return higher + tied_before
+
+
+@torch.no_grad()
+def ranks(
+    images: Sequence[Tensor], captions: Sequence[Tensor], per_image: int = 5, block: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """i2t ranks (N,) and t2i ranks (per_image N,), 0-based, from one or several models'
+    embeddings (an ensemble averages their similarity matrices)."""
+    n_images = images[0].shape[0]
+    n_captions = captions[0].shape[0]
+    if n_captions != per_image * n_images:
+        raise ValueError(f"{n_captions} captions for {n_images} images: expected {per_image} per image")
+    device = images[0].device
+
+    def sims(rows: slice, transpose: bool) -> Tensor:
+        total = None
+        for img, cap in zip(images, captions, strict=True):
+            block_sims = cap[rows] @ img.t() if transpose else img[rows] @ cap.t()
+            total = block_sims.float() if total is None else total + block_sims.float()
+        assert total is not None
+        return total / len(images)
+
+    i2t = torch.empty(n_images, dtype=torch.long, device=device)
+    for start in range(0, n_images, block):
+        rows = slice(start, min(start + block, n_images))
+        s = sims(rows, transpose=False)
+        image_ids = torch.arange(rows.start, rows.stop, device=device)
+        best = None
+        for k in range(per_image):
+            position = _positions(s, image_ids * per_image + k)
+            best = position if best is None else torch.minimum(best, position)
+        assert best is not None
+        i2t[rows] = best
+    t2i = torch.empty(n_captions, dtype=torch.long, device=device)
+    for start in range(0, n_captions, block):
+        rows = slice(start, min(start + block, n_captions))
+        s = sims(rows, transpose=True)
+        t2i[rows] = _positions(s, torch.arange(rows.start, rows.stop, device=device) // per_image)
+    return i2t, t2i
+
+
+def metrics(rank: Tensor) -> dict[str, float]:
+    """R@1/5/10 in percent, medr and meanr (1-based) of 0-based ranks."""
+    rank = rank.double().cpu()
+    return {
+        "r1": 100.0 * float((rank < 1).double().mean()),
+        "r5": 100.0 * float((rank < 5).double().mean()),
+        "r10": 100.0 * float((rank < 10).double().mean()),
+        "medr": math.floor(float(rank.quantile(0.5))) + 1,  # the median, mean of the middle two if even
+        "meanr": float(rank.mean()) + 1,
+    }
+
+
+def evaluate_embeddings(
+    images: Sequence[Tensor], captions: Sequence[Tensor], *, fold5: bool = False, per_image: int = 5
+) -> dict[str, float]:
+    """Both directions' metrics and rsum; with ``fold5``, the mean over five 1/5 folds."""
+    if fold5:
+        n = images[0].shape[0]
+        if n % 5:
+            raise ValueError(f"5-fold evaluation needs a multiple of 5 images, got {n}")
+        size = n // 5
+        folds = [
+            evaluate_embeddings(
+                [img[f * size : (f + 1) * size] for img in images],
+                [cap[f * size * per_image : (f + 1) * size * per_image] for cap in captions],
+                per_image=per_image,
+            )
+            for f in range(5)
+        ]
+        return {key: sum(fold[key] for fold in folds) / 5 for key in folds[0]}
+    i2t, t2i = ranks(images, captions, per_image)
+    out = {f"i2t_{k}": v for k, v in metrics(i2t).items()}
+    out.update({f"t2i_{k}": v for k, v in metrics(t2i).items()})
+    out["rsum"] = sum(out[f"{d}_{k}"] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
+    return out
+
+
+@torch.no_grad()
+def encode(model: RVSEPP, dataset: PrecompDataset, device: torch.device, batch_size: int = 256,
+           amp: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Embeddings of the image of every 5 captions (N, D) and of every caption (5N, D).
+
+    The image of captions ``5i..5i+4`` is the row of caption ``5i``: the same row for all five
+    in the usual layout, and the first of five identical rows where each caption has its own.
+    """
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    caps, imgs = [], {}
+    for batch in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            img, cap = model(
+                batch["regions"].to(device), batch["region_lengths"].to(device),
+                batch["tokens"].to(device), batch["token_lengths"].to(device),
+            )  # fmt: skip
+        caps.append(cap.float())
+        for row, index in enumerate(batch["index"].tolist()):
+            if index % 5 == 0:
+                imgs[index // 5] = img[row].float()
+    images = torch.stack([imgs[i] for i in sorted(imgs)])
+    return images, torch.cat(caps)
+
+
+def format_table(results: dict[str, float], title: str = "") -> str:
+    """The layout of the published tables: i2t R1 R5 R10 | t2i R1 R5 R10 | rsum."""
+    row = " ".join(f"{results[f'i2t_{k}']:5.1f}" for k in ("r1", "r5", "r10"))
+    row += " | " + " ".join(f"{results[f't2i_{k}']:5.1f}" for k in ("r1", "r5", "r10"))
+    row += f" | {results['rsum']:6.1f}"
+    ranks_row = (
+        f"medr i2t {results['i2t_medr']:.0f} t2i {results['t2i_medr']:.0f}, "
+        f"meanr i2t {results['i2t_meanr']:.1f} t2i {results['t2i_meanr']:.1f}"
+    )
+    head = "   i2t R1    R5   R10 |   t2i R1    R5   R10 |   rsum"
+    return "\n".join(line for line in (title, head, "   " + row, "   " + ranks_row) if line)
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[RVSEPP, dict]:
+    """A model from a training checkpoint, with clear errors for a foreign file."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_config" not in checkpoint:
+        raise ValueError(f"{path} is not an RVSE++ checkpoint written by examples/rvsepp/train.py")
+    model = RVSEPP(**checkpoint["model_config"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{path} holds a model of another shape than {checkpoint['model_config']}: {error}") from error
+    return model.to(device), checkpoint
+
+
+def main() -> None:
+    from examples.rvsepp.vocab import Vocabulary
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", action="append", required=True, help="repeat for an ensemble")
+    parser.add_argument("--root", default="data")
+    parser.add_argument("--name", default="synthetic")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--fold5", action="store_true", help="COCO 1K: mean over five folds of testall")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    images, captions = [], []
+    for path in args.checkpoint:
+        model, checkpoint = load_model(path, device)
+        vocab = Vocabulary(checkpoint["vocab"])
+        dataset = PrecompDataset(args.root, args.name, args.split, vocab)
+        img, cap = encode(model, dataset, device, amp=device.type == "cuda")
+        images.append(img)
+        captions.append(cap)
+    results = evaluate_embeddings(images, captions, fold5=args.fold5)
+    label = f"{args.name} {args.split}" + (" (5-fold 1K)" if args.fold5 else "")
+    print(format_table(results, label + (f", ensemble of {len(images)}" if len(images) > 1 else "")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+r"""Negatives across GPUs: the triplet losses over the global batch, with torch.distributed.
+
+With DistributedDataParallel every ITM code base mines negatives inside each rank's local
+batch. :func:`global_loss` mines them in the global batch instead: each rank gathers the other
+ranks' embeddings (an autograd-aware all-gather), scores its *local* anchors against the
+*global* candidates (local images x global captions for image anchors, local captions x
+global images for caption anchors, each positive at its global offset), so the memory per
+rank grows with :math:`B_\text{local} \times B_\text{global}`, not :math:`B_\text{global}^2`.
+
+Equivalence: the value returned on every rank is exactly the loss a single process computes
+on the concatenated global batch (same reduction). Its gradient is :math:`W` times the
+gradient of this rank's share of that loss (:math:`W` = world size): the all-gather's
+backward sums every rank's contribution into the owner's embeddings, and DDP then averages
+the parameter gradients over the :math:`W` ranks, so after ``backward()`` the parameters hold
+exactly the single-process gradient. Ranks may hold different batch sizes (a last, smaller
+batch): sizes are exchanged first and the gather pads and unpads.
+
+Without an initialised process group (or with world size 1) :func:`global_loss` is the
+plain single-process loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from selhn import _selection as sel
+from selhn import functional as F
+from selhn._validation import (
+    FALLBACKS,
+    REDUCTIONS,
+    check_choice,
+    check_embeddings,
+    check_nonnegative,
+    ids_to_mask,
+)
+
+__all__ = ["gather", "global_loss", "is_distributed"]
+
+_LOSSES = ("selhn", "hn", "sum")
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _sizes(local: int, device: torch.device) -> list[int]:
+    size = torch.tensor([local], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in sizes]
+
+
+def gather(tensor: Tensor) -> tuple[Tensor, int]:
+    """Concatenate ``tensor`` (B_r, ...) from every rank, with gradient; also return this
+    rank's row offset in the result. Ranks may have different B_r.
+
+    Example:
+        >>> import torch
+        >>> from selhn.distributed import gather
+        >>> gather(torch.ones(2, 3))[0].shape   # no process group: the tensor itself
+        torch.Size([2, 3])
+    """
+    if not is_distributed():
+        return tensor, 0
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = _sizes(tensor.shape[0], tensor.device)
+    largest = max(sizes)
+    padded = (
+        torch.cat([tensor, tensor.new_zeros(largest - tensor.shape[0], *tensor.shape[1:])])
+        if tensor.shape[0] < largest
+        else tensor
+    )
+    parts = all_gather(padded)  # type: ignore[no-untyped-call]
+    rank = dist.get_rank()
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sum(sizes[:rank])
+
+
+def _gather_ids(ids: Tensor) -> Tensor:
+    sizes = _sizes(ids.shape[0], ids.device)
+    largest = max(sizes)
+    padded = torch.cat([ids, ids.new_zeros(largest - ids.shape[0])])
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
+def _anchor_losses(
+    scores: Tensor, positive: Tensor, excluded: Tensor, margin: float, epsilon: float, loss: str, mean: bool
+) -> Tensor:
+    """Per-anchor losses of one direction: row ``a`` of ``scores`` is anchor ``a``, its
+    positive at column ``positive[a]``; ``excluded`` marks the non-negatives besides it."""
+    positives = scores.gather(1, positive.unsqueeze(1)).squeeze(1)
+    excluded = excluded.scatter(1, positive.unsqueeze(1), True)
+    negatives = scores.masked_fill(excluded, float("-inf"))
+    hardest = negatives.max(dim=1).values
+    hard = sel.hinge(positives, hardest, margin)
+    if loss == "hn":
+        return hard
+    total = sel.hinge(positives.unsqueeze(1), negatives, margin).sum(dim=1)
+    if loss == "sum":
+        return total
+    if mean:
+        total = total / (~excluded).sum(dim=1).clamp(min=1)
+    return torch.where(sel.vanishing(sel.gap(positives, hardest), epsilon), total, hard)
+
+
+def global_loss(
+    img_emb: Tensor,
+    txt_emb: Tensor,
+    loss: str = "selhn",
+    margin: float = 0.2,
+    epsilon: float = 0.01,
+    *,
+    fallback: str = "mean",
+    ids: Any = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""A triplet loss over the global batch of all ranks, for this rank's anchors.
+
+    Returns, on every rank, the value a single process computes on the concatenated batch;
+    see the module docs for the gradient scaling that makes DDP's averaged gradients equal
+    the single-process ones. With ``ids``, pairs sharing an id are not negatives of each
+    other, across ranks too.
+
+    Args:
+        img_emb: (B_r, D) this rank's L2-normalised image embeddings.
+        txt_emb: (B_r, D) this rank's L2-normalised caption embeddings.
+        loss: ``"selhn"``, ``"hn"`` (max violation) or ``"sum"`` (sum of hinges).
+        margin: triplet margin.
+        epsilon: SelHN's gap threshold.
+        fallback: SelHN's fallback, ``"mean"`` or ``"sum"``.
+        ids: optional (B_r,) integer ids (e.g. image ids).
+        reduction: ``"mean"`` or ``"sum"`` over the 2 B_global anchors (``"none"`` is not
+            available: the per-anchor losses live on different ranks).
+
+    Returns:
+        A scalar.
+
+    Shape:
+        - img_emb, txt_emb: :math:`(B_r, D)`
+        - ids: :math:`(B_r,)`
+        - output: :math:`()`
+
+    Example:
+        >>> import torch
+        >>> import selhn
+        >>> from selhn.distributed import global_loss
+        >>> img = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+        >>> txt = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+        >>> torch.allclose(global_loss(img, txt, "hn"), selhn.MaxViolationLoss()(img, txt))
+        True
+    """
+    check_embeddings(img_emb, txt_emb)
+    check_choice(loss, "loss", _LOSSES)
+    check_choice(fallback, "fallback", FALLBACKS)
+    check_choice(reduction, "reduction", tuple(r for r in REDUCTIONS if r != "none"))
+    margin = check_nonnegative(margin, "margin")
+    epsilon = check_nonnegative(epsilon, "epsilon")
+    mean = fallback == "mean"
+    local = img_emb.shape[0]
+    mask = ids_to_mask(ids, local, img_emb.device)  # validates ids
+    if not is_distributed():
+        modes = {"selhn": F.selhn_loss, "hn": F.max_violation_loss, "sum": F.sum_hinge_loss}
+        scores = img_emb @ txt_emb.t()
+        if loss == "selhn":
+            return F.selhn_loss(scores, margin, epsilon, fallback=fallback, mask=mask, reduction=reduction)
+        return modes[loss](scores, margin, mask=mask, reduction=reduction)
+
+    dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
+    img, txt = img_emb.to(dtype), txt_emb.to(dtype)
+    all_img, offset = gather(img)
+    all_txt, _ = gather(txt)
+    total = all_img.shape[0]
+    positive = torch.arange(offset, offset + local, device=img.device)
+    if ids is None:
+        excluded = torch.zeros(local, total, dtype=torch.bool, device=img.device)
+    else:
+        local_ids = torch.as_tensor(ids, device=img.device)
+        all_ids = _gather_ids(local_ids)
+        excluded = local_ids.unsqueeze(1) == all_ids.unsqueeze(0)
+    image_anchors = _anchor_losses(img @ all_txt.t(), positive, excluded, margin, epsilon, loss, mean)
+    caption_anchors = _anchor_losses(txt @ all_img.t(), positive, excluded, margin, epsilon, loss, mean)
+    share = image_anchors.sum() + caption_anchors.sum()
+    if reduction == "mean":
+        share = share / (2 * total)
+    value = share.detach().clone()
+    dist.all_reduce(value)
+    world = dist.get_world_size()
+    # the value of the global loss, with the gradient of W x this rank's share (see module docs)
+    return world * share + (value - world * share).detach()

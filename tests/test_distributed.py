@@ -1,0 +1,125 @@
+"""selhn.distributed: spawned gloo process groups on CPU equal one process on the global batch."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import selhn
+from selhn import distributed as D
+from selhn import functional as F
+
+CASES = list(itertools.product(["selhn", "hn", "sum"], ["mean", "sum"], [False, True]))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TwoTower(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.img = torch.nn.Linear(6, 5)
+        self.txt = torch.nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        unit = torch.nn.functional.normalize
+        return unit(self.img(x), dim=1), unit(self.txt(y), dim=1)
+
+
+def make_model(seed: int) -> TwoTower:
+    torch.manual_seed(seed)
+    return TwoTower().double()
+
+
+def make_batch(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    total = sum(sizes)
+    x = torch.randn(total, 6, generator=generator, dtype=torch.float64)
+    y = torch.randn(total, 4, generator=generator, dtype=torch.float64)
+    ids = torch.arange(total) // 2  # pairs of captions of one image, some split across ranks
+    return x, y, ids
+
+
+def worker(rank: int, world: int, sizes: list[int], init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    x, y, ids = make_batch(sizes)
+    start = sum(sizes[:rank])
+    local = slice(start, start + sizes[rank])
+    results = []
+    for loss_name, reduction, use_ids in CASES:
+        model = torch.nn.parallel.DistributedDataParallel(make_model(0))
+        img, txt = model(x[local], y[local])
+        value = D.global_loss(img, txt, loss_name, 0.2, 0.3, ids=ids[local] if use_ids else None, reduction=reduction)
+        value.backward()  # DDP averages the parameter gradients over the ranks
+        results.append((value.detach(), [p.grad.clone() for p in model.parameters()]))
+    if rank == world - 1:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def single_process(sizes: list[int]):
+    x, y, ids = make_batch(sizes)
+    results = []
+    for loss_name, reduction, use_ids in CASES:
+        model = make_model(0)
+        img, txt = model(x, y)
+        scores = img @ txt.T
+        mask = ids[:, None] == ids[None, :] if use_ids else None
+        if loss_name == "selhn":
+            value = F.selhn_loss(scores, 0.2, 0.3, mask=mask, reduction=reduction)
+        elif loss_name == "hn":
+            value = F.max_violation_loss(scores, 0.2, mask=mask, reduction=reduction)
+        else:
+            value = F.sum_hinge_loss(scores, 0.2, mask=mask, reduction=reduction)
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in model.parameters()]))
+    return results
+
+
+@pytest.mark.parametrize("sizes", [[5, 5], [4, 4, 3]], ids=["2 ranks", "3 ranks, unequal"])
+def test_global_loss_equals_single_process(tmp_path, sizes):
+    out = tmp_path / "results.pt"
+    mp.spawn(worker, args=(len(sizes), sizes, str(tmp_path / "init"), str(out)), nprocs=len(sizes), join=True)
+    got = torch.load(out)
+    expected = single_process(sizes)
+    for case, (value, grads), (ref_value, ref_grads) in zip(CASES, got, expected, strict=True):
+        torch.testing.assert_close(value, ref_value, msg=lambda m, c=case: f"{c}: {m}")
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, msg=lambda m, c=case: f"{c}: {m}")
+
+
+def test_without_a_process_group_it_is_the_plain_loss():
+    generator = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 4, generator=generator), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 4, generator=generator), dim=1)
+    assert not D.is_distributed()
+    torch.testing.assert_close(D.global_loss(img, txt, "selhn"), selhn.SelHNLoss()(img, txt))
+    torch.testing.assert_close(
+        D.global_loss(img, txt, "sum", reduction="sum"), selhn.SumHingeLoss(reduction="sum")(img, txt)
+    )
+    ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    torch.testing.assert_close(D.global_loss(img, txt, "hn", ids=ids), selhn.MaxViolationLoss()(img, txt, ids=ids))
+    with pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum'"):
+        D.global_loss(img, txt, reduction="none")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        D.global_loss(img, txt, "triplet")
+
+
+@pytest.mark.slow
+def test_pipeline_under_torchrun_with_global_negatives(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        "-m", "examples.rvsepp.train", "--preset", "smoke", "--root", str(tmp_path / "data"),
+        "--out", str(tmp_path / "run"), "--global-negatives", "--max-steps", "3", "--tensorboard", "off",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "last.pth").is_file()
+    assert "rsum" in result.stdout

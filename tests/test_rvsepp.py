@@ -1,0 +1,341 @@
+"""The RVSE++ reference pipeline in examples/rvsepp, at smoke scale on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from examples.rvsepp import synthetic
+from examples.rvsepp import train as train_module
+from examples.rvsepp.data import EpochSampler, PrecompDataset, collate
+from examples.rvsepp.evaluate import evaluate_embeddings, load_model, ranks
+from examples.rvsepp.model import GPO, RVSEPP
+from examples.rvsepp.vocab import MASK, Vocabulary, tokenize
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--preset", "smoke", "--tensorboard", "off", "--no-eval-test"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    config = synthetic.Config(train=60, dev=20, test=20, regions=6, dim=32)
+    synthetic.generate(root, "synthetic", config)
+    return root
+
+
+def run(args: list[str]) -> dict:
+    return train_module.train(train_module.parse_args(args))
+
+
+# ------------------------------------------------------------------ training
+def test_smoke_trains_and_evaluates(data_root, tmp_path):
+    results = run(["--preset", "smoke", "--root", str(data_root), "--out", str(tmp_path), "--tensorboard", "off"])
+    assert results["test_rsum"] > 0 and math.isfinite(results["best_dev_rsum"])
+    assert (tmp_path / "best.pth").is_file() and (tmp_path / "last.pth").is_file()
+    assert json.loads((tmp_path / "results.json").read_text())["test_rsum"] == results["test_rsum"]
+    header = (tmp_path / "steps.csv").read_text().splitlines()[0]
+    assert "i2t/vanishing_fraction" in header and "image_grad_norm" in header
+
+
+@pytest.mark.parametrize("loss", ["hn", "sum", "warmup"])
+def test_every_loss_trains(data_root, tmp_path, loss):
+    run(
+        [
+            *SMOKE,
+            "--root",
+            str(data_root),
+            "--out",
+            str(tmp_path),
+            "--loss",
+            loss,
+            "--max-steps",
+            "2",
+            "--mask-duplicates",
+        ]
+    )
+    assert (tmp_path / "last.pth").is_file()
+
+
+def test_warmup_uses_the_sum_of_hinges_in_epoch_zero_only():
+    args = train_module.parse_args(["--loss", "warmup"])
+    assert train_module.loss_for_step(args, 0) == ("sum", "sum")
+    assert train_module.loss_for_step(args, 1) == ("hn", "sum")
+    assert train_module.loss_for_step(train_module.parse_args([]), 3) == ("selhn", "mean")
+
+
+def final_weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path / "last.pth", weights_only=False)["model"]
+
+
+def test_resume_reproduces_an_uninterrupted_run(data_root, tmp_path):
+    common = [*SMOKE, "--root", str(data_root), "--epochs", "2"]
+    run([*common, "--out", str(tmp_path / "straight")])
+    run([*common, "--out", str(tmp_path / "split"), "--max-steps", "20"])  # 18 steps per epoch: stops in epoch 1
+    state = torch.load(tmp_path / "split" / "last.pth", weights_only=False)["state"]
+    assert state["epoch"] == 1 and state["step_in_epoch"] == 2
+    run([*common, "--out", str(tmp_path / "split"), "--resume"])
+    straight, split = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
+    for key in straight:
+        assert torch.equal(straight[key], split[key]), key
+
+
+def test_sigterm_saves_and_resume_continues(data_root, tmp_path):
+    command = [sys.executable, "-m", "examples.rvsepp.train", *SMOKE, "--root", str(data_root), "--epochs", "40",
+               "--out", str(tmp_path)]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:  # wait until training is under way
+        if line.startswith("epoch 0:"):
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "saved" in output and "--resume" in output
+    state = torch.load(tmp_path / "last.pth", weights_only=False)["state"]
+    assert state["global_step"] > 3
+    run([*SMOKE, "--root", str(data_root), "--epochs", str(state["epoch"] + 1), "--out", str(tmp_path), "--resume"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
+    common = [*SMOKE, "--root", str(data_root), "--out", str(tmp_path), "--epochs", "2"]
+    run([*common, "--max-steps", "3"])
+    before = (tmp_path / "last.pth").read_bytes()
+    real = train_module.compute_loss
+
+    def poisoned(*args, **kwargs):
+        loss, scores = real(*args, **kwargs)
+        return loss * float("nan"), scores
+
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    with pytest.raises(
+        SystemExit, match=r"non-finite loss \(nan\) at epoch 0, step 3: stopping. The last good checkpoint is"
+    ):
+        run([*common, "--resume"])
+    assert (tmp_path / "last.pth").read_bytes() == before
+
+
+# ------------------------------------------------------------------ evaluation
+def brute_force(sims: np.ndarray, per_image: int = 5) -> tuple[list[int], list[int]]:
+    """The protocol, literally: sort each row / column (stable, descending) and find the target."""
+    n = sims.shape[0]
+    i2t, t2i = [], []
+    for i in range(n):
+        order = sorted(range(sims.shape[1]), key=lambda j: (-sims[i, j], j))
+        i2t.append(min(order.index(per_image * i + k) for k in range(per_image)))
+    for j in range(sims.shape[1]):
+        order = sorted(range(n), key=lambda i: (-sims[i, j], i))
+        t2i.append(order.index(j // per_image))
+    return i2t, t2i
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 12), seed=st.integers(0, 1000), levels=st.sampled_from([None, 2]))
+def test_ranks_match_brute_force_including_ties(n, seed, levels):
+    sims = torch.randn(n, 5 * n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if levels:
+        sims = torch.round(sims * levels) / levels  # many ties
+    # images = identity, captions = sims^T, so that img @ cap.T == sims
+    i2t, t2i = ranks([torch.eye(n, dtype=torch.float64)], [sims.t().contiguous()], block=3)
+    expected = brute_force(sims.numpy())
+    assert i2t.tolist() == expected[0] and t2i.tolist() == expected[1]
+
+
+def test_metrics_and_five_fold_slicing():
+    n = 10
+    sims = torch.randn(n, 5 * n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    img, cap = [torch.eye(n, dtype=torch.float64)], [sims.t().contiguous()]
+    whole = evaluate_embeddings(img, cap)
+    i2t, t2i = brute_force(sims.numpy())
+    assert whole["i2t_r1"] == pytest.approx(100 * np.mean(np.array(i2t) < 1))
+    assert whole["t2i_r10"] == pytest.approx(100 * np.mean(np.array(t2i) < 10))
+    assert whole["i2t_medr"] == math.floor(np.median(i2t)) + 1 and whole["t2i_meanr"] == pytest.approx(np.mean(t2i) + 1)
+    folds = evaluate_embeddings(img, cap, fold5=True)
+    per_fold = []
+    for f in range(5):  # fold f: images 2f, 2f+1 and their 10 captions, scored among themselves
+        block = sims[2 * f : 2 * f + 2, 10 * f : 10 * f + 10].numpy()
+        a, b = brute_force(block)
+        per_fold.append(100 * np.mean(np.array(a) < 1) + 100 * np.mean(np.array(b) < 1))
+    assert folds["i2t_r1"] + folds["t2i_r1"] == pytest.approx(np.mean(per_fold))
+    # an ensemble of one model twice is that model
+    assert evaluate_embeddings(img * 2, cap * 2)["rsum"] == pytest.approx(whole["rsum"])
+
+
+def test_evaluation_of_a_larger_problem_in_blocks():
+    generator = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(300, 16, generator=generator), dim=1)
+    cap = torch.nn.functional.normalize(
+        img.repeat_interleave(5, 0) + 0.3 * torch.randn(1500, 16, generator=generator), dim=1
+    )
+    small, large = ranks([img], [cap], block=7), ranks([img], [cap], block=4096)
+    assert torch.equal(small[0], large[0]) and torch.equal(small[1], large[1])
+
+
+# ------------------------------------------------------------------ data and errors
+def test_dataset_layouts_and_errors(data_root, tmp_path):
+    vocab = Vocabulary.build((data_root / "synthetic_precomp" / "train_caps.txt").read_text().splitlines())
+    dataset = PrecompDataset(data_root, "synthetic", "dev", vocab)
+    assert len(dataset) == 100 and dataset.per_image == 5 and dataset.feature_dim == 32
+    regions, tokens, _, image = dataset[7]
+    assert regions.shape == (6, 32) and tokens[0] == vocab("<start>") and tokens[-1] == vocab("<end>") and image == 1
+    batch = collate([dataset[0], dataset[9]])
+    assert batch["regions"].shape[0] == 2 and batch["token_lengths"].tolist() == [
+        len(dataset[0][1]),
+        len(dataset[9][1]),
+    ]
+    # one image row per caption
+    folder = tmp_path / "rows_precomp"
+    folder.mkdir()
+    np.save(folder / "dev_ims.npy", np.ones((10, 3, 4), dtype=np.float32))
+    (folder / "dev_caps.txt").write_text("a dog\n" * 10)
+    assert PrecompDataset(tmp_path, "rows", "dev", vocab).per_image == 1
+    (folder / "dev_caps.txt").write_text("a dog\n" * 7)
+    with pytest.raises(ValueError, match="10 image rows but dev_caps.txt has 7 captions"):
+        PrecompDataset(tmp_path, "rows", "dev", vocab)
+    with pytest.raises(FileNotFoundError, match="missing split file .*test_ims.npy"):
+        PrecompDataset(tmp_path, "rows", "test", vocab)
+
+
+def test_dev_is_cut_to_5000_captions(tmp_path):
+    folder = tmp_path / "big_precomp"
+    folder.mkdir()
+    np.save(folder / "dev_ims.npy", np.ones((1100, 2, 3), dtype=np.float32))
+    (folder / "dev_caps.txt").write_text("a cat\n" * 5500)
+    assert len(PrecompDataset(tmp_path, "big", "dev", Vocabulary.build(["a cat"] * 4))) == 5000
+
+
+def test_augmentations_are_deterministic_per_epoch_and_index(data_root):
+    vocab = Vocabulary.load(_vocab(data_root))
+    dataset = PrecompDataset(
+        data_root, "synthetic", "train", vocab, train=True, seed=3, region_drop=0.5, token_perturb=0.5
+    )
+    first = dataset[4]
+    again = dataset[4]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    dataset.epoch = 1
+    changed = [
+        not torch.equal(dataset[i][1], PrecompDataset(data_root, "synthetic", "train", vocab)[i][1]) for i in range(20)
+    ]
+    assert any(changed)
+    assert all(dataset[i][0].shape[0] >= 1 for i in range(20))
+
+
+def _vocab(root: Path) -> Path:
+    path = root / "synthetic_precomp" / "vocab.json"
+    if not path.is_file():
+        Vocabulary.build((root / "synthetic_precomp" / "train_caps.txt").read_text().splitlines()).save(path)
+    return path
+
+
+def test_checkpoint_errors(data_root, tmp_path):
+    run([*SMOKE, "--root", str(data_root), "--out", str(tmp_path), "--max-steps", "1"])
+    checkpoint = torch.load(tmp_path / "last.pth", weights_only=False)
+    checkpoint["vocab"] = [*checkpoint["vocab"], "zebra"]
+    torch.save(checkpoint, tmp_path / "last.pth")
+    with pytest.raises(ValueError, match="trained with another vocabulary"):
+        run([*SMOKE, "--root", str(data_root), "--out", str(tmp_path), "--resume"])
+    checkpoint["model_config"] = {**checkpoint["model_config"], "embed": 64}
+    torch.save(checkpoint, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="holds a model of another shape"):
+        load_model(tmp_path / "other.pth", torch.device("cpu"))
+    torch.save({"weights": 1}, tmp_path / "foreign.pth")
+    with pytest.raises(ValueError, match="is not an RVSE\\+\\+ checkpoint"):
+        load_model(tmp_path / "foreign.pth", torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
+        run([*SMOKE, "--root", str(data_root), "--out", str(tmp_path / "empty"), "--resume"])
+
+
+def test_sampler_shards_the_single_process_batches():
+    whole = list(EpochSampler(20, 4, seed=1))
+    shards = [list(EpochSampler(20, 4, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert [a + b for a, b in zip(*shards, strict=True)] == whole
+    resumed = EpochSampler(20, 4, seed=1)
+    resumed.set_epoch(0, start=2)
+    assert list(resumed) == whole[2:]
+    with pytest.raises(ValueError, match="divisible by the world size"):
+        EpochSampler(20, 5, world_size=2)
+
+
+# ------------------------------------------------------------------ model
+def test_gpo_weights_depend_only_on_the_set_size():
+    torch.manual_seed(0)
+    gpo = GPO()
+    lengths = torch.tensor([3, 5, 3])
+    weights = gpo.weights(lengths, 5)
+    torch.testing.assert_close(weights[0], weights[2])
+    torch.testing.assert_close(weights[0, :3], gpo.weights(torch.tensor([3]), 3)[0])
+    assert torch.all(weights[0, 3:] == 0)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(3))
+
+
+def test_gpo_reduces_to_max_and_mean_pooling():
+    torch.manual_seed(0)
+    features = torch.randn(2, 4, 6)
+    lengths = torch.tensor([4, 2])
+    one_hot = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])
+    uniform = torch.tensor([[0.25] * 4, [0.5, 0.5, 0, 0]])
+    torch.testing.assert_close(GPO.pool(features, lengths, one_hot)[0], features[0].max(dim=0).values)
+    torch.testing.assert_close(GPO.pool(features, lengths, one_hot)[1], features[1, :2].max(dim=0).values)
+    torch.testing.assert_close(GPO.pool(features, lengths, uniform)[0], features[0].mean(dim=0))
+    torch.testing.assert_close(GPO.pool(features, lengths, uniform)[1], features[1, :2].mean(dim=0))
+
+
+def test_model_outputs_unit_embeddings_and_ignores_padding():
+    torch.manual_seed(0)
+    model = RVSEPP(vocab_size=20, img_dim=8, embed=16, word_dim=6).eval()
+    regions = torch.rand(2, 5, 8)
+    padded = regions.clone()
+    padded[1, 3:] = 7.0  # garbage in the padded slots of item 1
+    tokens = torch.randint(1, 20, (2, 6))
+    img_a, txt_a = model(regions, torch.tensor([5, 3]), tokens, torch.tensor([6, 4]))
+    img_b, _ = model(padded, torch.tensor([5, 3]), tokens, torch.tensor([6, 4]))
+    torch.testing.assert_close(img_a.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(txt_a.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(img_a, img_b)
+
+
+# ------------------------------------------------------------------ vocabulary and synthetic data
+def test_tokenizer_and_scan_vocabulary_round_trip(tmp_path):
+    assert tokenize("A Dog, running on the beach.") == ["a", "dog", ",", "running", "on", "the", "beach", "."]
+    assert tokenize("It's the dog's ball") == ["it's", "the", "dog's", "ball"]
+    vocab = Vocabulary.build(["a dog runs"] * 4 + ["a cat sleeps"] * 3)
+    assert vocab.signature()[:4] == ["<pad>", "<start>", "<end>", "<unk>"] and "dog" in vocab.word2idx
+    assert "cat" not in vocab.word2idx  # count 3 < 4
+    vocab.save(tmp_path / "vocab.json")
+    data = json.loads((tmp_path / "vocab.json").read_text())
+    assert set(data) == {"word2idx", "idx2word", "idx"} and data["idx2word"]["0"] == "<pad>"
+    loaded = Vocabulary.load(tmp_path / "vocab.json")
+    assert loaded.signature()[-1] == MASK and len(loaded) == len(vocab) + 1
+    assert loaded.encode("a cat") == [1, loaded("a"), 3, 2]
+    (tmp_path / "bad.json").write_text(json.dumps({"word2idx": {}}))
+    with pytest.raises(ValueError, match="not a SCAN-format vocabulary"):
+        Vocabulary.load(tmp_path / "bad.json")
+
+
+def test_synthetic_features_have_the_statistics_of_region_features(data_root):
+    images = np.load(data_root / "synthetic_precomp" / "train_ims.npy")
+    assert images.dtype == np.float32 and images.shape == (60, 6, 32)
+    regions = images.reshape(-1, 32)
+    assert regions.min() >= 0  # post-ReLU
+    assert 0.3 < (regions == 0).mean() < 0.9  # sparse
+    mean = regions.mean(axis=0)
+    cosine = (regions @ mean) / (np.linalg.norm(regions, axis=1) * np.linalg.norm(mean) + 1e-12)
+    assert np.median(cosine) > 0.5  # a large shared component
+    captions = (data_root / "synthetic_precomp" / "train_caps.txt").read_text().splitlines()
+    assert len(captions) == 300
+    again = synthetic.generate(
+        data_root / "again", "synthetic", synthetic.Config(train=60, dev=20, test=20, regions=6, dim=32)
+    )
+    assert np.array_equal(np.load(again / "train_ims.npy"), images)  # seeded
