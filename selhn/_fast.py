@@ -95,6 +95,8 @@ def _kernel(name: str, eager: Callable[..., Any], batch: int) -> Callable[..., A
 class _State:
     """What backward needs: (2, B) coefficients, indices and, for dense terms, the scores."""
 
+    FIELDS = ("hard_coef", "hard_index", "dense_coef", "active", "scores", "threshold", "rows", "cols")
+
     def __init__(self) -> None:
         self.hard_coef: Tensor | None = None  # (2, B): 1 where the hard hinge is used and active
         self.hard_index: Tensor | None = None  # (2, B): hardest negative per anchor
@@ -225,12 +227,14 @@ def score_grad(grad: Tensor, state: _State, batch: int) -> Tensor:
             out = _kernel("dense_grad", _dense_grad, batch)(state.scores, state.threshold, dense[0], dense[1])
     else:
         out = grad.new_zeros(batch, batch)
+    anchors = torch.arange(batch, device=grad.device)
+    flat = [anchors * (batch + 1)]  # the diagonal: positives
+    values = [positive]
     if hard is not None and state.hard_index is not None:
-        anchors = torch.arange(batch, device=grad.device)
-        out.index_put_((anchors, state.hard_index[0]), hard[0], accumulate=True)
-        out.index_put_((state.hard_index[1], anchors), hard[1], accumulate=True)
-    out.diagonal().add_(positive)
-    return out
+        flat += [anchors * batch + state.hard_index[0], state.hard_index[1] * batch + anchors]
+        values += [hard[0], hard[1]]
+    # one out-of-place scatter-add of the O(B) sparse entries (duplicates accumulate)
+    return out.reshape(-1).scatter_add(0, torch.cat(flat), torch.cat(values).to(out.dtype)).view(batch, batch)
 
 
 def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
@@ -269,7 +273,7 @@ def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tu
 
 # --------------------------------------------------------------------------- Functions
 def _save(ctx: Any, state: _State, *tensors: Tensor) -> None:
-    ctx.state_fields = [name for name in vars(state) if getattr(state, name) is not None]
+    ctx.state_fields = [name for name in _State.FIELDS if getattr(state, name) is not None]
     ctx.save_for_backward(*tensors, *(getattr(state, name) for name in ctx.state_fields))
     ctx.num_inputs = len(tensors)
 

@@ -38,7 +38,7 @@ def test_functional_on_cuda_matches_cpu_reference(loss, scores):
 def test_modules_on_cuda_match_cpu(loss, pair):
     results = []
     for device in ("cpu", "cuda"):
-        img, txt = (x.to(device).requires_grad_() for x in pair)
+        img, txt = (x.detach().clone().to(device).requires_grad_() for x in pair)
         value = MODULES[loss](reduction="sum")(img, txt, ids=torch.arange(img.shape[0]) // 2)
         value.backward()
         results.append((value.cpu(), img.grad.cpu(), txt.grad.cpu()))

@@ -151,26 +151,38 @@ class _Prototypes:
 def _features(
     scenes: list[dict], protos: _Prototypes, config: Config, generator: torch.Generator, rng: random.Random
 ) -> torch.Tensor:
-    """(len(scenes), regions, dim) float32 region features."""
-    rows = []
-    for scene in scenes:
-        parts = []
-        for obj in scene["objects"]:
-            base = (
-                protos.noun[obj["noun"]]
-                + protos.colour[obj["colour"]]
-                + protos.size[obj["size"]]
-                + protos.pos[obj["pos"]]
-            )
-            for part in range(rng.randint(2, 3)):
-                parts.append(base * (1.0 if part == 0 else 0.6) + protos.part[part])
-        scene_vec = protos.scene[scene["scene"]]
-        while len(parts) < config.regions:
-            parts.append(scene_vec + protos.background[rng.randrange(len(protos.background))] * rng.uniform(0.3, 1.0))
-        rows.append(torch.stack(parts[: config.regions]))
-    content = torch.stack(rows)
-    noise = torch.randn(content.shape, generator=generator) * config.noise
-    return torch.relu(content + protos.bias + noise)
+    """(len(scenes), regions, dim) float32 region features, built with index arithmetic."""
+    obj_flag, noun, colour, size, pos, part, scene, background, scale = ([] for _ in range(9))
+    for s in scenes:
+        rows = 0
+        for obj in s["objects"]:
+            for p in range(rng.randint(2, 3)):
+                if rows < config.regions:
+                    obj_flag.append(1.0)
+                    noun.append(obj["noun"]), colour.append(obj["colour"]), size.append(obj["size"])
+                    pos.append(obj["pos"]), part.append(p), background.append(0), scale.append(1.0 if p == 0 else 0.6)
+                    scene.append(s["scene"])
+                    rows += 1
+        for _ in range(config.regions - rows):
+            obj_flag.append(0.0)
+            noun.append(0), colour.append(0), size.append(0), pos.append(0), part.append(0)
+            background.append(rng.randrange(len(protos.background))), scale.append(rng.uniform(0.3, 1.0))
+            scene.append(s["scene"])
+
+    def take(table: torch.Tensor, index: list[int]) -> torch.Tensor:
+        return table.index_select(0, torch.tensor(index))
+
+    is_object = torch.tensor(obj_flag).unsqueeze(1)
+    factor = torch.tensor(scale).unsqueeze(1)
+    objects = factor * (
+        take(protos.noun, noun) + take(protos.colour, colour) + take(protos.size, size) + take(protos.pos, pos)
+    )
+    objects = objects + take(protos.part, part)
+    backgrounds = take(protos.scene, scene) + take(protos.background, background) * factor
+    content = is_object * objects + (1 - is_object) * backgrounds
+    content += protos.bias
+    content += torch.randn(content.shape, generator=generator) * config.noise
+    return torch.relu_(content).view(len(scenes), config.regions, config.dim)
 
 
 def generate(root: str | Path, name: str = "synthetic", config: Config | None = None, chunk: int = 256) -> Path:

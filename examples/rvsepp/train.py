@@ -95,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--device", default="auto", help="auto: cuda if available, else cpu")
     add("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on with CUDA)")
     add("--log-every", type=int, default=10)
+    add("--eval-steps", type=int, default=0, help="also evaluate dev every this many steps (0: per epoch only)")
     add("--resume", action="store_true", help="continue from <out>/last.pth")
     add("--no-eval-test", action="store_true", help="skip the final test evaluation")
     add("--tensorboard", choices=["auto", "on", "off"], default="auto")
@@ -319,6 +320,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                 save_last()
                 print(f"\nstopped by signal {stop.signal}: saved {last_path}; continue with --resume", flush=True)
                 raise SystemExit(128 + stop.signal)
+            if args.eval_steps and state["global_step"] % args.eval_steps == 0 and is_main():
+                record_dev(out, epoch, state["global_step"], evaluate_split(model, dev_set, device, amp), writer)
             if args.max_steps and state["global_step"] >= args.max_steps:
                 finished = True
                 break
@@ -332,11 +335,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                 f"epoch {epoch}: dev rsum {dev['rsum']:.1f} (i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f})",
                 flush=True,
             )
-            if writer is not None:
-                for key, value in dev.items():
-                    writer.add_scalar(f"dev/{key}", value, epoch)
-            with open(out / "epochs.jsonl", "a") as handle:
-                handle.write(json.dumps({"epoch": epoch, "global_step": state["global_step"], **dev}) + "\n")
+            record_dev(out, epoch, state["global_step"], dev, writer)
             if dev["rsum"] > state["best_rsum"]:
                 state["best_rsum"] = dev["rsum"]
                 atomic_save(checkpoint_dict(), best_path)
@@ -353,12 +352,22 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         test = evaluate_split(model, test_set, device, amp, fold5=args.name == "coco" and args.test_split == "testall")
         print(format_table(test, f"{args.name} {args.test_split}, {args.loss}, best dev checkpoint"), flush=True)
         results.update({f"test_{k}": v for k, v in test.items()})
+    if is_main():
         (out / "results.json").write_text(json.dumps(results, indent=1))
     if writer is not None:
         writer.close()
     if world > 1:
         dist.destroy_process_group()
     return results
+
+
+def record_dev(out: Path, epoch: int, step: int, dev: dict[str, float], writer: Any) -> None:
+    """Append a dev evaluation to <out>/dev.jsonl (and TensorBoard, by step)."""
+    if writer is not None:
+        for key, value in dev.items():
+            writer.add_scalar(f"dev/{key}", value, step)
+    with open(out / "dev.jsonl", "a") as handle:
+        handle.write(json.dumps({"epoch": epoch, "global_step": step, **dev}) + "\n")
 
 
 def evaluate_split(

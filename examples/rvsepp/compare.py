@@ -1,0 +1,251 @@
+"""Does SelHN help? Train RVSE++ with each loss from the same seeds and data order, side by side.
+
+For every seed, the same model initialisation and the same data order are trained with
+``--loss hn``, ``sum``, ``warmup`` (VSE-infinity's schedule) and ``selhn``, plus SelHN at each
+epsilon of the sweep. Every run records per step the encoders' gradient norms, the vanishing
+fraction, the loss, and every ``--eval-steps`` steps the dev rsum. The command writes:
+
+* ``steps.csv``: one row per run and step (loss, gradient norms, vanishing fraction);
+* ``dev.csv``: one row per run and dev evaluation;
+* ``comparison.png``: gradient norm and vanishing fraction against the step for the four
+  losses, dev rsum against the step (means over seeds, shaded min-max);
+* ``comparison.md``: the table below, mean +- standard deviation over seeds.
+
+Table columns: steps until the vanishing fraction (mean of both directions) falls below 10%
+after having exceeded 50% (leaving the plateau: "0" if it never entered it, "never" if it
+never left it); steps until dev rsum exceeds 10x its chance level; best dev rsum; the test recall
+table of the best dev checkpoint; wall time per step.
+
+Run: ``python -m examples.rvsepp.compare --out runs/compare`` (see ``--help``; arguments after
+``--`` go to every training run, e.g. ``-- --synthetic-shared 1.0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from examples.rvsepp import train as train_module
+
+LOSSES = ("hn", "sum", "warmup", "selhn")
+SWEEP = (0.001, 0.05, 0.1)  # with the default 0.01 of the selhn run: 0.001, 0.01, 0.05, 0.1
+
+
+def chance_rsum(n_images: int, per_image: int = 5) -> float:
+    """Expected rsum of a random ranking: i2t hits if any of 5 captions is in the top K of 5N,
+    t2i if the image is in the top K of N."""
+    total = 0.0
+    captions = per_image * n_images
+    for k in (1, 5, 10):
+        miss = 1.0
+        for j in range(per_image):
+            miss *= max(0.0, (captions - k - j) / (captions - j))
+        total += 100 * (1 - miss) + 100 * min(k, n_images) / n_images
+    return total
+
+
+def first_recovery(steps: list[float], vanishing: list[float], enter: float = 0.5, leave: float = 0.1) -> float:
+    """First step at which the vanishing fraction falls below ``leave`` after having exceeded
+    ``enter`` (the plateau): 0 if it never exceeded ``enter``, inf if it never came back down."""
+    entered = False
+    for step, value in zip(steps, vanishing, strict=True):
+        if value > enter:
+            entered = True
+        elif entered and value < leave:
+            return step
+    return math.inf if entered else 0.0
+
+
+def first_exceeding(steps: list[float], values: list[float], level: float) -> float:
+    return next((s for s, v in zip(steps, values, strict=True) if v > level), math.inf)
+
+
+def run_one(out: Path, loss: str, seed: int, epsilon: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one run (or reuse a finished one in ``out``) and read back its records."""
+    if not (out / "results.json").is_file():
+        argv = [
+            "--preset", args.preset, "--root", args.root, "--out", str(out), "--loss", loss, "--seed", str(seed),
+            "--epsilon", str(epsilon), "--eval-steps", str(args.eval_steps), "--log-every", str(args.log_every),
+            "--tensorboard", "off", *(["--max-steps", str(args.steps)] if args.steps else []), *args.train_args,
+        ]  # fmt: skip
+        start = time.perf_counter()
+        train_module.train(train_module.parse_args(argv))
+        print(f"  {out.name}: {time.perf_counter() - start:.0f} s", flush=True)
+    with open(out / "steps.csv") as handle:
+        steps = list(csv.DictReader(handle))
+    with open(out / "dev.jsonl") as handle:
+        dev = [json.loads(line) for line in handle]
+    return {"steps": steps, "dev": dev, "results": json.loads((out / "results.json").read_text())}
+
+
+def label(loss: str, epsilon: float) -> str:
+    return f"selhn eps={epsilon:g}" if loss == "selhn" else loss
+
+
+def summarise(runs: dict[tuple[str, float, int], dict[str, Any]], chance: float) -> list[dict[str, Any]]:
+    """Per (loss, epsilon): the table's statistics for every seed."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for (loss, epsilon, _seed), run in runs.items():
+        steps = [float(r["step"]) for r in run["steps"]]
+        vanishing = [
+            (float(r["i2t/vanishing_fraction"]) + float(r["t2i/vanishing_fraction"])) / 2 for r in run["steps"]
+        ]
+        dev_steps = [float(d["global_step"]) for d in run["dev"]]
+        dev_rsum = [float(d["rsum"]) for d in run["dev"]]
+        results = run["results"]
+        groups.setdefault((loss, epsilon), []).append({
+            "recovery": first_recovery(steps, vanishing),
+            "to_10x": first_exceeding(dev_steps, dev_rsum, 10 * chance),
+            "best_dev": max(dev_rsum),
+            "test": [results.get(f"test_{d}_{k}", math.nan) for d in ("i2t", "t2i") for k in ("r1", "r5", "r10")],
+            "test_rsum": results.get("test_rsum", math.nan),
+            "step_ms": 1000 * results["step_seconds"],
+        })  # fmt: skip
+    return [{"loss": loss, "epsilon": epsilon, "seeds": values} for (loss, epsilon), values in groups.items()]
+
+
+def fmt(values: list[float], digits: int = 1) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    never = len(values) - len(finite)
+    if not finite:
+        return "never"
+    mean = statistics.fmean(finite)
+    spread = f" +- {statistics.stdev(finite):.{digits}f}" if len(finite) > 1 else ""
+    return f"{mean:.{digits}f}{spread}" + (f" ({never} never)" if never else "")
+
+
+def markdown(rows: list[dict[str, Any]], chance: float, seeds: list[int], steps: int | None) -> str:
+    lines = [
+        f"Seeds: {', '.join(map(str, seeds))} (mean +- standard deviation over seeds); steps per run: {steps or 'all'}; "
+        f"dev chance rsum {chance:.1f}, so 10x chance = {10 * chance:.1f}.",
+        "",
+        "| loss | steps until vanishing < 10% after > 50% | steps until dev rsum > 10x chance | best dev rsum "
+        "| test i2t R1 / R5 / R10 | test t2i R1 / R5 / R10 | test rsum | ms / step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        seeds_ = row["seeds"]
+        test = [fmt([s["test"][i] for s in seeds_]) for i in range(6)]
+        lines.append(
+            f"| {label(row['loss'], row['epsilon'])} | {fmt([s['recovery'] for s in seeds_], 0)} "
+            f"| {fmt([s['to_10x'] for s in seeds_], 0)} | {fmt([s['best_dev'] for s in seeds_])} "
+            f"| {' / '.join(test[:3])} | {' / '.join(test[3:])} | {fmt([s['test_rsum'] for s in seeds_])} "
+            f"| {fmt([s['step_ms'] for s in seeds_], 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_csvs(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]]) -> None:
+    with open(out / "steps.csv", "w", newline="") as handle:
+        writer = None
+        for (loss, epsilon, seed), run in runs.items():
+            for row in run["steps"]:
+                record = {"loss": loss, "epsilon": epsilon, "seed": seed, **row}
+                if writer is None:
+                    writer = csv.DictWriter(handle, fieldnames=list(record))
+                    writer.writeheader()
+                writer.writerow(record)
+    with open(out / "dev.csv", "w", newline="") as handle:
+        fields = ["loss", "epsilon", "seed", "global_step", "rsum", "i2t_r1", "t2i_r1"]
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for (loss, epsilon, seed), run in runs.items():
+            for d in run["dev"]:
+                writer.writerow({"loss": loss, "epsilon": epsilon, "seed": seed, **{k: d[k] for k in fields[3:]}})
+
+
+def plot(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]], chance: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
+    for loss in LOSSES:
+        seeds = [
+            run for (name, epsilon, _), run in runs.items() if name == loss and (loss != "selhn" or epsilon == 0.01)
+        ]
+        if not seeds:
+            continue
+        length = min(len(run["steps"]) for run in seeds)
+        steps = [float(r["step"]) for r in seeds[0]["steps"][:length]]
+        for ax, key in ((axes[0], "grad"), (axes[1], "vanishing")):
+            series = []
+            for run in seeds:
+                rows = run["steps"][:length]
+                if key == "grad":
+                    series.append([float(r["image_grad_norm"]) + float(r["text_grad_norm"]) for r in rows])
+                else:
+                    series.append(
+                        [(float(r["i2t/vanishing_fraction"]) + float(r["t2i/vanishing_fraction"])) / 2 for r in rows]
+                    )
+            mean = [statistics.fmean(v) for v in zip(*series, strict=True)]
+            (line,) = ax.plot(steps, mean, label=loss, lw=1.2)
+            ax.fill_between(steps, [min(v) for v in zip(*series, strict=True)], [max(v) for v in zip(*series, strict=True)],
+                            color=line.get_color(), alpha=0.15)  # fmt: skip
+        dev_steps = [float(d["global_step"]) for d in seeds[0]["dev"]]
+        dev_len = min(len(run["dev"]) for run in seeds)
+        rsum = [[float(d["rsum"]) for d in run["dev"][:dev_len]] for run in seeds]
+        axes[2].plot(
+            dev_steps[:dev_len], [statistics.fmean(v) for v in zip(*rsum, strict=True)], marker=".", label=loss
+        )
+    axes[2].axhline(10 * chance, color="grey", ls=":", lw=1, label="10x chance")
+    axes[0].set(yscale="log", xlabel="step", ylabel="|grad image enc| + |grad text enc|", title="encoder gradient norm")
+    axes[1].set(xlabel="step", ylabel="share of anchors", title="vanishing fraction (|gap| < 0.01)", ylim=(-0.02, 1.02))
+    axes[2].set(xlabel="step", ylabel="dev rsum", title="dev rsum")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "comparison.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--root", default="data")
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    parser.add_argument("--epsilons", type=float, nargs="*", default=list(SWEEP), help="extra SelHN epsilons")
+    parser.add_argument(
+        "--sweep-seeds", type=int, nargs="*", default=None, help="seeds of the sweep (default: --seeds)"
+    )
+    parser.add_argument("--steps", type=int, default=400, help="steps per run (0: the preset's epochs)")
+    parser.add_argument("--eval-steps", type=int, default=25)
+    parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("train_args", nargs="*", help="after --: arguments for every training run")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = [(loss, 0.01, seed) for seed in args.seeds for loss in args.losses]
+    if "selhn" in args.losses:
+        plan += [("selhn", eps, seed) for eps in args.epsilons for seed in (args.sweep_seeds or args.seeds)]
+    runs = {}
+    for loss, epsilon, seed in plan:
+        name = f"{label(loss, epsilon).replace(' ', '_')}_seed{seed}"
+        runs[(loss, epsilon, seed)] = run_one(out / "runs" / name, loss, seed, epsilon, args)
+    train_args = train_module.parse_args(["--preset", args.preset, "--root", args.root, *args.train_args])
+    dev_captions = (Path(args.root) / f"{train_args.name}_precomp" / "dev_caps.txt").read_text().splitlines()
+    chance = chance_rsum(min(len(dev_captions), 5000) // 5)
+    rows = summarise(runs, chance)
+    write_csvs(out, runs)
+    table = markdown(rows, chance, args.seeds, args.steps)
+    (out / "comparison.md").write_text(table)
+    plot(out, runs, chance, f"RVSE++ on synthetic data, preset {args.preset} {' '.join(args.train_args)}")
+    print(table)
+    print(f"wrote {out / 'comparison.md'}, {out / 'comparison.png'}, {out / 'steps.csv'}, {out / 'dev.csv'}")
+
+
+if __name__ == "__main__":
+    main()
