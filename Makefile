@@ -1,12 +1,13 @@
 # Two entry points, each installing what it needs into .venv first:
 #   make train  the project's main job: RVSE++ with SelHN on the synthetic data set, then the recall table
-#   make test   the whole test suite: lint, types, pytest, docs (html + doctest) with -W
+#   make test   the whole test suite: lint, types, pytest, docs (html + doctest) with -W, and the
+#               build-and-install check of the wheel in a clean virtual environment
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.selhn-installed
 
-.PHONY: train demo test install lint typecheck pytest docs clean
+.PHONY: train demo test install lint typecheck pytest docs dist-check bench clean
 
 $(STAMP): pyproject.toml setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +25,8 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check selhn tests examples benchmarks docs/conf.py
-	$(PY) -m ruff format --check selhn tests examples benchmarks docs/conf.py
+	$(PY) -m ruff check selhn tests examples benchmarks docs/conf.py docs/examples
+	$(PY) -m ruff format --check selhn tests examples benchmarks docs/conf.py docs/examples
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
@@ -38,7 +39,13 @@ docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 	$(PY) -m sphinx -W --keep-going -q -b doctest docs docs/_build/doctest
 
-test: lint typecheck pytest docs
+dist-check: $(STAMP)
+	PY=$(PY) bash .ci/dist_check.sh
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_losses.py
+
+test: lint typecheck pytest docs dist-check
 
 clean:
 	rm -rf $(VENV) docs/_build build dist *.egg-info

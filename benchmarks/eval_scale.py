@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.rvsepp.evaluate import evaluate_embeddings, format_table  # noqa: E402
+from examples.rvsepp.evaluate import evaluate_embeddings, format_table
 
 
 def main() -> None:

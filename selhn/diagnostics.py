@@ -63,6 +63,15 @@ class DirectionStats:
         hard_loss_mean: mean hardest-negative hinge, the per-anchor max-violation loss;
             it equals the margin on the collapse plateau.
         vanishing: per-anchor flags (B,) of ``|gap| < epsilon``.
+
+    Example:
+        >>> import torch
+        >>> from selhn.diagnostics import vanishing_stats
+        >>> part = vanishing_stats(torch.eye(4)).i2t          # well separated
+        >>> part.vanishing_fraction, part.gap_mean, part.active_fraction
+        (tensor(0.), tensor(1.), tensor(0.))
+        >>> sorted(part.to_dict("i2t/"))[:2]
+        ['i2t/active_fraction', 'i2t/gap_mean']
     """
 
     vanishing_fraction: Tensor
@@ -201,6 +210,13 @@ class GradientNorms:
         image_anchor: norm of the gradient that image anchor ``i``'s own loss term sends to
             its own embedding: ``|t_hat - t_i|`` for an active hard hinge.
         text_anchor: the same for caption anchor ``j``: ``|v_hat - v_j|``.
+
+    Example:
+        >>> import torch
+        >>> from selhn.diagnostics import gradient_norms
+        >>> norms = gradient_norms(torch.eye(2), torch.eye(2), "hn", margin=2.0)
+        >>> norms.image_anchor            # |t_hat - t_i| = sqrt(2), the hinge being active
+        tensor([1.4142, 1.4142])
     """
 
     image: Tensor
@@ -304,7 +320,14 @@ def gradient_norms(
 
 # --------------------------------------------------------------------------- the alarm
 class CollapseWarning(UserWarning):
-    """Hard-negative training sits on the collapse plateau."""
+    """Hard-negative training sits on the collapse plateau (raised once by :class:`CollapseAlarm`).
+
+    Example:
+        >>> import warnings
+        >>> from selhn.diagnostics import CollapseWarning
+        >>> warnings.simplefilter("error", CollapseWarning)   # make the plateau stop a run
+        >>> warnings.resetwarnings()
+    """
 
 
 class CollapseAlarm:
@@ -521,6 +544,17 @@ def plot_histories(
         path: the PNG to write.
         runs: label -> a :class:`TrainingMonitor` or a history dict (as from
             :meth:`TrainingMonitor.history` or a CSV), e.g. ``{"HN": hn, "SelHN": selhn}``.
+
+    Example:
+        >>> import os, tempfile
+        >>> from selhn.diagnostics import plot_histories
+        >>> history = {"step": [1.0, 2.0], "loss": [0.2, 0.1], "image_grad_norm": [1.0, 0.5],
+        ...            "text_grad_norm": [1.0, 0.4], "i2t/vanishing_fraction": [1.0, 0.5],
+        ...            "t2i/vanishing_fraction": [1.0, 0.3]}
+        >>> path = os.path.join(tempfile.mkdtemp(), "runs.png")
+        >>> plot_histories(path, {"HN": history, "SelHN": history})
+        >>> os.path.getsize(path) > 0
+        True
     """
     try:
         import matplotlib

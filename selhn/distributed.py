@@ -44,7 +44,13 @@ _LOSSES = ("selhn", "hn", "sum")
 
 
 def is_distributed() -> bool:
-    """Whether a process group with more than one rank is initialised."""
+    """Whether a process group with more than one rank is initialised.
+
+    Example:
+        >>> from selhn.distributed import is_distributed
+        >>> is_distributed()      # a plain process
+        False
+    """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 

@@ -34,7 +34,7 @@ from selhn._validation import FALLBACKS, REDUCTIONS, check_choice, check_mask, c
 __all__ = ["max_violation_loss", "selhn_loss", "sum_hinge_loss"]
 
 
-def reduce(per_anchor: Tensor, reduction: str) -> Tensor:
+def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
     """Reduce (2, B) per-anchor losses: ``"mean"``, ``"sum"`` or ``"none"`` (unchanged)."""
     if reduction == "mean":
         return per_anchor.mean()
@@ -125,7 +125,7 @@ def selhn_loss(
     check_choice(fallback, "fallback", FALLBACKS)
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return reduce(_per_anchor(scores, margin, epsilon, mask, _fast.SELHN, fallback == "mean"), reduction)
+    return _reduce(_per_anchor(scores, margin, epsilon, mask, _fast.SELHN, fallback == "mean"), reduction)
 
 
 def max_violation_loss(
@@ -172,7 +172,7 @@ def max_violation_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return reduce(_per_anchor(scores, margin, 0.0, mask, _fast.HARD, False), reduction)
+    return _reduce(_per_anchor(scores, margin, 0.0, mask, _fast.HARD, False), reduction)
 
 
 def sum_hinge_loss(
@@ -219,4 +219,4 @@ def sum_hinge_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return reduce(_per_anchor(scores, margin, 0.0, mask, _fast.SUM, False), reduction)
+    return _reduce(_per_anchor(scores, margin, 0.0, mask, _fast.SUM, False), reduction)

@@ -43,7 +43,7 @@ class _TripletLoss(nn.Module):
         check_embeddings(img_emb, txt_emb)
         mask = ids_to_mask(ids, img_emb.shape[0], img_emb.device)
         per_anchor = F._per_anchor_from_embeddings(img_emb, txt_emb, self.margin, epsilon, mask, mode, mean)
-        return F.reduce(per_anchor, self.reduction)
+        return F._reduce(per_anchor, self.reduction)
 
     def max_violation_on(self) -> None:
         """No-op, for drop-in use in VSE-infinity's training loop.

@@ -23,9 +23,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import Tensor
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError('selhn.testing needs hypothesis: pip install "selhn[testing]"') from error
 
 from selhn import functional as F
 from selhn.diagnostics import gradient_norms, vanishing_stats

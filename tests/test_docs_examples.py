@@ -9,7 +9,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_user_test_file_on_the_docs_page_passes():
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "docs" / "examples" / "test_my_loss.py")],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "docs" / "examples" / "test_my_loss.py"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -339,3 +339,45 @@ def test_synthetic_features_have_the_statistics_of_region_features(data_root):
         data_root / "again", "synthetic", synthetic.Config(train=60, dev=20, test=20, regions=6, dim=32)
     )
     assert np.array_equal(np.load(again / "train_ims.npy"), images)  # seeded
+
+
+# ------------------------------------------------------------------ the comparison and the demo
+def test_compare_smoke(data_root, tmp_path, capsys):
+    from examples.rvsepp import compare
+
+    compare.main([
+        "--out", str(tmp_path), "--root", str(data_root), "--preset", "smoke", "--seeds", "0",
+        "--losses", "hn", "selhn", "--epsilons", "0.05", "--steps", "4", "--eval-steps", "2", "--log-every", "1",
+    ])  # fmt: skip
+    for name in ("comparison.md", "comparison.csv", "comparison.png", "steps.csv", "dev.csv"):
+        assert (tmp_path / name).is_file(), name
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| hn |" in table and "| selhn eps=0.01 |" in table and "| selhn eps=0.05 |" in table
+    assert "steps until dev rsum > 10x chance" in capsys.readouterr().out
+
+
+def test_compare_metrics():
+    from examples.rvsepp.compare import chance_rsum, first_exceeding, first_recovery
+
+    assert chance_rsum(1) == pytest.approx(600.0)  # one image: every ranking is right
+    generator = torch.Generator().manual_seed(0)
+    n = 10
+    hits = 0.0
+    for _ in range(300):  # Monte Carlo check of the chance level
+        sims = torch.rand(n, 5 * n, generator=generator, dtype=torch.float64)
+        hits += evaluate_embeddings([torch.eye(n, dtype=torch.float64)], [sims.t().contiguous()])["rsum"]
+    assert hits / 300 == pytest.approx(chance_rsum(n), rel=0.05)
+    steps = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert first_recovery(steps, [0.05, 0.2, 0.05, 0.1, 0.1]) == 0.0  # never on the plateau
+    assert first_recovery(steps, [0.0, 0.9, 1.0, 0.3, 0.05]) == 5.0
+    assert first_recovery(steps, [0.0, 0.9, 1.0, 0.9, 0.9]) == math.inf
+    assert first_exceeding(steps, [1, 2, 3, 4, 5], 3.5) == 4.0
+
+
+def test_demo_runs(capsys):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import demo
+
+    demo.main()
+    out = capsys.readouterr().out
+    assert "max violation" in out and "SelHN" in out and "duplicate distance" in out

@@ -59,7 +59,9 @@ def test_it_follows_the_selhn_selection_rule():
 def test_collapsed_batches_read_the_margin(pair):
     img, txt = pair
     # at a full collapse every hinge equals the margin: the per-anchor loss is 0.2
-    torch.testing.assert_close(my_loss(img, txt), torch.full((2, img.shape[0]), 0.2, dtype=img.dtype), atol=0.05, rtol=0)
+    torch.testing.assert_close(
+        my_loss(img, txt), torch.full((2, img.shape[0]), 0.2, dtype=img.dtype), atol=0.05, rtol=0
+    )
 
 
 @settings(max_examples=20, deadline=None)  # the first torch call can be slow

@@ -9,7 +9,8 @@ fraction, the loss, and every ``--eval-steps`` steps the dev rsum. The command w
 * ``dev.csv``: one row per run and dev evaluation;
 * ``comparison.png``: gradient norm and vanishing fraction against the step for the four
   losses, dev rsum against the step (means over seeds, shaded min-max);
-* ``comparison.md``: the table below, mean +- standard deviation over seeds.
+* ``comparison.md`` (and ``comparison.csv``): the table below, mean +- standard deviation
+  over seeds.
 
 Table columns: steps until the vanishing fraction (mean of both directions) falls below 10%
 after having exceeded 50% (leaving the plateau: "0" if it never entered it, "never" if it
@@ -122,7 +123,8 @@ def fmt(values: list[float], digits: int = 1) -> str:
 
 def markdown(rows: list[dict[str, Any]], chance: float, seeds: list[int], steps: int | None) -> str:
     lines = [
-        f"Seeds: {', '.join(map(str, seeds))} (mean +- standard deviation over seeds); steps per run: {steps or 'all'}; "
+        f"Seeds: {', '.join(map(str, seeds))} (mean +- standard deviation over seeds); "
+        f"steps per run: {steps or 'all'}; "
         f"dev chance rsum {chance:.1f}, so 10x chance = {10 * chance:.1f}.",
         "",
         "| loss | steps until vanishing < 10% after > 50% | steps until dev rsum > 10x chance | best dev rsum "
@@ -139,6 +141,13 @@ def markdown(rows: list[dict[str, Any]], chance: float, seeds: list[int], steps:
             f"| {fmt([s['step_ms'] for s in seeds_], 0)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def write_table_csv(path: Path, table: str) -> None:
+    """The markdown table's rows as CSV (for the docs' csv-table)."""
+    rows = [line.strip("|").split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows([cell.strip() for cell in row] for row in rows)
 
 
 def write_csvs(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]]) -> None:
@@ -187,8 +196,9 @@ def plot(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]], chance: 
                     )
             mean = [statistics.fmean(v) for v in zip(*series, strict=True)]
             (line,) = ax.plot(steps, mean, label=loss, lw=1.2)
-            ax.fill_between(steps, [min(v) for v in zip(*series, strict=True)], [max(v) for v in zip(*series, strict=True)],
-                            color=line.get_color(), alpha=0.15)  # fmt: skip
+            low = [min(v) for v in zip(*series, strict=True)]
+            high = [max(v) for v in zip(*series, strict=True)]
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
         dev_steps = [float(d["global_step"]) for d in seeds[0]["dev"]]
         dev_len = min(len(run["dev"]) for run in seeds)
         rsum = [[float(d["rsum"]) for d in run["dev"][:dev_len]] for run in seeds]
@@ -242,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     write_csvs(out, runs)
     table = markdown(rows, chance, args.seeds, args.steps)
     (out / "comparison.md").write_text(table)
+    write_table_csv(out / "comparison.csv", table)
     plot(out, runs, chance, f"RVSE++ on synthetic data, preset {args.preset} {' '.join(args.train_args)}")
     print(table)
     print(f"wrote {out / 'comparison.md'}, {out / 'comparison.png'}, {out / 'steps.csv'}, {out / 'dev.csv'}")

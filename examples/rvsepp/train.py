@@ -137,12 +137,18 @@ class Stop:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread
-                signal.signal(sig, self.handle)
+                self.previous[sig] = signal.signal(sig, self.handle)
 
     def handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (training may run inside a larger program)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def loss_for_step(args: argparse.Namespace, epoch: int) -> tuple[str, str]:
@@ -221,7 +227,7 @@ def setup_distributed(args: argparse.Namespace) -> tuple[torch.device, int, int]
 
 
 # --------------------------------------------------------------------------- the run
-def train(args: argparse.Namespace) -> dict[str, float]:
+def _train(args: argparse.Namespace, stop: Stop) -> dict[str, float]:
     device, rank, world = setup_distributed(args)
     seed_everything(args.seed)
     if device.type == "cpu":
@@ -264,7 +270,6 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     sampler = EpochSampler(len(train_set), args.batch_size, seed=args.seed, rank=rank, world_size=world)
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers)
     writer = make_writer(args, out)
-    stop = Stop()
 
     def checkpoint_dict() -> dict[str, Any]:
         return {
@@ -368,6 +373,16 @@ def record_dev(out: Path, epoch: int, step: int, dev: dict[str, float], writer: 
             writer.add_scalar(f"dev/{key}", value, step)
     with open(out / "dev.jsonl", "a") as handle:
         handle.write(json.dumps({"epoch": epoch, "global_step": step, **dev}) + "\n")
+
+
+def train(args: argparse.Namespace) -> dict[str, float]:
+    """Train and evaluate; Ctrl-C / SIGTERM save a checkpoint, and the previous signal
+    handlers are restored on the way out."""
+    stop = Stop()
+    try:
+        return _train(args, stop)
+    finally:
+        stop.restore()
 
 
 def evaluate_split(
