@@ -104,7 +104,7 @@ def test_stats_to_dict_and_edge_cases():
 LOSSES = ["selhn", "hn", "sum"]
 
 
-def autograd_norms(img, txt, loss, epsilon, mask, img_feat=None, txt_feat=None):
+def autograd_norms(img, txt, loss, epsilon, mask, img_feat=None, txt_feat=None, margin=0.2):
     """Gradient norms by autograd through the literal reference."""
     leaves = [
         (img_feat if img_feat is not None else img).clone().requires_grad_(),
@@ -112,7 +112,7 @@ def autograd_norms(img, txt, loss, epsilon, mask, img_feat=None, txt_feat=None):
     ]
     v = unit(leaves[0], dim=1) if img_feat is not None else leaves[0]
     t = unit(leaves[1], dim=1) if txt_feat is not None else leaves[1]
-    per = reference_per_anchor(v @ t.T, loss, epsilon=epsilon, mask=mask)
+    per = reference_per_anchor(v @ t.T, loss, margin=margin, epsilon=epsilon, mask=mask)
     total = sum(per[0]) + sum(per[1])
     full = torch.autograd.grad(total, leaves, retain_graph=True, allow_unused=True)
     anchors = [[], []]
@@ -139,17 +139,19 @@ def test_analytic_gradient_norms_equal_autograd(loss, pair, epsilon, data, preno
     if prenorm:
         scale = torch.linspace(0.5, 3.0, size, dtype=torch.float64).unsqueeze(1)
         feats = (img * scale, txt * scale.flip(0))
+    margin = data.draw(st.sampled_from([0.0, 0.1, 0.2, 0.5]))
     got = D.gradient_norms(
         img,
         txt,
         loss,
+        margin,
         epsilon=epsilon,
         mask=mask,
         img_norms=None if feats is None else feats[0].norm(dim=1),
         txt_norms=None if feats is None else feats[1].norm(dim=1),
     )
     (img_full, txt_full), anchors = autograd_norms(
-        img, txt, loss, epsilon, mask, *(feats if feats is not None else (None, None))
+        img, txt, loss, epsilon, mask, *(feats if feats is not None else (None, None)), margin=margin
     )
     torch.testing.assert_close(got.image, img_full)
     torch.testing.assert_close(got.text, txt_full)
