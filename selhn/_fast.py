@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 COMPILE_MIN_BATCH = 256
 
 HARD, SELHN, SUM = "hard", "selhn", "sum"
+#: Public loss names (as in the diagnostics and the distributed loss) -> modes of this module.
+MODES = {"selhn": SELHN, "hn": HARD, "sum": SUM}
 
 
 # --------------------------------------------------------------------------- kernels

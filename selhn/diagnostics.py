@@ -225,9 +225,6 @@ class GradientNorms:
     text_anchor: Tensor
 
 
-_MODES = {"selhn": _fast.SELHN, "hn": _fast.HARD, "sum": _fast.SUM}
-
-
 def _through_normalisation(grad: Tensor, unit: Tensor, norms: Tensor | None) -> Tensor:
     """Gradient with respect to ``u`` where ``unit = u / |u|``: ``(I - v v^T) g / |u|``."""
     if norms is None:
@@ -283,7 +280,7 @@ def gradient_norms(
         tensor([0.0000, 0.7071, 0.0000])
     """
     check_embeddings(img_emb, txt_emb)
-    check_choice(loss, "loss", tuple(_MODES))
+    check_choice(loss, "loss", tuple(_fast.MODES))
     check_choice(fallback, "fallback", ("mean", "sum"))
     margin = check_nonnegative(margin, "margin")
     epsilon = check_nonnegative(epsilon, "epsilon")
@@ -297,7 +294,7 @@ def gradient_norms(
     txt = txt_emb.detach().to(dtype)
     with torch.no_grad():
         mean = loss == "selhn" and fallback == "mean"  # the fallback option is SelHN's alone
-        _, state = _fast._forward(img @ txt.t(), mask, margin, epsilon, _MODES[loss], mean, False)
+        _, state = _fast._forward(img @ txt.t(), mask, margin, epsilon, _fast.MODES[loss], mean, False)
         ones = torch.ones(2, batch, dtype=dtype, device=img.device)
         d_img, d_txt = _fast.embedding_grads(ones, state, img, txt)
         anchor_img = torch.zeros_like(img)

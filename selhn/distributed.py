@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from selhn import _fast
 from selhn import _selection as sel
 from selhn import functional as F
 from selhn._validation import (
@@ -39,8 +40,6 @@ from selhn._validation import (
 )
 
 __all__ = ["gather", "global_loss", "is_distributed"]
-
-_LOSSES = ("selhn", "hn", "sum")
 
 
 def is_distributed() -> bool:
@@ -163,7 +162,7 @@ def global_loss(
         True
     """
     check_embeddings(img_emb, txt_emb)
-    check_choice(loss, "loss", _LOSSES)
+    check_choice(loss, "loss", tuple(_fast.MODES))
     check_choice(fallback, "fallback", FALLBACKS)
     check_choice(reduction, "reduction", tuple(r for r in REDUCTIONS if r != "none"))
     margin = check_nonnegative(margin, "margin")
@@ -171,12 +170,11 @@ def global_loss(
     mean = fallback == "mean"
     local = img_emb.shape[0]
     mask = ids_to_mask(ids, local, img_emb.device)  # validates ids
-    if not is_distributed():
-        modes = {"selhn": F.selhn_loss, "hn": F.max_violation_loss, "sum": F.sum_hinge_loss}
-        scores = img_emb @ txt_emb.t()
-        if loss == "selhn":
-            return F.selhn_loss(scores, margin, epsilon, fallback=fallback, mask=mask, reduction=reduction)
-        return modes[loss](scores, margin, mask=mask, reduction=reduction)
+    if not is_distributed():  # the plain single-process loss, through the modules' own path
+        per_anchor = F._per_anchor_from_embeddings(
+            img_emb, txt_emb, margin, epsilon, mask, _fast.MODES[loss], loss == "selhn" and mean
+        )
+        return F._reduce(per_anchor, reduction)
 
     dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
     img, txt = img_emb.to(dtype), txt_emb.to(dtype)
