@@ -362,6 +362,7 @@ def _train(args: argparse.Namespace, stop: Stop) -> dict[str, float]:
     if writer is not None:
         writer.close()
     if world > 1:
+        dist.barrier()  # no rank tears its group down while another is still in a collective
         dist.destroy_process_group()
     return results
 
