@@ -217,16 +217,14 @@ def _dense_blocks(dense: Tensor, state: _State) -> tuple[Tensor, Tensor]:
 
 
 def score_grad(grad: Tensor, state: _State, batch: int) -> Tensor:
-    """dL/dscores (B, B) of the per-anchor losses for the cotangent ``grad`` (2, B)."""
+    """dL/dscores (B, B) of the per-anchor losses for the cotangent ``grad`` (2, B).
+
+    Used for states formed over the whole matrix (never the restricted rows/columns path).
+    """
+    assert state.rows is None, "score_grad needs a state formed over the whole matrix"
     hard, dense, positive = _coefficients(grad, state)
     if dense is not None and state.scores is not None and state.threshold is not None:
-        if state.rows is not None and state.cols is not None:
-            out = grad.new_zeros(batch, batch)
-            row_block, col_block = _dense_blocks(dense, state)
-            out.index_add_(0, state.rows, row_block)
-            out.index_add_(1, state.cols, col_block)
-        else:
-            out = _kernel("dense_grad", _dense_grad, batch)(state.scores, state.threshold, dense[0], dense[1])
+        out = _kernel("dense_grad", _dense_grad, batch)(state.scores, state.threshold, dense[0], dense[1])
     else:
         out = grad.new_zeros(batch, batch)
     anchors = torch.arange(batch, device=grad.device)
@@ -236,7 +234,8 @@ def score_grad(grad: Tensor, state: _State, batch: int) -> Tensor:
         flat += [anchors * batch + state.hard_index[0], state.hard_index[1] * batch + anchors]
         values += [hard[0], hard[1]]
     # one out-of-place scatter-add of the O(B) sparse entries (duplicates accumulate)
-    return out.reshape(-1).scatter_add(0, torch.cat(flat), torch.cat(values).to(out.dtype)).view(batch, batch)
+    grad_scores: Tensor = out.reshape(-1).scatter_add(0, torch.cat(flat), torch.cat(values).to(out.dtype))
+    return grad_scores.view(batch, batch)
 
 
 def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
