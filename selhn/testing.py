@@ -247,10 +247,11 @@ def hardest_collapsed_pairs(
     """Batches whose hardest negatives collapse onto the positives while the rest stay apart.
 
     Captions come in near-duplicate pairs (``2k`` and ``2k+1`` at the drawn ``distance``),
-    around a shared centre so that every score lies within the margin of every other (every
-    hinge active, as early in training); each image sits near its caption. Every anchor's
+    around a shared centre so that most scores lie within the margin of one another (most
+    hinges active, as early in training); each image sits near its caption. Every anchor's
     hardest negative is then its duplicate: the max-violation gradient vanishes with the
-    distance, while the average over all negatives does not.
+    distance, while the average over all negatives does not, except for an anchor whose only
+    active negative is its duplicate (then the average vanishes too).
 
     Returns ``(img_features, txt_emb)``: image features *before* L2 normalisation (their norms
     are near 1) and unit caption embeddings, in float64.

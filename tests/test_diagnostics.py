@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import selhn
@@ -239,11 +239,14 @@ def test_proposition_4_selhn_keeps_a_gradient_where_hard_negatives_vanish(pair):
     torch.testing.assert_close(selhn_norms, expected)
     distance = (txt - txt.view(-1, 2, txt.shape[1]).flip(1).reshape_as(txt)).norm(dim=1)
     assert torch.all(hn_norms <= distance + 1e-12)  # ~ the drawn distance, at most 1e-4
-    # the assumption holds in these batches (captions spread ~0.3 around the centre) ...
-    assert torch.all((mean_active - txt).norm(dim=1) > 0.05)
-    # ... so the bound is (n_act / (B-1)) * 0.05, and every anchor has all B-1 negatives active
-    assert torch.all(selhn_norms >= 0.05 * n_act.squeeze(1) / (size - 1))
-    assert torch.all(selhn_norms > 100 * hn_norms)
+    # The bound holds under the proposition's assumption, |t_bar_active - t_i| >= delta: test
+    # it on exactly the anchors that satisfy it (most do here; an anchor whose only active
+    # negative is its duplicate does not, and its fallback vanishes too, as stated).
+    delta = 0.05
+    assumed = (mean_active - txt).norm(dim=1) >= delta
+    assume(bool(assumed.any()))
+    assert torch.all(selhn_norms[assumed] >= delta * n_act.squeeze(1)[assumed] / (size - 1))
+    assert torch.all(selhn_norms[assumed] > 100 * hn_norms[assumed])
 
 
 def test_proposition_4_needs_its_assumption():
