@@ -10,7 +10,8 @@ almost nothing of size B x B alive for backward:
 * fallback anchors (SelHN's vanishing regime) and the sum of hinges need dense coefficients:
   the score matrix, with its non-negatives already set to ``-inf``, is saved once and the
   coefficient matrix is formed in one fused pass in backward. When few anchors take the
-  fallback, only their rows and columns are formed and multiplied.
+  fallback (the modules over embeddings), only their rows and columns are formed, a boolean
+  mask of their active hinges is all that is saved, and backward multiplies just those.
 
 The dense passes and the two max reductions run as small ``torch.compile``-d kernels when the
 batch is large enough to pay for them (B >= ``COMPILE_MIN_BATCH``); they fall back to eager
@@ -97,17 +98,32 @@ def _kernel(name: str, eager: Callable[..., Any], batch: int) -> Callable[..., A
 class _State:
     """What backward needs: (2, B) coefficients, indices and, for dense terms, the scores."""
 
-    FIELDS = ("hard_coef", "hard_index", "dense_coef", "active", "scores", "threshold", "rows", "cols")
+    FIELDS = (
+        "hard_coef",
+        "hard_index",
+        "dense_coef",
+        "active",
+        "scores",
+        "threshold",
+        "rows",
+        "cols",
+        "row_active",
+        "col_active",
+    )
 
     def __init__(self) -> None:
         self.hard_coef: Tensor | None = None  # (2, B): 1 where the hard hinge is used and active
         self.hard_index: Tensor | None = None  # (2, B): hardest negative per anchor
         self.dense_coef: Tensor | None = None  # (2, B): 1/|N_a| (mean) or 1 (sum) where dense, else 0
         self.active: Tensor | None = None  # (2, B): active hinges of dense anchors
-        self.scores: Tensor | None = None  # (B, B) with -inf on non-negatives, when dense terms exist
+        # dense terms over the whole matrix:
+        self.scores: Tensor | None = None  # (B, B) with -inf on non-negatives
         self.threshold: Tensor | None = None  # (B,): positive - margin, the hinges' threshold
-        self.rows: Tensor | None = None  # restricted dense: fallback image anchors
-        self.cols: Tensor | None = None  # restricted dense: fallback caption anchors
+        # restricted dense terms (few fallback anchors), instead of the two above:
+        self.rows: Tensor | None = None  # (|F|,) fallback image anchors
+        self.cols: Tensor | None = None  # (|F'|,) fallback caption anchors
+        self.row_active: Tensor | None = None  # (|F|, B) bool: their active hinges
+        self.col_active: Tensor | None = None  # (B, |F'|) bool
 
 
 def _forward(
@@ -124,8 +140,6 @@ def _forward(
     positives = scores.diagonal().clone()
     sel.fill_excluded_(scores, mask)
     threshold = positives - margin  # hinge(s) = relu(s - threshold): one threshold per anchor
-    counts = sel.negative_counts(batch, mask, scores.device).to(scores.dtype)
-    scale = 1.0 / counts.clamp(min=1) if mean else torch.ones_like(counts)
     state = _State()
 
     if mode == SUM:
@@ -138,12 +152,10 @@ def _forward(
         state.hard_index = torch.stack([row_idx, col_idx])
         if mode == SELHN:
             dense = sel.vanishing(sel.gap(positives, hardest), epsilon)
+            state.hard_coef = ((hard_loss > 0) & ~dense).to(scores.dtype)
         else:
-            dense = torch.zeros_like(hard_loss, dtype=torch.bool)
-        state.hard_coef = ((hard_loss > 0) & ~dense).to(scores.dtype)
-
-    if mode == HARD:
-        return hard_loss, state
+            state.hard_coef = (hard_loss > 0).to(scores.dtype)
+            return hard_loss, state
 
     # Dense terms. Eager mode looks at how many anchors need them (one device read);
     # under torch.compile every anchor's dense sum is formed and selected by `where`.
@@ -151,28 +163,31 @@ def _forward(
     if n_dense == 0:
         return hard_loss, state
     if allow_restricted and n_dense < batch:
+        # only the fallback anchors' hinges: their rows (|F|, B) and columns (B, |F'|); the
+        # score matrix itself is not kept for backward, only which of these hinges are active
         rows = dense[0].nonzero().squeeze(1)
         cols = dense[1].nonzero().squeeze(1)
-        row_block = scores.index_select(0, rows)
-        col_block = scores.index_select(1, cols)
-        row_t = threshold.index_select(0, rows).unsqueeze(1)
-        col_t = threshold.index_select(0, cols).unsqueeze(0)
-        sums = torch.zeros(2, batch, dtype=scores.dtype, device=scores.device)
-        active = torch.zeros(2, batch, dtype=scores.dtype, device=scores.device)
-        sums[0, rows] = torch.relu(row_block - row_t).sum(dim=1)
-        sums[1, cols] = torch.relu(col_block - col_t).sum(dim=0)
-        active[0, rows] = (row_block > row_t).sum(dim=1).to(scores.dtype)
-        active[1, cols] = (col_block > col_t).sum(dim=0).to(scores.dtype)
+        row_arg = scores.index_select(0, rows).sub_(threshold.index_select(0, rows).unsqueeze(1))
+        col_arg = scores.index_select(1, cols).sub_(threshold.index_select(0, cols).unsqueeze(0))
         state.rows, state.cols = rows, cols
+        state.row_active, state.col_active = row_arg > 0, col_arg > 0
+        sums = scores.new_zeros(2, batch)
+        active = scores.new_zeros(2, batch)
+        sums[0].index_copy_(0, rows, row_arg.clamp_(min=0).sum(dim=1))
+        sums[1].index_copy_(0, cols, col_arg.clamp_(min=0).sum(dim=0))
+        active[0].index_copy_(0, rows, state.row_active.sum(dim=1).to(scores.dtype))
+        active[1].index_copy_(0, cols, state.col_active.sum(dim=0).to(scores.dtype))
     else:
         row_sum, row_active, col_sum, col_active = _kernel("hinge_sums", _hinge_sums, batch)(scores, threshold)
         sums = torch.stack([row_sum, col_sum])
         active = torch.stack([row_active, col_active]).to(scores.dtype)
+        state.scores = scores
+        state.threshold = threshold
+    counts = sel.negative_counts(batch, mask, scores.device).to(scores.dtype)
+    scale = 1.0 / counts.clamp(min=1) if mean else torch.ones_like(counts)
     dense_scale = dense.to(scores.dtype) * scale
     state.dense_coef = dense_scale
     state.active = active * dense_scale
-    state.scores = scores
-    state.threshold = threshold
     return torch.where(dense, sums * scale, hard_loss), state
 
 
@@ -199,20 +214,11 @@ def _coefficients(grad: Tensor, state: _State) -> tuple[Tensor | None, Tensor | 
 def _dense_blocks(dense: Tensor, state: _State) -> tuple[Tensor, Tensor]:
     """Restricted dense coefficients: rows of the fallback image anchors (|F| x B) and
     columns of the fallback caption anchors (B x |F'|)."""
-    assert state.scores is not None and state.threshold is not None
     assert state.rows is not None and state.cols is not None
-    scores, threshold, rows, cols = state.scores, state.threshold, state.rows, state.cols
-    zero = scores.new_zeros(())
-    row_block = torch.where(
-        scores.index_select(0, rows) > threshold.index_select(0, rows).unsqueeze(1),
-        dense[0].index_select(0, rows).unsqueeze(1),
-        zero,
-    )
-    col_block = torch.where(
-        scores.index_select(1, cols) > threshold.index_select(0, cols).unsqueeze(0),
-        dense[1].index_select(0, cols).unsqueeze(0),
-        zero,
-    )
+    assert state.row_active is not None and state.col_active is not None
+    zero = dense.new_zeros(())
+    row_block = torch.where(state.row_active, dense[0].index_select(0, state.rows).unsqueeze(1), zero)
+    col_block = torch.where(state.col_active, dense[1].index_select(0, state.cols).unsqueeze(0), zero)
     return row_block, col_block
 
 
@@ -247,21 +253,25 @@ def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tu
     their own rows and columns of coefficients.
     """
     batch = img.shape[0]
-    if state.scores is not None and state.rows is None:
+    if state.scores is not None:
         g = score_grad(grad, state, batch)
         return g @ txt, g.t() @ img
     hard, dense, positive = _coefficients(grad, state)
-    # positives: s_ii = img_i . txt_i
-    d_img = txt * positive.unsqueeze(1)
-    d_txt = img * positive.unsqueeze(1)
+    pos = positive.unsqueeze(1)  # s_ii = img_i . txt_i
     if hard is not None and state.hard_index is not None:
-        row_idx, col_idx = state.hard_index[0], state.hard_index[1]
         # image anchor i, hardest caption r(i): s_{i r(i)} -> img_i += c txt_r(i), txt_r(i) += c img_i
-        d_img.addcmul_(txt.index_select(0, row_idx), hard[0].unsqueeze(1))
-        d_txt.index_add_(0, row_idx, img * hard[0].unsqueeze(1))
         # caption anchor j, hardest image q(j): s_{q(j) j} -> img_q(j) += c txt_j, txt_j += c img_q(j)
-        d_img.index_add_(0, col_idx, txt * hard[1].unsqueeze(1))
-        d_txt.addcmul_(img.index_select(0, col_idx), hard[1].unsqueeze(1))
+        # (gathers straight into the outputs and one scratch buffer: each fresh B x D buffer
+        # costs page faults comparable to the arithmetic)
+        row_idx, col_idx = state.hard_index[0], state.hard_index[1]
+        c_row, c_col = hard[0].unsqueeze(1), hard[1].unsqueeze(1)
+        d_img = txt.index_select(0, row_idx).mul_(c_row).addcmul_(txt, pos)
+        d_txt = img.index_select(0, col_idx).mul_(c_col).addcmul_(img, pos)
+        scratch = torch.mul(txt, c_col)
+        d_img.index_add_(0, col_idx, scratch)
+        d_txt.index_add_(0, row_idx, torch.mul(img, c_row, out=scratch))
+    else:
+        d_img, d_txt = txt * pos, img * pos
     if dense is not None and state.rows is not None and state.cols is not None:
         rows, cols = state.rows, state.cols
         row_block, col_block = _dense_blocks(dense, state)
