@@ -38,6 +38,15 @@ logger = logging.getLogger(__name__)
 #: Smallest batch for which the compiled dense kernels are used (compiling costs seconds once).
 COMPILE_MIN_BATCH = 256
 
+#: The modules' dense terms take the low-rank form when at most this fraction of the B**2 pairs
+#: are inactive hinges of dense anchors (a gather/scatter of one embedding row per inactive pair
+#: against two B x B x D matmuls: about the break-even point at B = 512, D = 1024 on a CPU).
+#: 0 switches the low-rank form off.
+LOW_RANK_FRACTION = 1 / 128
+
+#: Inactive pairs handled per gather/scatter-add in the low-rank backward (bounds its scratch).
+LOW_RANK_CHUNK = 4096
+
 HARD, SELHN, SUM = "hard", "selhn", "sum"
 #: Public loss names (as in the diagnostics and the distributed loss) -> modes of this module.
 MODES = {"selhn": SELHN, "hn": HARD, "sum": SUM}
@@ -109,6 +118,8 @@ class _State:
         "cols",
         "row_active",
         "col_active",
+        "off_row",
+        "off_col",
     )
 
     def __init__(self) -> None:
@@ -124,6 +135,38 @@ class _State:
         self.cols: Tensor | None = None  # (|F'|,) fallback caption anchors
         self.row_active: Tensor | None = None  # (|F|, B) bool: their active hinges
         self.col_active: Tensor | None = None  # (B, |F'|) bool
+        # low-rank dense terms (nearly every hinge of the dense anchors active), instead:
+        self.off_row: Tensor | None = None  # (2, n) [i, j]: inactive hinges of dense image anchors
+        self.off_col: Tensor | None = None  # (2, n') [i, j]: inactive hinges of dense caption anchors
+
+
+def _low_rank_(state: _State, scores: Tensor, threshold: Tensor, dense: Tensor, active: Tensor) -> bool:
+    """Choose the low-rank form of the dense terms when almost every hinge is active.
+
+    The dense coefficient matrix is ``diag(k) A_row + A_col diag(k')`` with ``A`` the active
+    hinges. Early in training (collapsed embeddings: SelHN's fallback regime, and the sum of
+    hinges) nearly every hinge is active, so ``A = J - I - (inactive pairs)`` and the two
+    B x B x D matmuls of backward become two rank-one terms, the diagonal and a gather /
+    scatter-add over the few inactive pairs. Sets ``state.off_row``/``off_col`` and returns
+    True when at most ``LOW_RANK_FRACTION * B**2`` pairs are inactive (the user's excluded
+    pairs included); one count is read from the device.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    batch = scores.shape[0]
+    inactive = int(((batch - 1 - active) * dense).sum())  # off-diagonal pairs of dense anchors
+    if LOW_RANK_FRACTION <= 0 or inactive > LOW_RANK_FRACTION * batch * batch:
+        return False
+    empty = torch.empty(2, 0, dtype=torch.long, device=scores.device)
+    state.off_row = state.off_col = empty
+    if inactive:
+        below = scores <= threshold.unsqueeze(1)  # excluded pairs are -inf: always below
+        below.diagonal().fill_(False)
+        state.off_row = below.logical_and_(dense[0].unsqueeze(1)).nonzero().t()
+        torch.le(scores, threshold.unsqueeze(0), out=below)
+        below.diagonal().fill_(False)
+        state.off_col = below.logical_and_(dense[1].unsqueeze(0)).nonzero().t()
+    return True
 
 
 def _forward(
@@ -133,7 +176,7 @@ def _forward(
     epsilon: float,
     mode: str,
     mean: bool,
-    allow_restricted: bool,
+    for_embeddings: bool,
 ) -> tuple[Tensor, _State]:
     """Per-anchor losses (2, B) from ``scores``, which this function may overwrite."""
     batch = scores.shape[0]
@@ -162,7 +205,9 @@ def _forward(
     n_dense = batch * 2 if (mode == SUM or torch.compiler.is_compiling()) else int(dense.sum())
     if n_dense == 0:
         return hard_loss, state
-    if allow_restricted and n_dense < batch:
+    if n_dense == 2 * batch and mode == SELHN and not torch.compiler.is_compiling():
+        state.hard_coef = state.hard_index = None  # every anchor takes the fallback (cold start)
+    if for_embeddings and n_dense < batch:
         # only the fallback anchors' hinges: their rows (|F|, B) and columns (B, |F'|); the
         # score matrix itself is not kept for backward, only which of these hinges are active
         rows = dense[0].nonzero().squeeze(1)
@@ -181,8 +226,9 @@ def _forward(
         row_sum, row_active, col_sum, col_active = _kernel("hinge_sums", _hinge_sums, batch)(scores, threshold)
         sums = torch.stack([row_sum, col_sum])
         active = torch.stack([row_active, col_active]).to(scores.dtype)
-        state.scores = scores
-        state.threshold = threshold
+        if not (for_embeddings and _low_rank_(state, scores, threshold, dense, active)):
+            state.scores = scores
+            state.threshold = threshold
     counts = sel.negative_counts(batch, mask, scores.device).to(scores.dtype)
     scale = 1.0 / counts.clamp(min=1) if mean else torch.ones_like(counts)
     dense_scale = dense.to(scores.dtype) * scale
@@ -230,18 +276,61 @@ def score_grad(grad: Tensor, state: _State, batch: int) -> Tensor:
     assert state.rows is None, "score_grad needs a state formed over the whole matrix"
     hard, dense, positive = _coefficients(grad, state)
     if dense is not None and state.scores is not None and state.threshold is not None:
-        out = _kernel("dense_grad", _dense_grad, batch)(state.scores, state.threshold, dense[0], dense[1])
+        out: Tensor = _kernel("dense_grad", _dense_grad, batch)(state.scores, state.threshold, dense[0], dense[1])
     else:
         out = grad.new_zeros(batch, batch)
     anchors = torch.arange(batch, device=grad.device)
-    flat = [anchors * (batch + 1)]  # the diagonal: positives
-    values = [positive]
+    if torch.compiler.is_compiling():
+        # traced into the caller's graph: one out-of-place scatter-add of the O(B) sparse
+        # entries (duplicates accumulate), which every backend handles alike
+        flat = [anchors * (batch + 1)]  # the diagonal: positives
+        values = [positive]
+        if hard is not None and state.hard_index is not None:
+            flat += [anchors * batch + state.hard_index[0], state.hard_index[1] * batch + anchors]
+            values += [hard[0], hard[1]]
+        grad_scores: Tensor = out.reshape(-1).scatter_add(0, torch.cat(flat), torch.cat(values).to(out.dtype))
+        return grad_scores.view(batch, batch)
+    # eager: in place on the fresh coefficient matrix, no second B x B buffer
+    out.diagonal().add_(positive)
     if hard is not None and state.hard_index is not None:
-        flat += [anchors * batch + state.hard_index[0], state.hard_index[1] * batch + anchors]
-        values += [hard[0], hard[1]]
-    # one out-of-place scatter-add of the O(B) sparse entries (duplicates accumulate)
-    grad_scores: Tensor = out.reshape(-1).scatter_add(0, torch.cat(flat), torch.cat(values).to(out.dtype))
-    return grad_scores.view(batch, batch)
+        flat_out = out.view(-1)
+        flat_out.index_put_((anchors * batch + state.hard_index[0],), hard[0], accumulate=True)
+        flat_out.index_put_((state.hard_index[1] * batch + anchors,), hard[1], accumulate=True)
+    return out
+
+
+def _low_rank_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
+    """Embedding gradients with the dense terms in low-rank form (see :func:`_low_rank_`).
+
+    With ``k``/``k'`` the dense coefficients of the image/caption anchors, every off-diagonal
+    pair first counts as active: ``d_img = k (sum_j txt_j) + sum_j k'_j txt_j - (k + k') txt``
+    and ``d_txt`` alike; then the inactive pairs are taken back out, one embedding row each.
+    """
+    assert state.off_row is not None and state.off_col is not None
+    hard, dense, positive = _coefficients(grad, state)
+    assert dense is not None
+    k_row, k_col = dense[0], dense[1]
+    diagonal = (positive - k_row - k_col).unsqueeze(1)  # the rank-one terms include the diagonal
+    d_img = torch.addcmul((k_col @ txt).unsqueeze(0), k_row.unsqueeze(1), txt.sum(dim=0).unsqueeze(0))
+    d_txt = torch.addcmul((k_row @ img).unsqueeze(0), k_col.unsqueeze(1), img.sum(dim=0).unsqueeze(0))
+    d_img.addcmul_(txt, diagonal)
+    d_txt.addcmul_(img, diagonal)
+    if hard is not None and state.hard_index is not None:
+        _add_pairs(d_img, d_txt, img, txt, torch.arange(img.shape[0], device=img.device), state.hard_index[0], hard[0])
+        _add_pairs(d_img, d_txt, img, txt, state.hard_index[1], torch.arange(img.shape[0], device=img.device), hard[1])
+    # inactive pair (i, j) of image anchor i has coefficient k_i, of caption anchor j k'_j
+    for pairs, coef, side in ((state.off_row, k_row, 0), (state.off_col, k_col, 1)):
+        for start in range(0, pairs.shape[1], LOW_RANK_CHUNK):
+            chunk = pairs[:, start : start + LOW_RANK_CHUNK]
+            _add_pairs(d_img, d_txt, img, txt, chunk[0], chunk[1], -coef.index_select(0, chunk[side]))
+    return d_img, d_txt
+
+
+def _add_pairs(d_img: Tensor, d_txt: Tensor, img: Tensor, txt: Tensor, i: Tensor, j: Tensor, coef: Tensor) -> None:
+    """Add ``coef`` times the gradient of the scores ``s_{i j} = img_i . txt_j`` (index lists)."""
+    c = coef.unsqueeze(1)
+    d_img.index_add_(0, i, txt.index_select(0, j).mul_(c))
+    d_txt.index_add_(0, j, img.index_select(0, i).mul_(c))
 
 
 def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
@@ -256,6 +345,8 @@ def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tu
     if state.scores is not None:
         g = score_grad(grad, state, batch)
         return g @ txt, g.t() @ img
+    if state.off_row is not None:
+        return _low_rank_grads(grad, state, img, txt)
     hard, dense, positive = _coefficients(grad, state)
     pos = positive.unsqueeze(1)  # s_ii = img_i . txt_i
     if hard is not None and state.hard_index is not None:
@@ -306,7 +397,7 @@ class ScoreLoss(torch.autograd.Function):
         ctx: Any, scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: str, mean: bool
     ) -> Tensor:
         work = scores.clone()  # never overwrite the caller's scores
-        losses, state = _forward(work, mask, margin, epsilon, mode, mean, allow_restricted=False)
+        losses, state = _forward(work, mask, margin, epsilon, mode, mean, for_embeddings=False)
         _save(ctx, state)
         ctx.batch = scores.shape[0]
         return losses
@@ -334,7 +425,7 @@ class EmbeddingLoss(torch.autograd.Function):
         mean: bool,
     ) -> Tensor:
         scores = img @ txt.t()
-        losses, state = _forward(scores, mask, margin, epsilon, mode, mean, allow_restricted=True)
+        losses, state = _forward(scores, mask, margin, epsilon, mode, mean, for_embeddings=True)
         _save(ctx, state, img, txt)
         return losses
 

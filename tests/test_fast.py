@@ -67,13 +67,40 @@ def test_mixed_batches_take_the_dense_path_only_where_needed(monkeypatch, n_dupl
     assert bool(calls) == restricted
 
 
+LOW_RANK = {"always": 1.0, "never": 0.0}  # LOW_RANK_FRACTION: every dense state / none low-rank
+
+
+@pytest.mark.parametrize("low_rank", sorted(LOW_RANK))
 @pytest.mark.parametrize("loss", sorted(MODULES))
 @given(pair=embedding_pairs(batch_sizes(1, 10)), ids=st.booleans(), data=st.data())
-def test_module_paths_match_reference(loss, pair, ids, data):
+def test_module_paths_match_reference(loss, low_rank, pair, ids, data):
     img, txt = pair
     size = img.shape[0]
     id_tensor = data.draw(st.lists(st.integers(0, max(0, size // 2)), min_size=size, max_size=size)) if ids else None
-    module_matches_reference(loss, img, txt, None if id_tensor is None else torch.tensor(id_tensor))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fast, "LOW_RANK_FRACTION", LOW_RANK[low_rank])
+        patch.setattr(_fast, "LOW_RANK_CHUNK", 3)  # several chunks of inactive pairs
+        module_matches_reference(loss, img, txt, None if id_tensor is None else torch.tensor(id_tensor))
+
+
+@pytest.mark.parametrize("loss", ["selhn", "sum"])
+@pytest.mark.parametrize("ids", [False, True])
+def test_low_rank_form_is_chosen_when_nearly_every_hinge_is_active(monkeypatch, loss, ids):
+    """Collapsed embeddings (every hinge active) and a few pairs pushed below the margin: the
+    dense terms take the low-rank form, save no B x B buffer, and match the reference."""
+    size = 40
+    img, txt = mixed_batch(size, size)  # near-collapsed: every anchor falls back, every hinge active
+    txt = txt.clone()
+    txt[:3] = -txt[:3]  # three captions far from every image: some inactive hinges
+    id_tensor = torch.arange(size) // 2 if ids else None  # two captions per image: excluded pairs
+    monkeypatch.setattr(_fast, "LOW_RANK_FRACTION", 0.25)  # up to 400 inactive pairs: 3 per row here, + ids
+    calls = []
+    original = _fast._low_rank_grads
+    monkeypatch.setattr(_fast, "_low_rank_grads", lambda *a: calls.append(1) or original(*a))
+    module_matches_reference(loss, img, txt, id_tensor)
+    assert calls
+    sizes = saved_sizes(lambda: MODULES[loss]()(img.clone().requires_grad_(), txt.clone().requires_grad_(), id_tensor))
+    assert max(sizes) < size * size
 
 
 @given(scores=score_matrices(batch_sizes(9, 20), levels=3, dtype=torch.float32))
@@ -153,11 +180,20 @@ def test_hard_losses_save_no_square_buffer():
     txt = torch.nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1).requires_grad_()
     for module in (selhn.MaxViolationLoss(), selhn.SelHNLoss(epsilon=0.0)):
         assert max(saved_sizes(lambda m=module: m(img, txt))) < size * size
-    # cold start: one B x B buffer (the scores) at most
+
+
+def test_dense_losses_save_one_square_buffer_at_most(monkeypatch):
+    """Cold start and the sum of hinges with many inactive hinges (no low-rank form): the
+    scores are the one B x B buffer kept for backward."""
+    size, dim = 64, 16
+    generator = torch.Generator().manual_seed(0)
     centre = torch.nn.functional.normalize(torch.ones(1, dim), dim=1)
     cold = (centre + 1e-4 * torch.randn(size, dim, generator=generator)).requires_grad_()
-    sizes = saved_sizes(lambda: selhn.SelHNLoss()(cold, cold))
-    assert sum(s for s in sizes if s >= size * size) == size * size
+    spread = torch.nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1).requires_grad_()
+    monkeypatch.setattr(_fast, "LOW_RANK_FRACTION", 0.0)
+    for module, (img, txt) in ((selhn.SelHNLoss(), (cold, cold)), (selhn.SumHingeLoss(margin=0.01), (spread, spread))):
+        sizes = saved_sizes(lambda m=module, i=img, t=txt: m(i, t))
+        assert sum(s for s in sizes if s >= size * size) == size * size
 
 
 def test_functional_form_never_modifies_the_callers_scores():
