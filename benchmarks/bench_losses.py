@@ -11,7 +11,10 @@ For each batch size B (D = 1024 by default), forward + backward of
 
 Timings are interleaved (one run of each case per round) and the median per case is reported
 as a ratio to ``bare`` and to ``literal`` measured in the same rounds: absolute times on a
-shared machine mean little. Peak memory is read from the CUDA allocator on a GPU and from the
+shared machine mean little. Each round runs the cases in a fresh (seeded) random order: on a
+CPU a case's time depends on what ran just before it (a predecessor that freed many large
+buffers leaves the allocator to fault fresh pages in again), which at B = 512 moved a fixed
+order's ratios by up to 0.1. Peak memory is read from the CUDA allocator on a GPU and from the
 profiler's allocation events on a CPU, reported as the extra peak beyond ``bare`` in units of
 one B x B float32 buffer.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -180,6 +184,7 @@ def main() -> None:
         print(f"GPU: {torch.cuda.get_device_name()}")
     else:
         print(f"CPU threads: {torch.get_num_threads()}")
+    shuffler = random.Random(0)
     for size in args.sizes:
         data = batches(size, args.dim, args.device, dtype)
         todo = {k: v for k, v in cases().items() if not (k.startswith("literal") and size > args.skip_literal_above)}
@@ -187,8 +192,11 @@ def main() -> None:
             run_once(fn, data[kind])
             run_once(fn, data[kind])
         times: dict[str, list[float]] = {name: [] for name in todo}
+        order = list(todo)
         for _ in range(args.rounds):
-            for name, (kind, fn) in todo.items():
+            shuffler.shuffle(order)  # no case always follows the same one (see the docstring)
+            for name in order:
+                kind, fn = todo[name]
                 sync(args.device)
                 start = time.perf_counter()
                 run_once(fn, data[kind])

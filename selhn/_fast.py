@@ -134,7 +134,7 @@ class _State:
         self.rows: Tensor | None = None  # (|F|,) fallback image anchors
         self.cols: Tensor | None = None  # (|F'|,) fallback caption anchors
         self.row_active: Tensor | None = None  # (|F|, B) bool: their active hinges
-        self.col_active: Tensor | None = None  # (B, |F'|) bool
+        self.col_active: Tensor | None = None  # (|F'|, B) bool: the same for columns, transposed
         # low-rank dense terms (nearly every hinge of the dense anchors active), instead:
         self.off_row: Tensor | None = None  # (2, n) [i, j]: inactive hinges of dense image anchors
         self.off_col: Tensor | None = None  # (2, n') [i, j]: inactive hinges of dense caption anchors
@@ -208,20 +208,22 @@ def _forward(
     if n_dense == 2 * batch and mode == SELHN and not torch.compiler.is_compiling():
         state.hard_coef = state.hard_index = None  # every anchor takes the fallback (cold start)
     if for_embeddings and n_dense < batch:
-        # only the fallback anchors' hinges: their rows (|F|, B) and columns (B, |F'|); the
-        # score matrix itself is not kept for backward, only which of these hinges are active
-        rows = dense[0].nonzero().squeeze(1)
-        cols = dense[1].nonzero().squeeze(1)
-        row_arg = scores.index_select(0, rows).sub_(threshold.index_select(0, rows).unsqueeze(1))
-        col_arg = scores.index_select(1, cols).sub_(threshold.index_select(0, cols).unsqueeze(0))
-        state.rows, state.cols = rows, cols
-        state.row_active, state.col_active = row_arg > 0, col_arg > 0
+        # only the fallback anchors' hinges, anchor-major: rows of S for the image anchors,
+        # rows of S.T for the caption anchors; the score matrix itself is not kept for
+        # backward, only which of these hinges are active
         sums = scores.new_zeros(2, batch)
         active = scores.new_zeros(2, batch)
-        sums[0].index_copy_(0, rows, row_arg.clamp_(min=0).sum(dim=1))
-        sums[1].index_copy_(0, cols, col_arg.clamp_(min=0).sum(dim=0))
-        active[0].index_copy_(0, rows, state.row_active.sum(dim=1).to(scores.dtype))
-        active[1].index_copy_(0, cols, state.col_active.sum(dim=0).to(scores.dtype))
+        state.rows, state.cols = dense[0].nonzero().squeeze(1), dense[1].nonzero().squeeze(1)
+        masks = []
+        for side, (anchors, anchor_major) in enumerate(((state.rows, scores), (state.cols, scores.t()))):
+            if not anchors.numel():  # (a side without fallback anchors costs no operation)
+                masks.append(torch.empty(0, batch, dtype=torch.bool, device=scores.device))
+                continue
+            arg = anchor_major.index_select(0, anchors).sub_(threshold.index_select(0, anchors).unsqueeze(1))
+            masks.append(arg > 0)
+            sums[side].index_copy_(0, anchors, arg.clamp_(min=0).sum(dim=1))
+            active[side].index_copy_(0, anchors, masks[side].sum(dim=1).to(scores.dtype))
+        state.row_active, state.col_active = masks
     else:
         row_sum, row_active, col_sum, col_active = _kernel("hinge_sums", _hinge_sums, batch)(scores, threshold)
         sums = torch.stack([row_sum, col_sum])
@@ -229,8 +231,11 @@ def _forward(
         if not (for_embeddings and _low_rank_(state, scores, threshold, dense, active)):
             state.scores = scores
             state.threshold = threshold
-    counts = sel.negative_counts(batch, mask, scores.device).to(scores.dtype)
-    scale = 1.0 / counts.clamp(min=1) if mean else torch.ones_like(counts)
+    scale: Tensor | float = 1.0
+    if mean and mask is None:
+        scale = 1.0 / max(batch - 1, 1)  # every anchor has B - 1 negatives
+    elif mean:
+        scale = 1.0 / sel.negative_counts(batch, mask, scores.device).to(scores.dtype).clamp(min=1)
     dense_scale = dense.to(scores.dtype) * scale
     state.dense_coef = dense_scale
     state.active = active * dense_scale
@@ -257,15 +262,10 @@ def _coefficients(grad: Tensor, state: _State) -> tuple[Tensor | None, Tensor | 
     return hard, dense, positive
 
 
-def _dense_blocks(dense: Tensor, state: _State) -> tuple[Tensor, Tensor]:
-    """Restricted dense coefficients: rows of the fallback image anchors (|F| x B) and
-    columns of the fallback caption anchors (B x |F'|)."""
-    assert state.rows is not None and state.cols is not None
-    assert state.row_active is not None and state.col_active is not None
-    zero = dense.new_zeros(())
-    row_block = torch.where(state.row_active, dense[0].index_select(0, state.rows).unsqueeze(1), zero)
-    col_block = torch.where(state.col_active, dense[1].index_select(0, state.cols).unsqueeze(0), zero)
-    return row_block, col_block
+def _fallback_block(dense: Tensor, side: int, anchors: Tensor, active: Tensor) -> Tensor:
+    """Restricted dense coefficients of one direction's fallback anchors, anchor-major (n, B):
+    ``dense[side, a]`` at each active hinge of anchor ``a``, else 0."""
+    return torch.where(active, dense[side].index_select(0, anchors).unsqueeze(1), dense.new_zeros(()))
 
 
 def score_grad(grad: Tensor, state: _State, batch: int) -> Tensor:
@@ -333,6 +333,24 @@ def _add_pairs(d_img: Tensor, d_txt: Tensor, img: Tensor, txt: Tensor, i: Tensor
     d_txt.index_add_(0, j, img.index_select(0, i).mul_(c))
 
 
+def _sparse_rows(out_rows: Tensor, in_rows: Tensor, weights: Tensor, source: Tensor) -> Tensor:
+    """``out[out_rows[k]] += weights[k] * source[in_rows[k]]`` over all k, into a fresh (B, D).
+
+    A sparse-times-dense product as one weighted gather-and-sum (``embedding_bag``): unlike
+    scaled copies and ``index_add_``, it needs no scratch buffer of size B x D (on a CPU each
+    fresh buffer of that size costs page faults comparable to the arithmetic).
+    """
+    order = torch.argsort(out_rows, stable=True)
+    offsets = torch.searchsorted(out_rows.index_select(0, order), torch.arange(source.shape[0], device=source.device))
+    return torch.nn.functional.embedding_bag(
+        in_rows.index_select(0, order),
+        source,
+        offsets,
+        mode="sum",
+        per_sample_weights=weights.index_select(0, order).to(source.dtype),
+    )
+
+
 def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
     """dL/dimg and dL/dtxt (B, D).
 
@@ -348,28 +366,29 @@ def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tu
     if state.off_row is not None:
         return _low_rank_grads(grad, state, img, txt)
     hard, dense, positive = _coefficients(grad, state)
-    pos = positive.unsqueeze(1)  # s_ii = img_i . txt_i
+    # the sparse entries of dL/dS: positives s_ii; the hardest caption r(i) of image anchor i,
+    # s_{i r(i)}; the hardest image q(j) of caption anchor j, s_{q(j) j}
+    anchors = torch.arange(batch, device=img.device)
+    rows, cols, values = [anchors], [anchors], [positive]
     if hard is not None and state.hard_index is not None:
-        # image anchor i, hardest caption r(i): s_{i r(i)} -> img_i += c txt_r(i), txt_r(i) += c img_i
-        # caption anchor j, hardest image q(j): s_{q(j) j} -> img_q(j) += c txt_j, txt_j += c img_q(j)
-        # (gathers straight into the outputs and one scratch buffer: each fresh B x D buffer
-        # costs page faults comparable to the arithmetic)
-        row_idx, col_idx = state.hard_index[0], state.hard_index[1]
-        c_row, c_col = hard[0].unsqueeze(1), hard[1].unsqueeze(1)
-        d_img = txt.index_select(0, row_idx).mul_(c_row).addcmul_(txt, pos)
-        d_txt = img.index_select(0, col_idx).mul_(c_col).addcmul_(img, pos)
-        scratch = torch.mul(txt, c_col)
-        d_img.index_add_(0, col_idx, scratch)
-        d_txt.index_add_(0, row_idx, torch.mul(img, c_row, out=scratch))
-    else:
-        d_img, d_txt = txt * pos, img * pos
+        rows += [anchors, state.hard_index[1]]
+        cols += [state.hard_index[0], anchors]
+        values += [hard[0], hard[1]]
+    i, j, w = torch.cat(rows), torch.cat(cols), torch.cat(values)
+    d_img = _sparse_rows(i, j, w, txt)  # s_ij = img_i . txt_j: img_i += w txt_j
+    d_txt = _sparse_rows(j, i, w, img)  # txt_j += w img_i
     if dense is not None and state.rows is not None and state.cols is not None:
-        rows, cols = state.rows, state.cols
-        row_block, col_block = _dense_blocks(dense, state)
-        d_img.index_add_(0, rows, row_block @ txt)
-        d_img.addmm_(col_block, txt.index_select(0, cols))
-        d_txt.addmm_(row_block.t(), img.index_select(0, rows))
-        d_txt.index_add_(0, cols, col_block.t() @ img)
+        assert state.row_active is not None and state.col_active is not None
+        # image anchor i's hinges are s_{i j}: img_i += k txt_j, txt_j += k img_i; a caption
+        # anchor's the same with the roles of the two sides swapped
+        for side, fallback, active, own, other, d_own, d_other in (
+            (0, state.rows, state.row_active, img, txt, d_img, d_txt),
+            (1, state.cols, state.col_active, txt, img, d_txt, d_img),
+        ):
+            if fallback.numel():
+                block = _fallback_block(dense, side, fallback, active)
+                d_own.index_add_(0, fallback, block @ other)
+                d_other.addmm_(block.t(), own.index_select(0, fallback))
     return d_img, d_txt
 
 

@@ -60,8 +60,8 @@ def mixed_batch(size: int, n_duplicates: int) -> tuple[torch.Tensor, torch.Tenso
 @pytest.mark.parametrize(("n_duplicates", "restricted"), [(2, True), (9, True), (12, False)])
 def test_mixed_batches_take_the_dense_path_only_where_needed(monkeypatch, n_duplicates, restricted):
     calls = []
-    original = _fast._dense_blocks
-    monkeypatch.setattr(_fast, "_dense_blocks", lambda *a: calls.append(1) or original(*a))
+    original = _fast._fallback_block
+    monkeypatch.setattr(_fast, "_fallback_block", lambda *a: calls.append(1) or original(*a))
     img, txt = mixed_batch(12, n_duplicates)
     module_matches_reference("selhn", img, txt)
     assert bool(calls) == restricted
