@@ -7,7 +7,9 @@ For each batch size B (D = 1024 by default), forward + backward of
   temporaries, autograd through them), written here from the definition,
 * the package's modules: ``MaxViolationLoss``, ``SelHNLoss`` and ``SumHingeLoss`` on a random
   batch (steady state: nearly every SelHN anchor takes the hard branch), and ``SelHNLoss`` on
-  a near-collapsed batch (cold start: every anchor takes the fallback).
+  a near-collapsed batch (cold start: every anchor takes the fallback). In both batches every
+  hinge is active, so the dense terms take their low-rank form; the two ``dense`` cases
+  switch that form off, showing what they cost when many hinges are inactive.
 
 Timings are interleaved (one run of each case per round) and the median per case is reported
 as a ratio to ``bare`` and to ``literal`` measured in the same rounds: absolute times on a
@@ -36,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 import selhn
+from selhn import _fast
 
 
 def literal_selhn(img: torch.Tensor, txt: torch.Tensor, margin: float = 0.2, epsilon: float = 0.01) -> torch.Tensor:
@@ -72,6 +75,21 @@ def batches(size: int, dim: int, device: str, dtype: torch.dtype) -> dict[str, t
 Case = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def dense_form(loss: Case) -> Case:
+    """``loss`` with the low-rank form of the dense terms switched off (the path taken when
+    many hinges are inactive, e.g. the sum of hinges late in training)."""
+
+    def run(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        saved = _fast.LOW_RANK_FRACTION
+        _fast.LOW_RANK_FRACTION = 0.0  # decided in forward; backward follows the saved state
+        try:
+            return loss(img, txt)
+        finally:
+            _fast.LOW_RANK_FRACTION = saved
+
+    return run
+
+
 def cases() -> dict[str, tuple[str, Case]]:
     return {
         "bare": ("steady", lambda a, b: (a @ b.t()).sum()),
@@ -81,6 +99,8 @@ def cases() -> dict[str, tuple[str, Case]]:
         "SelHNLoss cold": ("cold", selhn.SelHNLoss()),
         "literal SelHN cold": ("cold", literal_selhn),
         "SumHingeLoss": ("steady", selhn.SumHingeLoss()),
+        "SelHN cold, dense": ("cold", dense_form(selhn.SelHNLoss())),
+        "SumHinge, dense": ("steady", dense_form(selhn.SumHingeLoss())),
         "bare cold": ("cold", lambda a, b: (a @ b.t()).sum()),
     }
 

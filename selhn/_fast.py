@@ -5,20 +5,25 @@ semantics of :mod:`selhn._selection` (the tests' loop references judge them) but
 almost nothing of size B x B alive for backward:
 
 * a hard anchor's gradient touches one positive and one negative, so the backward of the
-  hard terms is a gather and a scatter-add of embedding rows (O(B D)), not two B x B x D
-  matmuls; only the indices of the hardest negatives and a flag per anchor are saved;
-* fallback anchors (SelHN's vanishing regime) and the sum of hinges need dense coefficients:
-  the score matrix, with its non-negatives already set to ``-inf``, is saved once and the
-  coefficient matrix is formed in one fused pass in backward. When few anchors take the
-  fallback (the modules over embeddings), only their rows and columns are formed, a boolean
-  mask of their active hinges is all that is saved, and backward multiplies just those.
+  hard terms is a sparse (at most 3B entries) times dense product: one weighted gather of
+  embedding rows per side (O(B D)), not two B x B x D matmuls; only the indices of the
+  hardest negatives and a flag per anchor are saved;
+* fallback anchors (SelHN's vanishing regime) and the sum of hinges need dense coefficients.
+  In the modules over embeddings, when nearly every such hinge is active (collapsed
+  embeddings, early training) the coefficient matrix is two rank-one terms minus a few
+  inactive pairs, and only those pairs' indices are saved (the low-rank form); when few
+  anchors take the fallback, only their rows and columns are formed and a boolean mask of
+  their active hinges is saved. Otherwise the score matrix, with its non-negatives already
+  set to ``-inf``, is saved once and the coefficient matrix is formed in one fused pass in
+  backward, then multiplied.
 
-The dense passes and the two max reductions run as small ``torch.compile``-d kernels when the
-batch is large enough to pay for them (B >= ``COMPILE_MIN_BATCH``); they fall back to eager
-PyTorch when compiling is switched off (``SELHN_COMPILE=0``), fails, or when the caller is
-itself being compiled (then Dynamo fuses the eager code into the caller's graph). Choosing
-between the sparse and dense backward reads one flag count from the device in eager mode;
-under ``torch.compile`` the dense path is always taken, with no data-dependent branch.
+The dense passes run as small ``torch.compile``-d kernels when the batch is large enough to
+pay for them (B >= ``COMPILE_MIN_BATCH``); they fall back to eager PyTorch when compiling is
+switched off (``SELHN_COMPILE=0``), fails, or when the caller is itself being compiled (then
+Dynamo fuses the eager code into the caller's graph). Choosing between these backward forms
+reads up to two counts from the device in eager mode (how many anchors fall back, how many
+of their hinges are inactive); under ``torch.compile`` the dense path is always taken, with
+no data-dependent branch.
 """
 
 from __future__ import annotations
@@ -354,10 +359,11 @@ def _sparse_rows(out_rows: Tensor, in_rows: Tensor, weights: Tensor, source: Ten
 def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
     """dL/dimg and dL/dtxt (B, D).
 
-    With dense terms for most anchors, the whole coefficient matrix is formed once (the hard
-    and positive terms are O(B) entries of it) and multiplied: two matmuls. Otherwise the hard
-    terms are a gather and a scatter-add of embedding rows, and the few fallback anchors add
-    their own rows and columns of coefficients.
+    With dense terms for most anchors, either the low-rank form (nearly every hinge active)
+    or the whole coefficient matrix, formed once (the hard and positive terms are O(B) entries
+    of it) and multiplied: two matmuls. Otherwise the positive and hard terms are one weighted
+    gather of embedding rows per side, and the few fallback anchors add their own rows and
+    columns of coefficients.
     """
     batch = img.shape[0]
     if state.scores is not None:
