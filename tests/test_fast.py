@@ -103,6 +103,27 @@ def test_low_rank_form_is_chosen_when_nearly_every_hinge_is_active(monkeypatch, 
     assert max(sizes) < size * size
 
 
+@given(data=st.data())
+def test_sparse_rows_is_the_sparse_times_dense_product(data):
+    """out[i] += w * source[j] for every (i, j, w) entry, duplicates and empty rows included."""
+    size = data.draw(st.integers(1, 7))
+    n_entries = data.draw(st.integers(0, 3 * size))
+    index = st.lists(st.integers(0, size - 1), min_size=n_entries, max_size=n_entries)
+    out_rows, in_rows = data.draw(index), data.draw(index)
+    weights = data.draw(st.lists(st.floats(-2, 2), min_size=n_entries, max_size=n_entries))
+    source = torch.randn(size, 3, dtype=torch.float64)
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    for i, j, w in zip(out_rows, in_rows, weights, strict=True):  # the literal definition
+        matrix[i, j] += w
+    got = _fast._sparse_rows(
+        torch.tensor(out_rows, dtype=torch.long),
+        torch.tensor(in_rows, dtype=torch.long),
+        torch.tensor(weights, dtype=torch.float64),
+        source,
+    )
+    torch.testing.assert_close(got, matrix @ source)
+
+
 @given(scores=score_matrices(batch_sizes(9, 20), levels=3, dtype=torch.float32))
 def test_blocked_maxima_equal_max_including_ties(scores):
     original_block = _selection.MAX_BLOCK
