@@ -116,7 +116,7 @@ class _State:
         "hard_coef",
         "hard_index",
         "dense_coef",
-        "active",
+        "positive_coef",
         "scores",
         "threshold",
         "rows",
@@ -131,7 +131,7 @@ class _State:
         self.hard_coef: Tensor | None = None  # (2, B): 1 where the hard hinge is used and active
         self.hard_index: Tensor | None = None  # (2, B): hardest negative per anchor
         self.dense_coef: Tensor | None = None  # (2, B): 1/|N_a| (mean) or 1 (sum) where dense, else 0
-        self.active: Tensor | None = None  # (2, B): active hinges of dense anchors
+        self.positive_coef: Tensor | None = None  # (2, B): what each anchor puts on its positive, negated
         # dense terms over the whole matrix:
         self.scores: Tensor | None = None  # (B, B) with -inf on non-negatives
         self.threshold: Tensor | None = None  # (B,): positive - margin, the hinges' threshold
@@ -200,15 +200,16 @@ def _forward(
         state.hard_index = torch.stack([row_idx, col_idx])
         if mode == SELHN:
             dense = sel.vanishing(sel.gap(positives, hardest), epsilon)
-            state.hard_coef = ((hard_loss > 0) & ~dense).to(scores.dtype)
+            state.hard_coef = (hard_loss > 0).to(scores.dtype).masked_fill_(dense, 0.0)
         else:
-            state.hard_coef = (hard_loss > 0).to(scores.dtype)
+            state.hard_coef = state.positive_coef = (hard_loss > 0).to(scores.dtype)
             return hard_loss, state
 
     # Dense terms. Eager mode looks at how many anchors need them (one device read);
     # under torch.compile every anchor's dense sum is formed and selected by `where`.
     n_dense = batch * 2 if (mode == SUM or torch.compiler.is_compiling()) else int(dense.sum())
     if n_dense == 0:
+        state.positive_coef = state.hard_coef
         return hard_loss, state
     if n_dense == 2 * batch and mode == SELHN and not torch.compiler.is_compiling():
         state.hard_coef = state.hard_index = None  # every anchor takes the fallback (cold start)
@@ -227,7 +228,7 @@ def _forward(
             arg = anchor_major.index_select(0, anchors).sub_(threshold.index_select(0, anchors).unsqueeze(1))
             masks.append(arg > 0)
             sums[side].index_copy_(0, anchors, arg.clamp_(min=0).sum(dim=1))
-            active[side].index_copy_(0, anchors, masks[side].sum(dim=1).to(scores.dtype))
+            active[side].index_copy_(0, anchors, masks[side].sum(dim=1, dtype=scores.dtype))
         state.row_active, state.col_active = masks
     else:
         row_sum, row_active, col_sum, col_active = _kernel("hinge_sums", _hinge_sums, batch)(scores, threshold)
@@ -243,7 +244,9 @@ def _forward(
         scale = 1.0 / sel.negative_counts(batch, mask, scores.device).to(scores.dtype).clamp(min=1)
     dense_scale = dense.to(scores.dtype) * scale
     state.dense_coef = dense_scale
-    state.active = active * dense_scale
+    state.positive_coef = active * dense_scale  # k per active hinge
+    if state.hard_coef is not None:
+        state.positive_coef += state.hard_coef
     return torch.where(dense, sums * scale, hard_loss), state
 
 
@@ -255,22 +258,16 @@ def _coefficients(grad: Tensor, state: _State) -> tuple[Tensor | None, Tensor | 
     ``+c`` at its hardest negative and ``-c`` at its positive; a dense anchor contributes
     ``+k`` at each active negative and ``-k * n_active`` at its positive.
     """
-    positive = torch.zeros_like(grad[0])
-    hard = None
-    if state.hard_coef is not None:
-        hard = grad * state.hard_coef
-        positive = positive - hard.sum(dim=0)
-    dense = None
-    if state.dense_coef is not None and state.active is not None:
-        dense = grad * state.dense_coef
-        positive = positive - (grad * state.active).sum(dim=0)
-    return hard, dense, positive
+    assert state.positive_coef is not None
+    hard = None if state.hard_coef is None else grad * state.hard_coef
+    dense = None if state.dense_coef is None else grad * state.dense_coef
+    return hard, dense, (grad * state.positive_coef).sum(dim=0).neg_()
 
 
 def _fallback_block(dense: Tensor, side: int, anchors: Tensor, active: Tensor) -> Tensor:
     """Restricted dense coefficients of one direction's fallback anchors, anchor-major (n, B):
     ``dense[side, a]`` at each active hinge of anchor ``a``, else 0."""
-    return torch.where(active, dense[side].index_select(0, anchors).unsqueeze(1), dense.new_zeros(()))
+    return torch.where(active, dense[side].index_select(0, anchors).unsqueeze(1), 0.0)
 
 
 def score_grad(grad: Tensor, state: _State, batch: int) -> Tensor:
@@ -338,21 +335,21 @@ def _add_pairs(d_img: Tensor, d_txt: Tensor, img: Tensor, txt: Tensor, i: Tensor
     d_txt.index_add_(0, j, img.index_select(0, i).mul_(c))
 
 
-def _sparse_rows(out_rows: Tensor, in_rows: Tensor, weights: Tensor, source: Tensor) -> Tensor:
+def _sparse_rows(out_rows: Tensor, in_rows: Tensor, weights: Tensor, source: Tensor, rows: Tensor) -> Tensor:
     """``out[out_rows[k]] += weights[k] * source[in_rows[k]]`` over all k, into a fresh (B, D).
 
-    A sparse-times-dense product as one weighted gather-and-sum (``embedding_bag``): unlike
-    scaled copies and ``index_add_``, it needs no scratch buffer of size B x D (on a CPU each
-    fresh buffer of that size costs page faults comparable to the arithmetic).
+    ``rows`` is ``arange(B)``. A sparse-times-dense product as one weighted gather-and-sum
+    (``embedding_bag``): unlike scaled copies and ``index_add_``, it needs no scratch buffer of
+    size B x D (on a CPU each fresh buffer of that size costs page faults comparable to the
+    arithmetic).
     """
     order = torch.argsort(out_rows, stable=True)
-    offsets = torch.searchsorted(out_rows.index_select(0, order), torch.arange(source.shape[0], device=source.device))
     return torch.nn.functional.embedding_bag(
         in_rows.index_select(0, order),
         source,
-        offsets,
+        torch.searchsorted(out_rows.index_select(0, order), rows),  # where each row's entries start
         mode="sum",
-        per_sample_weights=weights.index_select(0, order).to(source.dtype),
+        per_sample_weights=weights.index_select(0, order),
     )
 
 
@@ -381,8 +378,9 @@ def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tu
         cols += [state.hard_index[0], anchors]
         values += [hard[0], hard[1]]
     i, j, w = torch.cat(rows), torch.cat(cols), torch.cat(values)
-    d_img = _sparse_rows(i, j, w, txt)  # s_ij = img_i . txt_j: img_i += w txt_j
-    d_txt = _sparse_rows(j, i, w, img)  # txt_j += w img_i
+    w = w.to(txt.dtype)
+    d_img = _sparse_rows(i, j, w, txt, anchors)  # s_ij = img_i . txt_j: img_i += w txt_j
+    d_txt = _sparse_rows(j, i, w, img, anchors)  # txt_j += w img_i
     if dense is not None and state.rows is not None and state.cols is not None:
         assert state.row_active is not None and state.col_active is not None
         # image anchor i's hinges are s_{i j}: img_i += k txt_j, txt_j += k img_i; a caption

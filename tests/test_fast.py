@@ -120,6 +120,7 @@ def test_sparse_rows_is_the_sparse_times_dense_product(data):
         torch.tensor(in_rows, dtype=torch.long),
         torch.tensor(weights, dtype=torch.float64),
         source,
+        torch.arange(size),
     )
     torch.testing.assert_close(got, matrix @ source)
 
