@@ -204,6 +204,27 @@ def test_hard_losses_save_no_square_buffer():
         assert max(saved_sizes(lambda m=module: m(img, txt))) < size * size
 
 
+@pytest.mark.parametrize("loss", ["selhn", "sum"])
+def test_low_rank_form_is_as_accurate_as_the_dense_form_in_float32(monkeypatch, loss):
+    """The rank-one terms cancel against the diagonal on a collapsed batch, as the dense
+    coefficient matrix's do inside its matmul: neither may lose more than the other."""
+    img, txt = mixed_batch(256, 256)  # near-collapsed, float64
+
+    def grads(dtype, fraction):
+        monkeypatch.setattr(_fast, "LOW_RANK_FRACTION", fraction)
+        a = img.detach().to(dtype).clone().requires_grad_()
+        b = txt.detach().to(dtype).clone().requires_grad_()
+        MODULES[loss]()(a, b).backward()
+        return torch.cat([a.grad, b.grad]).double()
+
+    exact = grads(torch.float64, 0.0)
+    errors = {
+        form: float((grads(torch.float32, fraction) - exact).norm() / exact.norm())
+        for form, fraction in (("low rank", 1.0), ("dense", 0.0))
+    }
+    assert errors["low rank"] <= 2 * errors["dense"] + 1e-6, errors
+
+
 def test_dense_losses_save_one_square_buffer_at_most(monkeypatch):
     """Cold start and the sum of hinges with many inactive hinges (no low-rank form): the
     scores are the one B x B buffer kept for backward."""
