@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 
 import selhn
+from selhn import _fast
 from selhn import functional as F
 from selhn.testing import batch_sizes, embedding_pairs, half_dtypes, score_matrices
 from tests.reference import reference_loss
@@ -32,14 +33,17 @@ def test_functional_on_cuda_matches_cpu_reference(loss, scores):
     torch.testing.assert_close(on_gpu.grad.cpu(), cpu.grad)
 
 
+@pytest.mark.parametrize("low_rank", [1.0, 0.0])  # LOW_RANK_FRACTION: every dense state low-rank / none
 @pytest.mark.parametrize("loss", sorted(MODULES))
 @settings(max_examples=20)
 @given(pair=embedding_pairs(batch_sizes(1, 12)))
-def test_modules_on_cuda_match_cpu(loss, pair):
+def test_modules_on_cuda_match_cpu(loss, low_rank, pair):
     results = []
     for device in ("cpu", "cuda"):
         img, txt = (x.detach().clone().to(device).requires_grad_() for x in pair)
-        value = MODULES[loss](reduction="sum")(img, txt, ids=torch.arange(img.shape[0]) // 2)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_fast, "LOW_RANK_FRACTION", low_rank)
+            value = MODULES[loss](reduction="sum")(img, txt, ids=torch.arange(img.shape[0]) // 2)
         value.backward()
         results.append((value.cpu(), img.grad.cpu(), txt.grad.cpu()))
     for a, b in zip(*results, strict=True):
