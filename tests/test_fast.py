@@ -103,6 +103,29 @@ def test_low_rank_form_is_chosen_when_nearly_every_hinge_is_active(monkeypatch, 
     assert max(sizes) < size * size
 
 
+@pytest.mark.parametrize("low_rank", sorted(LOW_RANK))
+@pytest.mark.parametrize("loss", sorted(MODULES))
+def test_non_contiguous_embeddings(loss, low_rank, monkeypatch):
+    """Transposed and strided views (a sliced projection output, say) take every path too."""
+    monkeypatch.setattr(_fast, "LOW_RANK_FRACTION", LOW_RANK[low_rank])
+    generator = torch.Generator().manual_seed(3)
+    img_base = torch.randn(5, 9, generator=generator, dtype=torch.float64)
+    txt_base = torch.randn(9, 10, generator=generator, dtype=torch.float64)
+    grads = []
+    for view in (True, False):
+        img_leaf, txt_leaf = img_base.clone().requires_grad_(), txt_base.clone().requires_grad_()
+        img, txt = img_leaf.t(), txt_leaf[:, ::2]  # (9, 5) each, neither contiguous
+        if view:
+            value = MODULES[loss]()(img, txt)
+        else:
+            kwargs = {"epsilon": 0.05} if loss == "selhn" else {}
+            value = reference_loss(img @ txt.T, loss, "sum", **kwargs)
+        value.backward()
+        grads.append((value, img_leaf.grad, txt_leaf.grad))
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
 @given(data=st.data())
 def test_sparse_rows_is_the_sparse_times_dense_product(data):
     """out[i] += w * source[j] for every (i, j, w) entry, duplicates and empty rows included."""
