@@ -79,7 +79,6 @@ def test_module_paths_match_reference(loss, low_rank, pair, ids, data):
     id_tensor = data.draw(st.lists(st.integers(0, max(0, size // 2)), min_size=size, max_size=size)) if ids else None
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_fast, "LOW_RANK_FRACTION", LOW_RANK[low_rank])
-        patch.setattr(_fast, "LOW_RANK_CHUNK", 3)  # several chunks of inactive pairs
         module_matches_reference(loss, img, txt, None if id_tensor is None else torch.tensor(id_tensor))
 
 
@@ -94,11 +93,11 @@ def test_low_rank_form_is_chosen_when_nearly_every_hinge_is_active(monkeypatch, 
     txt[:3] = -txt[:3]  # three captions far from every image: some inactive hinges
     id_tensor = torch.arange(size) // 2 if ids else None  # two captions per image: excluded pairs
     monkeypatch.setattr(_fast, "LOW_RANK_FRACTION", 0.25)  # up to 400 inactive pairs: 3 per row here, + ids
-    calls = []
-    original = _fast._low_rank_grads
-    monkeypatch.setattr(_fast, "_low_rank_grads", lambda *a: calls.append(1) or original(*a))
+    chosen = []
+    original = _fast._low_rank_
+    monkeypatch.setattr(_fast, "_low_rank_", lambda *a: chosen.append(original(*a)) or chosen[-1])
     module_matches_reference(loss, img, txt, id_tensor)
-    assert calls
+    assert chosen == [True]
     sizes = saved_sizes(lambda: MODULES[loss]()(img.clone().requires_grad_(), txt.clone().requires_grad_(), id_tensor))
     assert max(sizes) < size * size
 
