@@ -149,8 +149,8 @@ def _low_rank_(state: _State, scores: Tensor, threshold: Tensor, dense: Tensor, 
     The dense coefficient matrix is ``diag(k) A_row + A_col diag(k')`` with ``A`` the active
     hinges. Early in training (collapsed embeddings: SelHN's fallback regime, and the sum of
     hinges) nearly every hinge is active, so ``A = J - I - (inactive pairs)`` and the two
-    B x B x D matmuls of backward become two rank-one terms, the diagonal and a gather /
-    scatter-add over the few inactive pairs. Sets ``state.off_row``/``off_col`` and returns
+    B x B x D matmuls of backward become two rank-one terms and a weighted row gather over
+    the diagonal and the few inactive pairs. Sets ``state.off_row``/``off_col`` and returns
     True when at most ``LOW_RANK_FRACTION * B**2`` pairs are inactive (the user's excluded
     pairs included); one count is read from the device.
     """
@@ -412,7 +412,7 @@ class ScoreLoss(torch.autograd.Function):
 
 
 class EmbeddingLoss(torch.autograd.Function):
-    """Per-anchor losses (2, B) of ``img @ txt.T`` with a gather/scatter backward for the
+    """Per-anchor losses (2, B) of ``img @ txt.T`` with a weighted-gather backward for the
     hard terms; the score matrix is freed after forward unless dense terms need it."""
 
     @staticmethod
