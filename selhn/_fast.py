@@ -160,15 +160,16 @@ def _low_rank_(state: _State, scores: Tensor, threshold: Tensor, dense: Tensor, 
     inactive = int(((batch - 1 - active) * dense).sum())  # off-diagonal pairs of dense anchors
     if LOW_RANK_FRACTION <= 0 or inactive > LOW_RANK_FRACTION * batch * batch:
         return False
-    empty = torch.empty(2, 0, dtype=torch.long, device=scores.device)
-    state.off_row = state.off_col = empty
-    if inactive:
-        below = scores <= threshold.unsqueeze(1)  # excluded pairs are -inf: always below
+    if not inactive:
+        state.off_row = state.off_col = torch.empty(2, 0, dtype=torch.long, device=scores.device)
+        return True
+    below = torch.empty_like(scores, dtype=torch.bool)
+    pairs = []
+    for side, broadcast in ((0, 1), (1, 0)):  # image anchors: rows of S; caption anchors: columns
+        torch.le(scores, threshold.unsqueeze(broadcast), out=below)  # excluded pairs are -inf: below
         below.diagonal().fill_(False)
-        state.off_row = below.logical_and_(dense[0].unsqueeze(1)).nonzero().t()
-        torch.le(scores, threshold.unsqueeze(0), out=below)
-        below.diagonal().fill_(False)
-        state.off_col = below.logical_and_(dense[1].unsqueeze(0)).nonzero().t()
+        pairs.append(below.logical_and_(dense[side].unsqueeze(broadcast)).nonzero().t())
+    state.off_row, state.off_col = pairs
     return True
 
 
@@ -280,23 +281,30 @@ def score_grad(grad: Tensor, state: _State, batch: int) -> Tensor:
     else:
         out = grad.new_zeros(batch, batch)
     anchors = torch.arange(batch, device=grad.device)
+    rows, cols, values = _sparse_entries(hard, positive, state, anchors)
+    flat, weights = torch.cat(rows) * batch + torch.cat(cols), torch.cat(values).to(out.dtype)
     if torch.compiler.is_compiling():
-        # traced into the caller's graph: one out-of-place scatter-add of the O(B) sparse
-        # entries (duplicates accumulate), which every backend handles alike
-        flat = [anchors * (batch + 1)]  # the diagonal: positives
-        values = [positive]
-        if hard is not None and state.hard_index is not None:
-            flat += [anchors * batch + state.hard_index[0], state.hard_index[1] * batch + anchors]
-            values += [hard[0], hard[1]]
-        grad_scores: Tensor = out.reshape(-1).scatter_add(0, torch.cat(flat), torch.cat(values).to(out.dtype))
+        # traced into the caller's graph: one out-of-place scatter-add (duplicates
+        # accumulate), which every backend handles alike
+        grad_scores: Tensor = out.reshape(-1).scatter_add(0, flat, weights)
         return grad_scores.view(batch, batch)
     # eager: in place on the fresh coefficient matrix, no second B x B buffer
-    out.diagonal().add_(positive)
-    if hard is not None and state.hard_index is not None:
-        flat_out = out.view(-1)
-        flat_out.index_put_((anchors * batch + state.hard_index[0],), hard[0], accumulate=True)
-        flat_out.index_put_((state.hard_index[1] * batch + anchors,), hard[1], accumulate=True)
+    out.view(-1).index_put_((flat,), weights, accumulate=True)
     return out
+
+
+def _sparse_entries(
+    hard: Tensor | None, positive: Tensor, state: _State, anchors: Tensor
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The O(B) sparse entries (i, j, w) of dL/dS, as lists to extend: the positives s_ii; the
+    hardest caption r(i) of image anchor i, s_{i r(i)}; the hardest image q(j) of caption
+    anchor j, s_{q(j) j}. ``anchors`` is ``arange(B)``."""
+    rows, cols, values = [anchors], [anchors], [positive]
+    if hard is not None and state.hard_index is not None:
+        rows += [anchors, state.hard_index[1]]
+        cols += [state.hard_index[0], anchors]
+        values += [hard[0], hard[1]]
+    return rows, cols, values
 
 
 def _sparse_rows(out_rows: Tensor, in_rows: Tensor, weights: Tensor, source: Tensor, rows: Tensor) -> Tensor:
@@ -331,14 +339,8 @@ def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tu
         g = score_grad(grad, state, batch)
         return g @ txt, g.t() @ img
     hard, dense, positive = _coefficients(grad, state)
-    # the sparse entries (i, j, w) of dL/dS: positives s_ii; the hardest caption r(i) of image
-    # anchor i, s_{i r(i)}; the hardest image q(j) of caption anchor j, s_{q(j) j}
     anchors = torch.arange(batch, device=img.device)
-    rows, cols, values = [anchors], [anchors], [positive]
-    if hard is not None and state.hard_index is not None:
-        rows += [anchors, state.hard_index[1]]
-        cols += [state.hard_index[0], anchors]
-        values += [hard[0], hard[1]]
+    rows, cols, values = _sparse_entries(hard, positive, state, anchors)
     low_rank = dense is not None and state.off_row is not None and state.off_col is not None
     if low_rank:
         # below, every off-diagonal pair of a dense anchor counts as an active hinge; take the
