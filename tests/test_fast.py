@@ -147,17 +147,31 @@ def test_sparse_rows_is_the_sparse_times_dense_product(data):
     torch.testing.assert_close(got, matrix @ source)
 
 
-@given(scores=score_matrices(batch_sizes(9, 20), levels=3, dtype=torch.float32))
-def test_blocked_maxima_equal_max_including_ties(scores):
-    original_block = _selection.MAX_BLOCK
-    try:
-        _selection.MAX_BLOCK = 2  # blocked for every B > 8
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, NaN at the same places counting as equal."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize("groups", [(2, 3), (3, 2), (4, 4), (64, 16)])
+@given(scores=score_matrices(batch_sizes(1, 20), levels=3, dtype=torch.float32), data=st.data())
+def test_two_level_maxima_equal_max(groups, scores, data):
+    """Group widths that divide B and that leave a remainder; ties, rows and columns without
+    negatives (all -inf) and NaN (which wins, at its first position, as in max)."""
+    size = scores.shape[0]
+    excluded = torch.tensor(data.draw(st.lists(st.booleans(), min_size=size * size, max_size=size * size)))
+    _selection.fill_excluded_(scores, excluded.view(size, size))
+    for _ in range(data.draw(st.integers(0, 2), label="n_nan")):
+        scores[data.draw(st.integers(0, size - 1)), data.draw(st.integers(0, size - 1))] = float("nan")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_selection, "TWO_LEVEL_MIN_SIZE", 0)
+        patch.setattr(_selection, "ROW_GROUP", groups[0])
+        patch.setattr(_selection, "COL_GROUP", groups[1])
         got = _selection.hardest_negatives(scores)
-    finally:
-        _selection.MAX_BLOCK = original_block
+        got_t = _selection.hardest_negatives(scores.t())  # a non-contiguous view
     rows, cols = scores.max(dim=1), scores.max(dim=0)
-    for a, b in zip(got, (rows.values, rows.indices, cols.values, cols.indices), strict=True):
-        assert torch.equal(a, b)
+    expected = (rows.values, rows.indices, cols.values, cols.indices)
+    assert all(_same(a, b) for a, b in zip(got, expected, strict=True))
+    assert all(_same(a, b) for a, b in zip(got_t, expected[2:] + expected[:2], strict=True))
 
 
 @pytest.fixture(scope="module")
