@@ -13,15 +13,19 @@ For each batch size B (D = 1024 by default), forward + backward of
 
 Timings are interleaved (one run of each case per round) and the median per case is reported
 as a ratio to ``bare`` and to ``literal`` measured in the same rounds: absolute times on a
-shared machine mean little. Each round runs the cases in a fresh (seeded) random order: on a
-CPU a case's time depends on what ran just before it (a predecessor that freed many large
-buffers leaves the allocator to fault fresh pages in again), which at B = 512 moved a fixed
-order's ratios by up to 0.1. Peak memory is read from the CUDA allocator on a GPU and from the
-profiler's allocation events on a CPU, reported as the extra peak beyond ``bare`` in units of
-one B x B float32 buffer.
+shared machine mean little. Each size runs at least ``--rounds`` rounds and goes on until its
+timed rounds have taken ``--min-seconds`` (default 10 s), so that small sizes, whose rounds
+are cheap and whose ratios are the noisiest, get many more samples. Each round runs the cases
+in a fresh (seeded) random order: on a CPU a case's time depends on what ran just before it
+(a predecessor that freed many large buffers leaves the allocator to fault fresh pages in
+again), which at B = 512 moved a fixed order's ratios by up to 0.1. Peak memory is read from
+the CUDA allocator on a GPU and, on a CPU, from the resident-set high-water mark of a child
+process (see ``peak_bytes``), reported as the extra peak beyond ``bare`` in units of one B x B
+float32 buffer.
 
-Run: ``python benchmarks/bench_losses.py [--sizes 512 2048 4096] [--rounds 7] [--device cpu]
-[--dtype float32]``. CI runs ``--sizes 64 --rounds 2 --dim 32`` as a smoke test.
+Run: ``python benchmarks/bench_losses.py [--sizes 512 2048 4096] [--rounds 7] [--min-seconds 10]
+[--device cpu] [--dtype float32]``. CI runs ``--sizes 48 --dim 16 --rounds 2 --min-seconds 0``
+as a smoke test.
 """
 
 from __future__ import annotations
@@ -188,7 +192,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 4096])
     parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7, help="fewest timed rounds per size")
+    parser.add_argument(
+        "--min-seconds", type=float, default=10.0, help="go on with more rounds until a size's rounds took this long"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--skip-literal-above", type=int, default=1 << 30, help="skip the literal cases above this B")
@@ -199,7 +206,12 @@ def main() -> None:
         memory_child(args)
         return
     dtype = getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, D = {args.dim}, rounds {args.rounds}")
+    if args.rounds < 1 or args.min_seconds < 0:
+        parser.error("--rounds must be >= 1 and --min-seconds >= 0")
+    print(
+        f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, D = {args.dim}, "
+        f"rounds >= {args.rounds}, >= {args.min_seconds:g} s per size"
+    )
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name()}")
     else:
@@ -213,7 +225,9 @@ def main() -> None:
             run_once(fn, data[kind])
         times: dict[str, list[float]] = {name: [] for name in todo}
         order = list(todo)
-        for _ in range(args.rounds):
+        rounds, spent = 0, 0.0
+        while rounds < args.rounds or spent < args.min_seconds:
+            rounds += 1
             shuffler.shuffle(order)  # no case always follows the same one (see the docstring)
             for name in order:
                 kind, fn = todo[name]
@@ -222,10 +236,11 @@ def main() -> None:
                 run_once(fn, data[kind])
                 sync(args.device)
                 times[name].append(time.perf_counter() - start)
+                spent += times[name][-1]
         median = {name: statistics.median(values) for name, values in times.items()}
         del data
         memory = memory_table(args, dtype, size, list(todo))
-        print(f"\nB = {size}: bare forward + backward {1000 * median['bare']:.1f} ms (median)")
+        print(f"\nB = {size}: bare forward + backward {1000 * median['bare']:.1f} ms (median of {rounds} rounds)")
         print(f"  {'case':20s} {'x bare':>8s} {'x literal':>10s} {'extra peak (BxB fp32)':>22s}")
         for name, (kind, _) in todo.items():
             literal = "literal SelHN cold" if kind == "cold" else "literal SelHN"
