@@ -65,7 +65,7 @@ def hardest_negatives(scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     ``scores.max(dim=1)`` and ``scores.max(dim=0)`` do: ties go to the lowest index.
 
     On a CPU, large matrices (``TWO_LEVEL_MIN_SIZE`` entries and more) are reduced in two
-    levels (:func:`_row_maxima`), because there a maximum that tracks its index runs several
+    levels (:func:`_two_level_max`), because there a maximum that tracks its index runs several
     times slower than one that does not (``amax``), and a column maximum much slower still.
     Elsewhere, and under ``torch.compile``, ``max`` is called directly.
     """
@@ -74,13 +74,13 @@ def hardest_negatives(scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         cols = scores.max(dim=0)
         return rows.values, rows.indices, cols.values, cols.indices
     contiguous = scores.contiguous()
-    row_values, row_indices = _row_maxima(contiguous, ROW_GROUP)
-    col_values, col_indices = _row_maxima(contiguous, COL_GROUP, columns=True)
+    row_values, row_indices = _two_level_max(contiguous, 1, ROW_GROUP)
+    col_values, col_indices = _two_level_max(contiguous, 0, COL_GROUP)
     return row_values, row_indices, col_values, col_indices
 
 
-def _row_maxima(scores: Tensor, group: int, columns: bool = False) -> tuple[Tensor, Tensor]:
-    """``scores.max(dim=1)`` (or ``dim=0`` with ``columns``) of a contiguous matrix, in two levels.
+def _two_level_max(scores: Tensor, dim: int, group: int) -> tuple[Tensor, Tensor]:
+    """``scores.max(dim=dim)`` of a contiguous matrix, in two levels.
 
     The reduced dimension is cut into groups of ``group`` adjacent entries. First each group's
     maximum value (``amax``: vectorised, no index), then the first group holding the overall
@@ -91,7 +91,7 @@ def _row_maxima(scores: Tensor, group: int, columns: bool = False) -> tuple[Tens
     shorter than a group is reduced directly and wins only when strictly greater (or a NaN
     where the groups have none), since its indices are the highest.
     """
-    dim = 0 if columns else 1
+    columns = dim == 0
     length, lines = scores.shape[dim], scores.shape[1 - dim]
     whole = length - length % group
     if whole == 0:
