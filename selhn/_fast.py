@@ -1,8 +1,11 @@
 """Lean custom-autograd implementations of the three triplet losses.
 
-Both Functions return the per-anchor losses, shape (2, B). They compute exactly the
-semantics of :mod:`selhn._selection` (the tests' loop references judge them) but keep
-almost nothing of size B x B alive for backward:
+``ScoreLoss`` (over a score matrix) and ``EmbeddingLoss`` (over embeddings) return the
+per-anchor losses of both directions, shape (2, B); ``RowLoss`` returns those of one
+direction's anchors against a rectangular set of candidates (the distributed loss's local
+anchors against the global batch). They compute exactly the semantics of
+:mod:`selhn._selection` (the tests' loop references judge them) but keep almost nothing of
+size B x B alive for backward:
 
 * a hard anchor's gradient touches one positive and one negative, so the backward of the
   hard terms is a sparse (at most 3B entries) times dense product: one weighted gather of
@@ -441,6 +444,127 @@ class EmbeddingLoss(torch.autograd.Function):
         return (
             d_img if ctx.needs_input_grad[0] else None,
             d_txt if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class RowLoss(torch.autograd.Function):
+    """Per-anchor losses (L,) of one direction over a rectangular score matrix: anchor ``a``
+    is row ``a`` of ``anchors @ candidates.T`` (L, G), its positive is column ``positive[a]``,
+    and ``excluded`` (L, G) marks further non-negatives. These are the distributed loss's local
+    anchors against the global batch's candidates.
+
+    Like :class:`EmbeddingLoss`, it saves indices and flags, not scores: the hard terms'
+    backward is one weighted gather per side, and the dense rows (SelHN's fallback anchors, or
+    every row for the sum of hinges and under ``torch.compile``) keep only a boolean mask of
+    their active hinges, whose coefficients are formed and multiplied in backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        anchors: Tensor,
+        candidates: Tensor,
+        positive: Tensor,
+        excluded: Tensor | None,
+        margin: float,
+        epsilon: float,
+        mode: str,
+        mean: bool,
+    ) -> Tensor:
+        scores = anchors @ candidates.t()
+        n_anchors, n_candidates = scores.shape
+        rows = torch.arange(n_anchors, device=scores.device)
+        positives = scores[rows, positive]
+        if excluded is not None:
+            scores.masked_fill_(excluded, float("-inf"))
+        scores[rows, positive] = float("-inf")  # every non-negative is -inf, as in the square case
+        threshold = positives - margin
+        zero = scores.new_zeros(n_anchors)
+        hard_index = hard_coef = None
+        if mode == SUM:
+            dense = torch.ones(n_anchors, dtype=torch.bool, device=scores.device)
+            hard_loss = zero
+        else:
+            hardest, hard_index = sel.max_along(scores, 1)
+            hard_loss = sel.hinge(positives, hardest, margin)
+            hard_coef = (hard_loss > 0).to(scores.dtype)
+            if mode == HARD:
+                empty = torch.empty(0, n_candidates, dtype=torch.bool, device=scores.device)
+                ctx.save_for_backward(
+                    anchors, candidates, positive, hard_index, hard_coef, None, empty, None, hard_coef
+                )
+                return hard_loss
+            dense = sel.vanishing(sel.gap(positives, hardest), epsilon)
+            hard_coef.masked_fill_(dense, 0.0)
+        # Dense rows. Eager SelHN forms only its fallback rows (one device read); the sum of
+        # hinges, and SelHN under torch.compile, form every row (a non-dense row's hinges get
+        # the coefficient dense_coef = 0 and its sum is not selected).
+        fallback: Tensor | None = None
+        if mode == SELHN and not torch.compiler.is_compiling():
+            n_dense = int(dense.sum())
+            fallback = None if n_dense == n_anchors else dense.nonzero().squeeze(1)
+        if fallback is None:
+            arg = scores.sub_(threshold.unsqueeze(1))
+            active = arg > 0
+            sums = arg.clamp_(min=0).sum(dim=1)
+            counts = active.sum(dim=1, dtype=scores.dtype)
+        else:
+            arg = scores.index_select(0, fallback).sub_(threshold.index_select(0, fallback).unsqueeze(1))
+            active = arg > 0
+            sums = zero.index_copy(0, fallback, arg.clamp_(min=0).sum(dim=1))
+            counts = zero.index_copy(0, fallback, active.sum(dim=1, dtype=scores.dtype))
+        scale: Tensor | float = 1.0
+        if mean and excluded is None:
+            scale = 1.0 / max(n_candidates - 1, 1)
+        elif mean:
+            assert excluded is not None
+            others = excluded.sum(dim=1) - excluded[rows, positive].long()  # excluded besides the positive
+            scale = 1.0 / (n_candidates - 1 - others).to(scores.dtype).clamp(min=1)
+        dense_coef = dense.to(scores.dtype) * scale
+        positive_coef = counts * dense_coef
+        if hard_coef is not None:
+            positive_coef += hard_coef
+        ctx.save_for_backward(
+            anchors, candidates, positive, hard_index, hard_coef, fallback, active, dense_coef, positive_coef
+        )
+        return torch.where(dense, sums * scale, hard_loss)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        anchors, candidates, positive, hard_index, hard_coef, fallback, active, dense_coef, positive_coef = (
+            ctx.saved_tensors
+        )
+        grad = grad.contiguous()
+        rows = torch.arange(anchors.shape[0], device=grad.device)
+        # sparse entries (anchor a, candidate c, w) of dL/dS: the positives and the hard terms
+        out, into, weights = [rows], [positive], [(grad * positive_coef).neg_()]
+        if hard_index is not None:
+            out.append(rows)
+            into.append(hard_index)
+            weights.append(grad * hard_coef)
+        a, c, w = torch.cat(out), torch.cat(into), torch.cat(weights).to(anchors.dtype)
+        d_anchors = _sparse_rows(a, c, w, candidates, rows)
+        d_candidates = _sparse_rows(c, a, w, anchors, torch.arange(candidates.shape[0], device=grad.device))
+        if active.numel():  # the dense rows: k_a at each active hinge of anchor a
+            k = grad * dense_coef
+            if fallback is None:
+                block = torch.where(active, k.unsqueeze(1), 0.0)
+                d_anchors.addmm_(block, candidates)
+                d_candidates.addmm_(block.t(), anchors)
+            else:
+                block = torch.where(active, k.index_select(0, fallback).unsqueeze(1), 0.0)
+                d_anchors.index_add_(0, fallback, block @ candidates)
+                d_candidates.addmm_(block.t(), anchors.index_select(0, fallback))
+        return (
+            d_anchors if ctx.needs_input_grad[0] else None,
+            d_candidates if ctx.needs_input_grad[1] else None,
+            None,
             None,
             None,
             None,

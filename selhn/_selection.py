@@ -62,21 +62,24 @@ def hardest_negatives(scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
     ``scores`` must have its non-negatives set to ``-inf`` (:func:`fill_excluded_`). Returns
     the row maxima and their indices, then the column maxima and their indices, exactly as
-    ``scores.max(dim=1)`` and ``scores.max(dim=0)`` do: ties go to the lowest index.
+    ``scores.max(dim=1)`` and ``scores.max(dim=0)`` do (:func:`max_along`): ties go to the
+    lowest index.
+    """
+    return (*max_along(scores, 1), *max_along(scores, 0))
+
+
+def max_along(scores: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``scores.max(dim=dim)`` of a matrix as (values, indices); ties go to the lowest index.
 
     On a CPU, large matrices (``TWO_LEVEL_MIN_SIZE`` entries and more) are reduced in two
-    levels (:func:`_two_level_max`), because there a maximum that tracks its index runs several
-    times slower than one that does not (``amax``), and a column maximum much slower still.
-    Elsewhere, and under ``torch.compile``, ``max`` is called directly.
+    levels (:func:`_two_level_max`), because there a maximum that tracks its index runs
+    several times slower than one that does not (``amax``), and a column maximum much slower
+    still. Elsewhere, and under ``torch.compile``, ``max`` is called directly.
     """
     if scores.device.type != "cpu" or scores.numel() < TWO_LEVEL_MIN_SIZE or torch.compiler.is_compiling():
-        rows = scores.max(dim=1)
-        cols = scores.max(dim=0)
-        return rows.values, rows.indices, cols.values, cols.indices
-    contiguous = scores.contiguous()
-    row_values, row_indices = _two_level_max(contiguous, 1, ROW_GROUP)
-    col_values, col_indices = _two_level_max(contiguous, 0, COL_GROUP)
-    return row_values, row_indices, col_values, col_indices
+        values, indices = scores.max(dim=dim)
+        return values, indices
+    return _two_level_max(scores.contiguous(), dim, ROW_GROUP if dim == 1 else COL_GROUP)
 
 
 def _two_level_max(scores: Tensor, dim: int, group: int) -> tuple[Tensor, Tensor]:

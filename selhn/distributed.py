@@ -6,6 +6,9 @@ ranks' embeddings (an autograd-aware all-gather), scores its *local* anchors aga
 *global* candidates (local images x global captions for image anchors, local captions x
 global images for caption anchors, each positive at its global offset), so the memory per
 rank grows with :math:`B_\text{local} \times B_\text{global}`, not :math:`B_\text{global}^2`.
+The two rectangular score matrices go through ``selhn._fast.RowLoss``, with the lean
+backward of the modules: the scores are freed after the forward pass and only indices, flags
+and the fallback anchors' active-hinge masks are kept.
 
 Equivalence: the value returned on every rank is exactly the loss a single process computes
 on the concatenated global batch (same reduction). Its gradient is :math:`W` times the
@@ -28,7 +31,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from selhn import _fast
-from selhn import _selection as sel
 from selhn import functional as F
 from selhn._validation import (
     FALLBACKS,
@@ -93,26 +95,6 @@ def _gather_ids(ids: Tensor) -> Tensor:
     parts = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
-
-
-def _anchor_losses(
-    scores: Tensor, positive: Tensor, excluded: Tensor, margin: float, epsilon: float, loss: str, mean: bool
-) -> Tensor:
-    """Per-anchor losses of one direction: row ``a`` of ``scores`` is anchor ``a``, its
-    positive at column ``positive[a]``; ``excluded`` marks the non-negatives besides it."""
-    positives = scores.gather(1, positive.unsqueeze(1)).squeeze(1)
-    excluded = excluded.scatter(1, positive.unsqueeze(1), True)
-    negatives = scores.masked_fill(excluded, float("-inf"))
-    hardest = negatives.max(dim=1).values
-    hard = sel.hinge(positives, hardest, margin)
-    if loss == "hn":
-        return hard
-    total = sel.hinge(positives.unsqueeze(1), negatives, margin).sum(dim=1)
-    if loss == "sum":
-        return total
-    if mean:
-        total = total / (~excluded).sum(dim=1).clamp(min=1)
-    return torch.where(sel.vanishing(sel.gap(positives, hardest), epsilon), total, hard)
 
 
 def global_loss(
@@ -182,15 +164,21 @@ def global_loss(
     all_txt, _ = gather(txt)
     total = all_img.shape[0]
     positive = torch.arange(offset, offset + local, device=img.device)
-    if ids is None:
-        excluded = torch.zeros(local, total, dtype=torch.bool, device=img.device)
-    else:
+    excluded = None
+    if ids is not None:
         local_ids = torch.as_tensor(ids, device=img.device)
         all_ids = _gather_ids(local_ids)
         excluded = local_ids.unsqueeze(1) == all_ids.unsqueeze(0)
-    image_anchors = _anchor_losses(img @ all_txt.t(), positive, excluded, margin, epsilon, loss, mean)
-    caption_anchors = _anchor_losses(txt @ all_img.t(), positive, excluded, margin, epsilon, loss, mean)
-    share = image_anchors.sum() + caption_anchors.sum()
+    mode, mean = _fast.MODES[loss], loss == "selhn" and mean
+
+    def anchor_losses(anchors: Tensor, candidates: Tensor) -> Tensor:
+        """Local anchors against the global candidates, with the lean backward of selhn._fast."""
+        losses: Tensor = _fast.RowLoss.apply(  # type: ignore[no-untyped-call]
+            anchors, candidates, positive, excluded, margin, epsilon, mode, mean
+        )
+        return losses
+
+    share = anchor_losses(img, all_txt).sum() + anchor_losses(txt, all_img).sum()
     if reduction == "mean":
         share = share / (2 * total)
     value = share.detach().clone()

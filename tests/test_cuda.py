@@ -79,3 +79,32 @@ def test_torch_compile_on_cuda():
     module = selhn.SelHNLoss(epsilon=0.3)
     compiled = torch.compile(module, fullgraph=True)
     torch.testing.assert_close(compiled(img.float(), txt.float()), module(img.float(), txt.float()))
+
+
+@pytest.mark.parametrize("loss", sorted(MODULES))
+@settings(max_examples=10)
+@given(pair=embedding_pairs(batch_sizes(2, 12)))
+def test_row_loss_on_cuda_matches_cpu(loss, pair):
+    """The distributed loss's rectangular Function: local anchors 1.. against all candidates."""
+    img, txt = pair
+    local = img.shape[0] - 1
+    excluded = torch.zeros(local, img.shape[0], dtype=torch.bool)
+    excluded[0, -1] = True
+    results = []
+    for device in ("cpu", "cuda"):
+        anchors = img[1:].clone().to(device).requires_grad_()
+        candidates = txt.clone().to(device).requires_grad_()
+        value = _fast.RowLoss.apply(
+            anchors,
+            candidates,
+            torch.arange(1, img.shape[0], device=device),
+            excluded.to(device),
+            0.2,
+            0.3,
+            _fast.MODES[loss],
+            True,
+        )
+        (value * torch.arange(local, device=device)).sum().backward()
+        results.append((value.cpu(), anchors.grad.cpu(), candidates.grad.cpu()))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)

@@ -16,7 +16,7 @@ import selhn
 from selhn import _fast, _selection
 from selhn import functional as F
 from selhn.testing import batch_sizes, embedding_pairs, score_matrices
-from tests.reference import reference_loss
+from tests.reference import reference_fallback_flags, reference_loss, reference_per_anchor
 
 MODULES = {
     "selhn": lambda: selhn.SelHNLoss(0.2, 0.05, reduction="sum"),
@@ -284,6 +284,67 @@ def test_functional_form_never_modifies_the_callers_scores():
     assert torch.equal(scores, before)
 
 
+def row_loss_matches_reference(loss, img, txt, offset, local, ids, epsilon, mean, generator_seed=0):
+    """RowLoss over local anchors [offset, offset + local) against the global candidates, in
+    both directions, equals those anchors' losses in the loop reference over the global batch,
+    in values and in the gradients of a random weighting of them."""
+    mask = None if ids is None else ids[:, None] == ids[None, :]
+    kwargs = {"epsilon": epsilon, "fallback": "mean" if mean else "sum"} if loss == "selhn" else {}
+    ref_img, ref_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    per = reference_per_anchor(ref_img @ ref_txt.T, loss, mask=mask, **kwargs)
+    rows = slice(offset, offset + local)
+    cotangent = torch.randn(2, local, generator=torch.Generator().manual_seed(generator_seed), dtype=img.dtype)
+    expected = [torch.stack(per[d][rows]) if local else img.new_zeros(0) for d in (0, 1)]
+    sum((e * c).sum() for e, c in zip(expected, cotangent, strict=True)).backward()
+    positive = torch.arange(offset, offset + local)
+    got_img, got_txt = torch.zeros_like(img), torch.zeros_like(txt)
+    for direction, (own, other, d_own, d_other) in enumerate(
+        ((img, txt, got_img, got_txt), (txt, img, got_txt, got_img))
+    ):
+        anchors, candidates = own[rows].clone().requires_grad_(), other.clone().requires_grad_()
+        excluded = None if mask is None else (mask if direction == 0 else mask.T)[rows]
+        mode, selhn_mean = _fast.MODES[loss], loss == "selhn" and mean
+        out = _fast.RowLoss.apply(anchors, candidates, positive, excluded, 0.2, epsilon, mode, selhn_mean)
+        torch.testing.assert_close(out, expected[direction].detach())
+        (out * cotangent[direction]).sum().backward()
+        d_own[rows] += anchors.grad
+        d_other += candidates.grad
+    torch.testing.assert_close(got_img, ref_img.grad)
+    torch.testing.assert_close(got_txt, ref_txt.grad)
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.3, 10.0])  # 10: every anchor falls back (all rows dense)
+@pytest.mark.parametrize("loss", sorted(MODULES))
+@given(pair=embedding_pairs(batch_sizes(1, 10)), data=st.data())
+def test_row_loss_matches_reference(loss, epsilon, pair, data):
+    img, txt = pair
+    size = img.shape[0]
+    for _ in range(data.draw(st.integers(0, 2), label="n_ties")):  # exact copies: tied negatives
+        source, target = data.draw(st.integers(0, size - 1)), data.draw(st.integers(0, size - 1))
+        txt[target] = txt[source]
+    offset = data.draw(st.integers(0, size - 1), label="offset")
+    local = data.draw(st.integers(1, size - offset), label="local")
+    ids = (
+        torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=size, max_size=size)))
+        if data.draw(st.booleans(), label="ids")
+        else None
+    )
+    row_loss_matches_reference(loss, img, txt, offset, local, ids, epsilon, data.draw(st.booleans(), label="mean"))
+
+
+def test_row_loss_mixed_batch_forms_only_the_fallback_rows():
+    """A few vanishing anchors: only their rows are formed, and saved as a boolean mask."""
+    img, txt = mixed_batch(12, 3)  # a few image anchors among 0-3 fall back
+    n_fallback = sum(reference_fallback_flags(img @ txt.T, 0.05)[0][1:8])
+    assert 0 < n_fallback < 7
+    row_loss_matches_reference("selhn", img, txt, 1, 7, None, 0.05, True)
+    anchors, candidates = img[1:8].clone().requires_grad_(), txt.clone().requires_grad_()
+    value = _fast.RowLoss.apply(anchors, candidates, torch.arange(1, 8), None, 0.2, 0.05, _fast.SELHN, True)
+    saved = [t for t in value.grad_fn.saved_tensors if t is not None]
+    assert [t.shape for t in saved if t.dim() == 2 and t.dtype == torch.bool] == [(n_fallback, 12)]
+    assert not any(t.dim() == 2 and t.is_floating_point() and t.shape[0] == 7 and t.shape[1] == 12 for t in saved)
+
+
 def _compile_works() -> bool:
     try:
         torch.compile(lambda x: x + 1, fullgraph=True)(torch.ones(2))
@@ -313,6 +374,22 @@ def test_torch_compile_fullgraph_matches_eager(loss):
     function = {"selhn": F.selhn_loss, "hn": F.max_violation_loss, "sum": F.sum_hinge_loss}[loss]
     compiled_function = torch.compile(function, fullgraph=True)
     torch.testing.assert_close(compiled_function(scores), function(scores))
+    # the distributed loss's rectangular Function (all rows dense under compile)
+    mode, positive = _fast.MODES[loss], torch.arange(3, 9)
+    excluded = torch.zeros(6, 12, dtype=torch.bool)
+    excluded[0, 1] = True
+
+    def rows(anchors, candidates):
+        return _fast.RowLoss.apply(anchors, candidates, positive, excluded, 0.2, 0.01, mode, True)
+
+    results = []
+    for fn in (rows, torch.compile(rows, fullgraph=True)):
+        a, b = img[3:9].clone().requires_grad_(), txt.clone().requires_grad_()
+        value = fn(a, b)
+        (value * torch.arange(6.0)).sum().backward()
+        results.append((value, a.grad, b.grad))
+    for eager, comp in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(comp, eager)
 
 
 def test_benchmark_script_smoke():
