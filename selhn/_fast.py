@@ -403,7 +403,7 @@ class ScoreLoss(torch.autograd.Function):
     def forward(
         ctx: Any, scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: str, mean: bool
     ) -> Tensor:
-        work = scores.clone()  # never overwrite the caller's scores
+        work = scores.clone(memory_format=torch.contiguous_format)  # never overwrite the caller's scores
         losses, state = _forward(work, mask, margin, epsilon, mode, mean, for_embeddings=False)
         _save(ctx, state)
         ctx.batch = scores.shape[0]
