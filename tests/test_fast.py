@@ -174,6 +174,21 @@ def test_two_level_maxima_equal_max(groups, scores, data):
     assert all(_same(a, b) for a, b in zip(got_t, expected[2:] + expected[:2], strict=True))
 
 
+@pytest.mark.parametrize("size", [1024, 1030])  # groups divide B / leave a remainder of 6
+def test_two_level_maxima_at_default_sizes(size):
+    generator = torch.Generator().manual_seed(size)
+    scores = torch.randint(0, 50, (size, size), generator=generator).float()  # many ties
+    _selection.fill_excluded_(scores, torch.rand(size, size, generator=generator) < 0.1)
+    scores[5] = float("-inf")  # an anchor without negatives, in both directions
+    scores[:, 7] = float("-inf")
+    scores[9, -1] = scores[-1, 9] = 99.0  # maxima in the remainder
+    assert scores.numel() >= _selection.TWO_LEVEL_MIN_SIZE
+    rows, cols = scores.max(dim=1), scores.max(dim=0)
+    got = _selection.hardest_negatives(scores)
+    expected = (rows.values, rows.indices, cols.values, cols.indices)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 @pytest.fixture(scope="module")
 def compiled_kernels():
     with pytest.MonkeyPatch.context() as patch:
