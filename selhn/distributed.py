@@ -172,10 +172,12 @@ def global_loss(
     mode, mean = _fast.MODES[loss], loss == "selhn" and mean
 
     def anchor_losses(anchors: Tensor, candidates: Tensor) -> Tensor:
-        """Local anchors against the global candidates, with the lean backward of selhn._fast."""
-        losses: Tensor = _fast.RowLoss.apply(  # type: ignore[no-untyped-call]
-            anchors, candidates, positive, excluded, margin, epsilon, mode, mean
-        )
+        """Local anchors against the global candidates, with the lean backward of selhn._fast;
+        scored in float32 or wider under autocast too, as the modules score."""
+        with torch.autocast(device_type=anchors.device.type, enabled=False):
+            losses: Tensor = _fast.RowLoss.apply(  # type: ignore[no-untyped-call]
+                anchors, candidates, positive, excluded, margin, epsilon, mode, mean
+            )
         return losses
 
     share = anchor_losses(img, all_txt).sum() + anchor_losses(txt, all_img).sum()

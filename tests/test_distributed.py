@@ -118,6 +118,49 @@ def test_without_a_process_group_it_is_the_plain_loss():
         D.global_loss(img, txt, "triplet")
 
 
+def autocast_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """bfloat16 embeddings under CPU autocast, as an AMP training step hands them over."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    img_all, txt_all = autocast_batch()
+    local = slice(4 * rank, 4 * rank + 4)
+    img, txt = img_all[local].clone().requires_grad_(), txt_all[local].clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = D.global_loss(img, txt, "selhn", 0.2, 0.3)
+    value.backward()
+    torch.save((value.detach(), img.grad, txt.grad), f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def autocast_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(8, 6, generator=generator), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.5 * torch.randn(8, 6, generator=generator), dim=1)
+    txt[2] = txt[5]  # a vanishing anchor whose hardest negative lives on the other rank
+    return img.to(torch.bfloat16), txt.to(torch.bfloat16)
+
+
+def test_global_loss_under_autocast_scores_in_float32(tmp_path):
+    """Like the modules, the distributed loss scores in float32 under autocast: the value is the
+    single-process loss on the global batch, each rank's embedding gradient W times its rows."""
+    out = str(tmp_path / "autocast")
+    mp.spawn(autocast_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    img, txt = (x.clone().requires_grad_() for x in autocast_batch())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = selhn.SelHNLoss(0.2, 0.3)(img, txt)
+    expected.backward()
+    for rank in (0, 1):
+        value, d_img, d_txt = torch.load(f"{out}.{rank}")
+        torch.testing.assert_close(value, expected.detach())
+        rows = slice(4 * rank, 4 * rank + 4)
+        # bfloat16 gradients: the ranks' contributions are summed after rounding (bf16 tolerance)
+        torch.testing.assert_close(d_img, 2 * img.grad[rows])
+        torch.testing.assert_close(d_txt, 2 * txt.grad[rows])
+
+
 @pytest.mark.slow
 def test_pipeline_under_torchrun_with_global_negatives(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
