@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 #: Smallest score matrix (in entries) whose maxima are taken in two levels on a CPU. Measured
-#: on a 2-core CPU against ``max`` for both directions: 0.8x - 1.2x of its time at B = 256 -
-#: 1000, 0.22x at B = 1024, 0.11x - 0.27x at B = 1536 - 4096 (``max(dim=0)`` slows down
-#: sharply once a row no longer fits in cache alongside its neighbours).
+#: on a 2-core CPU against ``max`` for both directions: 1.8x of its time at B = 256, 0.8x -
+#: 1.1x at B = 512 - 1000, 0.22x at B = 1024 and 0.11x - 0.27x at B = 1536 - 4096
+#: (``max(dim=0)`` slows down sharply once a row no longer fits in cache beside its neighbours).
 TWO_LEVEL_MIN_SIZE = 1024 * 1024
 #: Group widths of the two-level maxima: a row is reduced in groups of ``ROW_GROUP`` adjacent
 #: entries, a column in groups of ``COL_GROUP`` adjacent rows.
