@@ -9,7 +9,8 @@ For each batch size B (D = 1024 by default), forward + backward of
   batch (steady state: nearly every SelHN anchor takes the hard branch), and ``SelHNLoss`` on
   a near-collapsed batch (cold start: every anchor takes the fallback). In both batches every
   hinge is active, so the dense terms take their low-rank form; the two ``dense`` cases
-  switch that form off, showing what they cost when many hinges are inactive.
+  switch it and the sparse form off, showing what they cost when neither nearly all nor very
+  few hinges are active.
 
 Timings are interleaved (one run of each case per round) and the median per case is reported
 as a ratio to ``bare`` and to ``literal`` measured in the same rounds: absolute times on a
@@ -80,16 +81,16 @@ Case = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def dense_form(loss: Case) -> Case:
-    """``loss`` with the low-rank form of the dense terms switched off (the path taken when
-    many hinges are inactive, e.g. the sum of hinges late in training)."""
+    """``loss`` with the low-rank and sparse forms of the dense terms switched off (the path
+    taken when neither nearly all nor very few hinges are active, e.g. mid-training)."""
 
     def run(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        saved = _fast.LOW_RANK_FRACTION
-        _fast.LOW_RANK_FRACTION = 0.0  # decided in forward; backward follows the saved state
+        saved = _fast.LOW_RANK_FRACTION, _fast.SPARSE_FRACTION
+        _fast.LOW_RANK_FRACTION = _fast.SPARSE_FRACTION = 0.0  # decided in forward, followed in backward
         try:
             return loss(img, txt)
         finally:
-            _fast.LOW_RANK_FRACTION = saved
+            _fast.LOW_RANK_FRACTION, _fast.SPARSE_FRACTION = saved
 
     return run
 

@@ -14,9 +14,10 @@ size B x B alive for backward:
 * fallback anchors (SelHN's vanishing regime) and the sum of hinges need dense coefficients.
   In the modules over embeddings, when nearly every such hinge is active (collapsed
   embeddings, early training) the coefficient matrix is two rank-one terms minus a few
-  inactive pairs, and only those pairs' indices are saved (the low-rank form); when few
-  anchors take the fallback, only their rows and columns are formed and a boolean mask of
-  their active hinges is saved. Otherwise the score matrix, with its non-negatives already
+  inactive pairs, and only those pairs' indices are saved (the low-rank form); when few are
+  active (late training) only the active pairs' indices are saved (the sparse form); when
+  few anchors take the fallback, only their rows and columns are formed and a boolean mask
+  of their active hinges is saved. Otherwise the score matrix, with its non-negatives already
   set to ``-inf``, is saved once and the coefficient matrix is formed in one fused pass in
   backward, then multiplied.
 
@@ -24,9 +25,9 @@ The dense passes run as small ``torch.compile``-d kernels when the batch is larg
 pay for them (B >= ``COMPILE_MIN_BATCH``); they fall back to eager PyTorch when compiling is
 switched off (``SELHN_COMPILE=0``), fails, or when the caller is itself being compiled (then
 Dynamo fuses the eager code into the caller's graph). Choosing between these backward forms
-reads up to two counts from the device in eager mode (how many anchors fall back, how many
-of their hinges are inactive); under ``torch.compile`` the dense path is always taken, with
-no data-dependent branch.
+reads from the device twice at most in eager mode (how many anchors fall back; how many of
+their hinges are active and inactive); under ``torch.compile`` the dense path is always
+taken, with no data-dependent branch.
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ COMPILE_MIN_BATCH = 256
 #: 4096 takes 0.89 / 0.79 / 0.80 of the dense form's time with 1/64 of the pairs inactive and
 #: breaks even near 1/32. 0 switches the low-rank form off.
 LOW_RANK_FRACTION = 1 / 64
+
+#: Otherwise the modules' dense terms take the sparse form when the active hinges of dense
+#: anchors, both directions counted, number at most this fraction of the B**2 pairs (late in
+#: training most hinges are inactive): one weighted row gather per active pair instead of two
+#: B x B x D matmuls. Measured on a 2-core CPU, D = 1024, the sum of hinges with 1% of each
+#: direction's hinges active (2% of B**2) takes 0.76 / 0.65 / 0.72 of the dense form's time at
+#: B = 512 / 2048 / 4096, with 2% 0.85 / 0.80 / 0.90; they break even near 3% (6% of B**2).
+#: 0 switches the sparse form off.
+SPARSE_FRACTION = 1 / 32
 
 HARD, SELHN, SUM = "hard", "selhn", "sum"
 #: Public loss names (as in the diagnostics and the distributed loss) -> modes of this module.
@@ -126,6 +136,8 @@ class _State:
         "col_active",
         "off_row",
         "off_col",
+        "on_row",
+        "on_col",
     )
 
     def __init__(self) -> None:
@@ -144,35 +156,55 @@ class _State:
         # low-rank dense terms (nearly every hinge of the dense anchors active), instead:
         self.off_row: Tensor | None = None  # (2, n) [i, j]: inactive hinges of dense image anchors
         self.off_col: Tensor | None = None  # (2, n') [i, j]: inactive hinges of dense caption anchors
+        # sparse dense terms (few hinges of the dense anchors active), instead:
+        self.on_row: Tensor | None = None  # (2, n) [i, j]: active hinges of dense image anchors
+        self.on_col: Tensor | None = None  # (2, n') [i, j]: active hinges of dense caption anchors
 
 
-def _low_rank_(state: _State, scores: Tensor, threshold: Tensor, dense: Tensor, active: Tensor) -> bool:
-    """Choose the low-rank form of the dense terms when almost every hinge is active.
+def _pair_form_(state: _State, scores: Tensor, threshold: Tensor, dense: Tensor, active: Tensor) -> bool:
+    """Choose a form of the dense terms whose backward needs no B x B buffer, from the pairs.
 
     The dense coefficient matrix is ``diag(k) A_row + A_col diag(k')`` with ``A`` the active
-    hinges. Early in training (collapsed embeddings: SelHN's fallback regime, and the sum of
-    hinges) nearly every hinge is active, so ``A = J - I - (inactive pairs)`` and the two
-    B x B x D matmuls of backward become two rank-one terms and a weighted row gather over
-    the diagonal and the few inactive pairs. Sets ``state.off_row``/``off_col`` and returns
-    True when at most ``LOW_RANK_FRACTION * B**2`` pairs are inactive (the user's excluded
-    pairs included); one count is read from the device.
+    hinges. Two extremes have cheap forms (both go through the hard terms' weighted gather):
+
+    * low rank: early in training (collapsed embeddings: SelHN's fallback regime, the sum of
+      hinges) nearly every hinge is active, so ``A = J - I - (inactive pairs)`` and the two
+      B x B x D matmuls of backward become two rank-one terms and a weighted row gather over
+      the diagonal and the few inactive pairs (``state.off_row``/``off_col``), when at most
+      ``LOW_RANK_FRACTION * B**2`` pairs are inactive (the user's excluded pairs included);
+    * sparse: late in training few hinges are active, so ``A`` itself is a list of pairs
+      (``state.on_row``/``on_col``), when at most ``SPARSE_FRACTION * B**2`` are active.
+
+    Returns whether one was chosen; the two counts are read from the device in one transfer.
     """
     if torch.compiler.is_compiling():
         return False
     batch = scores.shape[0]
-    inactive = int(((batch - 1 - active) * dense).sum())  # off-diagonal pairs of dense anchors
-    if LOW_RANK_FRACTION <= 0 or inactive > LOW_RANK_FRACTION * batch * batch:
+    # off-diagonal pairs of dense anchors whose hinge is 0, and those whose hinge is active: sums
+    # of small non-negative integers, exact whenever they are small enough to matter
+    inactive, n_active = torch.stack([((batch - 1 - active) * dense).sum(), (active * dense).sum()]).tolist()
+    if LOW_RANK_FRACTION > 0 and inactive <= LOW_RANK_FRACTION * batch * batch:
+        low_rank, count = True, inactive
+    elif SPARSE_FRACTION > 0 and n_active <= SPARSE_FRACTION * batch * batch:
+        low_rank, count = False, n_active
+    else:
         return False
-    if not inactive:
-        state.off_row = state.off_col = torch.empty(2, 0, dtype=torch.long, device=scores.device)
-        return True
-    below = torch.empty_like(scores, dtype=torch.bool)
     pairs = []
-    for side, broadcast in ((0, 1), (1, 0)):  # image anchors: rows of S; caption anchors: columns
-        torch.le(scores, threshold.unsqueeze(broadcast), out=below)  # excluded pairs are -inf: below
-        below.diagonal().fill_(False)
-        pairs.append(below.logical_and_(dense[side].unsqueeze(broadcast)).nonzero().t())
-    state.off_row, state.off_col = pairs
+    if count:
+        chosen = torch.empty_like(scores, dtype=torch.bool)
+        for side, broadcast in ((0, 1), (1, 0)):  # image anchors: rows of S; caption anchors: columns
+            # excluded pairs are -inf: below the threshold, never active
+            compare = torch.le if low_rank else torch.gt
+            compare(scores, threshold.unsqueeze(broadcast), out=chosen)
+            if low_rank:
+                chosen.diagonal().fill_(False)
+            pairs.append(chosen.logical_and_(dense[side].unsqueeze(broadcast)).nonzero().t())
+    else:
+        pairs = [torch.empty(2, 0, dtype=torch.long, device=scores.device)] * 2
+    if low_rank:
+        state.off_row, state.off_col = pairs
+    else:
+        state.on_row, state.on_col = pairs
     return True
 
 
@@ -236,7 +268,7 @@ def _forward(
         row_sum, row_active, col_sum, col_active = _kernel("hinge_sums", _hinge_sums, batch)(scores, threshold)
         sums = torch.stack([row_sum, col_sum])
         active = torch.stack([row_active, col_active]).to(scores.dtype)
-        if not (for_embeddings and _low_rank_(state, scores, threshold, dense, active)):
+        if not (for_embeddings and _pair_form_(state, scores, threshold, dense, active)):
             state.scores = scores
             state.threshold = threshold
     scale: Tensor | float = 1.0
@@ -331,11 +363,11 @@ def _sparse_rows(out_rows: Tensor, in_rows: Tensor, weights: Tensor, source: Ten
 def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
     """dL/dimg and dL/dtxt (B, D).
 
-    With dense terms for most anchors, either the low-rank form (nearly every hinge active)
-    or the whole coefficient matrix, formed once (the hard and positive terms are O(B) entries
-    of it) and multiplied: two matmuls. Otherwise the positive and hard terms are one weighted
-    gather of embedding rows per side, and the few fallback anchors add their own rows and
-    columns of coefficients.
+    With dense terms for most anchors, either the low-rank form (nearly every hinge active),
+    the sparse form (few hinges active) or the whole coefficient matrix, formed once (the hard
+    and positive terms are O(B) entries of it) and multiplied: two matmuls. Otherwise the
+    positive and hard terms are one weighted gather of embedding rows per side, and the few
+    fallback anchors add their own rows and columns of coefficients.
     """
     batch = img.shape[0]
     if state.scores is not None:
@@ -344,17 +376,20 @@ def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tu
     hard, dense, positive = _coefficients(grad, state)
     anchors = torch.arange(batch, device=img.device)
     rows, cols, values = _sparse_entries(hard, positive, state, anchors)
-    low_rank = dense is not None and state.off_row is not None and state.off_col is not None
-    if low_rank:
-        # below, every off-diagonal pair of a dense anchor counts as an active hinge; take the
-        # diagonal and the inactive pairs back out here (k for image anchor i's pairs (i, j),
-        # k' for caption anchor j's)
-        assert dense is not None and state.off_row is not None and state.off_col is not None
-        values[0] = positive - dense[0] - dense[1]
-        for side, pairs in enumerate((state.off_row, state.off_col)):
-            rows.append(pairs[0])
-            cols.append(pairs[1])
-            values.append(dense[side].index_select(0, pairs[side]).neg_())
+    low_rank = dense is not None and state.off_row is not None
+    if dense is not None:
+        if low_rank:
+            # below, every off-diagonal pair of a dense anchor counts as an active hinge; take
+            # the diagonal and the inactive pairs back out here (k for image anchor i's pairs
+            # (i, j), k' for caption anchor j's)
+            values[0] = positive - dense[0] - dense[1]
+        # the low-rank form's inactive pairs (taken out) or the sparse form's active pairs
+        for pair_lists, sign in (((state.off_row, state.off_col), -1.0), ((state.on_row, state.on_col), 1.0)):
+            for side, pairs in enumerate(pair_lists):
+                if pairs is not None:
+                    rows.append(pairs[0])
+                    cols.append(pairs[1])
+                    values.append(dense[side].index_select(0, pairs[side]).mul_(sign))
     i, j, w = torch.cat(rows), torch.cat(cols), torch.cat(values).to(txt.dtype)
     d_img = _sparse_rows(i, j, w, txt, anchors)  # s_ij = img_i . txt_j: img_i += w txt_j
     d_txt = _sparse_rows(j, i, w, img, anchors)  # txt_j += w img_i

@@ -33,16 +33,18 @@ def test_functional_on_cuda_matches_cpu_reference(loss, scores):
     torch.testing.assert_close(on_gpu.grad.cpu(), cpu.grad)
 
 
-@pytest.mark.parametrize("low_rank", [1.0, 0.0])  # LOW_RANK_FRACTION: every dense state low-rank / none
+# (LOW_RANK_FRACTION, SPARSE_FRACTION): every dense state low-rank / sparse / neither
+@pytest.mark.parametrize("fractions", [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
 @pytest.mark.parametrize("loss", sorted(MODULES))
 @settings(max_examples=20)
 @given(pair=embedding_pairs(batch_sizes(1, 12)))
-def test_modules_on_cuda_match_cpu(loss, low_rank, pair):
+def test_modules_on_cuda_match_cpu(loss, fractions, pair):
     results = []
     for device in ("cpu", "cuda"):
         img, txt = (x.detach().clone().to(device).requires_grad_() for x in pair)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(_fast, "LOW_RANK_FRACTION", low_rank)
+            patch.setattr(_fast, "LOW_RANK_FRACTION", fractions[0])
+            patch.setattr(_fast, "SPARSE_FRACTION", fractions[1])
             value = MODULES[loss](reduction="sum")(img, txt, ids=torch.arange(img.shape[0]) // 2)
         value.backward()
         results.append((value.cpu(), img.grad.cpu(), txt.grad.cpu()))

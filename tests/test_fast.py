@@ -67,19 +67,39 @@ def test_mixed_batches_take_the_dense_path_only_where_needed(monkeypatch, n_dupl
     assert bool(calls) == restricted
 
 
-LOW_RANK = {"always": 1.0, "never": 0.0}  # LOW_RANK_FRACTION: every dense state / none low-rank
+# (LOW_RANK_FRACTION, SPARSE_FRACTION): every dense state in the low-rank / sparse form, or neither
+FORMS = {"low rank": (1.0, 0.0), "sparse": (0.0, 1.0), "dense": (0.0, 0.0)}
 
 
-@pytest.mark.parametrize("low_rank", sorted(LOW_RANK))
+def use_form(patch: pytest.MonkeyPatch, form: str) -> None:
+    patch.setattr(_fast, "LOW_RANK_FRACTION", FORMS[form][0])
+    patch.setattr(_fast, "SPARSE_FRACTION", FORMS[form][1])
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("loss", sorted(MODULES))
 @given(pair=embedding_pairs(batch_sizes(1, 10)), ids=st.booleans(), data=st.data())
-def test_module_paths_match_reference(loss, low_rank, pair, ids, data):
+def test_module_paths_match_reference(loss, form, pair, ids, data):
     img, txt = pair
     size = img.shape[0]
     id_tensor = data.draw(st.lists(st.integers(0, max(0, size // 2)), min_size=size, max_size=size)) if ids else None
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_fast, "LOW_RANK_FRACTION", LOW_RANK[low_rank])
+        use_form(patch, form)
         module_matches_reference(loss, img, txt, None if id_tensor is None else torch.tensor(id_tensor))
+
+
+def spy_pair_form(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """Record the form each forward pass chooses for its dense terms."""
+    chosen: list[str | None] = []
+    original = _fast._pair_form_
+
+    def spy(state, *args):
+        taken = original(state, *args)
+        chosen.append(None if not taken else "low rank" if state.off_row is not None else "sparse")
+        return taken
+
+    monkeypatch.setattr(_fast, "_pair_form_", spy)
+    return chosen
 
 
 @pytest.mark.parametrize("loss", ["selhn", "sum"])
@@ -93,20 +113,63 @@ def test_low_rank_form_is_chosen_when_nearly_every_hinge_is_active(monkeypatch, 
     txt[:3] = -txt[:3]  # three captions far from every image: some inactive hinges
     id_tensor = torch.arange(size) // 2 if ids else None  # two captions per image: excluded pairs
     monkeypatch.setattr(_fast, "LOW_RANK_FRACTION", 0.25)  # up to 400 inactive pairs: 3 per row here, + ids
-    chosen = []
-    original = _fast._low_rank_
-    monkeypatch.setattr(_fast, "_low_rank_", lambda *a: chosen.append(original(*a)) or chosen[-1])
+    chosen = spy_pair_form(monkeypatch)
     module_matches_reference(loss, img, txt, id_tensor)
-    assert chosen == [True]
+    assert chosen == ["low rank"]
     sizes = saved_sizes(lambda: MODULES[loss]()(img.clone().requires_grad_(), txt.clone().requires_grad_(), id_tensor))
     assert max(sizes) < size * size
 
 
-@pytest.mark.parametrize("low_rank", sorted(LOW_RANK))
+@pytest.mark.parametrize("loss", ["selhn", "sum"])
+@pytest.mark.parametrize("ids", [False, True])
+def test_sparse_form_is_chosen_when_few_hinges_are_active(monkeypatch, loss, ids):
+    """Late in training almost every hinge is inactive. Here pairs come as near-identical twins:
+    every anchor's only active hinge is its twin (which for SelHN sits within epsilon of the
+    positive, so every anchor falls back). The dense terms keep only the active pairs, save no
+    B x B buffer, and match the reference."""
+    size = 40
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(size // 2, 32, generator=generator, dtype=torch.float64).repeat_interleave(2, dim=0)
+    img = base + 1e-3 * torch.randn(size, 32, generator=generator, dtype=torch.float64)
+    txt = base + 1e-3 * torch.randn(size, 32, generator=generator, dtype=torch.float64)
+    img, txt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
+    id_tensor = torch.arange(size) % (size // 2) if ids else None  # excludes pairs (i, i + 20), not twins
+    monkeypatch.setattr(_fast, "SPARSE_FRACTION", 1 / 16)  # up to 100 active pairs; 80 here
+    chosen = spy_pair_form(monkeypatch)
+    module_matches_reference(loss, img, txt, id_tensor)
+    assert chosen == ["sparse"]
+    sizes = saved_sizes(lambda: MODULES[loss]()(img.clone().requires_grad_(), txt.clone().requires_grad_(), id_tensor))
+    assert max(sizes) < size * size
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("loss", sorted(MODULES))
-def test_non_contiguous_embeddings(loss, low_rank, monkeypatch):
+def test_hinges_exactly_at_the_kink_are_inactive_in_every_form(loss, form, monkeypatch):
+    """Scores that are exact binary fractions put hinges exactly at 0 (margin 0.25 between
+    0.5 and 0.25): their subgradient is 0 in every backward form, as in the reference."""
+    use_form(monkeypatch, form)
+    x = torch.tensor([0.5, 0.25, 0.75, 0.5, 0.0, 0.25, 1.0, 0.5], dtype=torch.float64)
+    img = torch.tensor([[1.0, 0.0]], dtype=torch.float64).repeat(8, 1)
+    txt = torch.stack([x, torch.zeros_like(x)], dim=1)  # s_ij = x_j: anchor i's hinge on j is x_j - x_i + 0.25
+    module = {"selhn": selhn.SelHNLoss(0.25, 0.3, reduction="sum"), "hn": selhn.MaxViolationLoss(0.25, reduction="sum")}
+    a_img, a_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    got = module.get(loss, selhn.SumHingeLoss(0.25, reduction="sum"))(a_img, a_txt)
+    b_img, b_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    expected = reference_loss(
+        b_img @ b_txt.T, loss, "sum", margin=0.25, **({"epsilon": 0.3} if loss == "selhn" else {})
+    )
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(a_img.grad, b_img.grad)
+    torch.testing.assert_close(a_txt.grad, b_txt.grad)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("loss", sorted(MODULES))
+def test_non_contiguous_embeddings(loss, form, monkeypatch):
     """Transposed and strided views (a sliced projection output, say) take every path too."""
-    monkeypatch.setattr(_fast, "LOW_RANK_FRACTION", LOW_RANK[low_rank])
+    use_form(monkeypatch, form)
     generator = torch.Generator().manual_seed(3)
     img_base = torch.randn(5, 9, generator=generator, dtype=torch.float64)
     txt_base = torch.randn(9, 10, generator=generator, dtype=torch.float64)
@@ -284,7 +347,7 @@ def test_dense_losses_save_one_square_buffer_at_most(monkeypatch):
     centre = torch.nn.functional.normalize(torch.ones(1, dim), dim=1)
     cold = (centre + 1e-4 * torch.randn(size, dim, generator=generator)).requires_grad_()
     spread = torch.nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1).requires_grad_()
-    monkeypatch.setattr(_fast, "LOW_RANK_FRACTION", 0.0)
+    use_form(monkeypatch, "dense")
     for module, (img, txt) in ((selhn.SelHNLoss(), (cold, cold)), (selhn.SumHingeLoss(margin=0.01), (spread, spread))):
         sizes = saved_sizes(lambda m=module, i=img, t=txt: m(i, t))
         assert sum(s for s in sizes if s >= size * size) == size * size
