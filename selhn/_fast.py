@@ -47,20 +47,20 @@ logger = logging.getLogger(__name__)
 #: Smallest batch for which the compiled dense kernels are used (compiling costs seconds once).
 COMPILE_MIN_BATCH = 256
 
-#: The modules' dense terms take the low-rank form when at most this fraction of the B**2 pairs
-#: are inactive hinges of dense anchors (one weighted row gather per inactive pair against two
-#: B x B x D matmuls). Measured on a 2-core CPU, D = 1024, the sum of hinges at B = 512 / 2048 /
-#: 4096 takes 0.89 / 0.79 / 0.80 of the dense form's time with 1/64 of the pairs inactive and
-#: breaks even near 1/32. 0 switches the low-rank form off.
-LOW_RANK_FRACTION = 1 / 64
+#: The modules' dense terms take the low-rank form when the inactive hinges of dense anchors
+#: (the user's excluded pairs included), both directions counted, number at most this fraction
+#: of the B**2 pairs: one weighted row gather per inactive pair against two B x B x D matmuls.
+#: 0 switches the low-rank form off.
+LOW_RANK_FRACTION = 1 / 32
 
-#: Otherwise the modules' dense terms take the sparse form when the active hinges of dense
-#: anchors, both directions counted, number at most this fraction of the B**2 pairs (late in
-#: training most hinges are inactive): one weighted row gather per active pair instead of two
-#: B x B x D matmuls. Measured on a 2-core CPU, D = 1024, the sum of hinges with 1% of each
-#: direction's hinges active (2% of B**2) takes 0.76 / 0.65 / 0.72 of the dense form's time at
-#: B = 512 / 2048 / 4096, with 2% 0.85 / 0.80 / 0.90; they break even near 3% (6% of B**2).
-#: 0 switches the sparse form off.
+#: Otherwise they take the sparse form when the active hinges of dense anchors, both directions
+#: counted, number at most this fraction of the B**2 pairs (late in training most hinges are
+#: inactive): one weighted row gather per active pair. 0 switches the sparse form off.
+#:
+#: Both thresholds are set from ``benchmarks/bench_forms.py`` (2-core CPU, D = 1024, the sum of
+#: hinges against the dense form): with 1.5% of each direction's hinges inactive (active),
+#: about 1/32 of B**2, the low-rank (sparse) form takes 0.79 / 0.78 / 0.82 (0.74 / 0.73 / 0.77)
+#: of the dense form's time at B = 512 / 2048 / 4096; both break even between 2.5% and 3%.
 SPARSE_FRACTION = 1 / 32
 
 HARD, SELHN, SUM = "hard", "selhn", "sum"

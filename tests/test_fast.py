@@ -3,6 +3,7 @@ what it saves for backward, and torch.compile."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -468,6 +469,15 @@ def test_torch_compile_fullgraph_matches_eager(loss):
         results.append((value, a.grad, b.grad))
     for eager, comp in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(comp, eager)
+
+
+def test_forms_benchmark_script_smoke():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_forms.py"
+    command = [sys.executable, str(script), "--sizes", "48", "--dim", "16", "--rounds", "1", "--fractions", "0.05"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    assert "low rank" in result.stdout and "sparse" in result.stdout
+    shares = [float(x) for x in re.findall(r"([0-9.]+)% of hinges", result.stdout)]
+    assert len(shares) == 2 and all(abs(x - 5.0) < 0.5 for x in shares)  # the margin search found 5%
 
 
 def test_benchmark_script_smoke():
