@@ -496,7 +496,10 @@ class RowLoss(torch.autograd.Function):
     Like :class:`EmbeddingLoss`, it saves indices and flags, not scores: the hard terms'
     backward is one weighted gather per side, and the dense rows (SelHN's fallback anchors, or
     every row for the sum of hinges and under ``torch.compile``) keep only a boolean mask of
-    their active hinges, whose coefficients are formed and multiplied in backward.
+    their active hinges, whose coefficients are formed and multiplied in backward. When every
+    row is dense (a cold start, the sum of hinges), eager mode keeps instead the inactive pairs
+    when nearly every hinge is active (low rank: ``LOW_RANK_FRACTION``) or the active pairs when
+    hardly any is (sparse: ``SPARSE_FRACTION``), as the modules do.
     """
 
     @staticmethod
@@ -530,8 +533,9 @@ class RowLoss(torch.autograd.Function):
             hard_coef = (hard_loss > 0).to(scores.dtype)
             if mode == HARD:
                 empty = torch.empty(0, n_candidates, dtype=torch.bool, device=scores.device)
+                ctx.low_rank = False
                 ctx.save_for_backward(
-                    anchors, candidates, positive, hard_index, hard_coef, None, empty, None, hard_coef
+                    anchors, candidates, positive, hard_index, hard_coef, None, empty, None, hard_coef, None
                 )
                 return hard_loss
             dense = sel.vanishing(sel.gap(positives, hardest), epsilon)
@@ -564,15 +568,27 @@ class RowLoss(torch.autograd.Function):
         positive_coef = counts * dense_coef
         if hard_coef is not None:
             positive_coef += hard_coef
+        pairs, low_rank = None, False
+        if fallback is None and not torch.compiler.is_compiling():
+            # every row dense: nearly all hinges active (cold start) or hardly any (late training)?
+            n_active = int(counts.sum())
+            limit = n_anchors * n_candidates
+            if LOW_RANK_FRACTION > 0 and n_anchors * (n_candidates - 1) - n_active <= LOW_RANK_FRACTION * limit:
+                pairs, low_rank = active.logical_not_().nonzero().t(), True  # the positives included
+            elif SPARSE_FRACTION > 0 and n_active <= SPARSE_FRACTION * limit:
+                pairs = active.nonzero().t()
+            if pairs is not None:
+                active = active[:0]
+        ctx.low_rank = low_rank
         ctx.save_for_backward(
-            anchors, candidates, positive, hard_index, hard_coef, fallback, active, dense_coef, positive_coef
+            anchors, candidates, positive, hard_index, hard_coef, fallback, active, dense_coef, positive_coef, pairs
         )
         return torch.where(dense, sums * scale, hard_loss)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        anchors, candidates, positive, hard_index, hard_coef, fallback, active, dense_coef, positive_coef = (
+        anchors, candidates, positive, hard_index, hard_coef, fallback, active, dense_coef, positive_coef, pairs = (
             ctx.saved_tensors
         )
         grad = grad.contiguous()
@@ -583,9 +599,18 @@ class RowLoss(torch.autograd.Function):
             out.append(rows)
             into.append(hard_index)
             weights.append(grad * hard_coef)
+        if pairs is not None:  # k_a at each active pair (sparse), or -k_a at each inactive one (low rank)
+            k = grad * dense_coef
+            out.append(pairs[0])
+            into.append(pairs[1])
+            weights.append(k.index_select(0, pairs[0]).mul_(-1.0 if ctx.low_rank else 1.0))
         a, c, w = torch.cat(out), torch.cat(into), torch.cat(weights).to(anchors.dtype)
         d_anchors = _sparse_rows(a, c, w, candidates, rows)
         d_candidates = _sparse_rows(c, a, w, anchors, torch.arange(candidates.shape[0], device=grad.device))
+        if ctx.low_rank:  # the rank-one term k 1^T: every pair counted active above, then taken out
+            k = (grad * dense_coef).to(anchors.dtype).unsqueeze(1)
+            d_anchors.addmm_(k, candidates.sum(dim=0, keepdim=True))
+            d_candidates.addmm_(torch.ones_like(candidates[:, :1]), k.t() @ anchors)
         if active.numel():  # the dense rows: k_a at each active hinge of anchor a
             k = grad * dense_coef
             if fallback is None:

@@ -83,10 +83,11 @@ def test_torch_compile_on_cuda():
     torch.testing.assert_close(compiled(img.float(), txt.float()), module(img.float(), txt.float()))
 
 
+@pytest.mark.parametrize("fractions", [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])  # low rank / sparse / mask
 @pytest.mark.parametrize("loss", sorted(MODULES))
 @settings(max_examples=10)
 @given(pair=embedding_pairs(batch_sizes(2, 12)))
-def test_row_loss_on_cuda_matches_cpu(loss, pair):
+def test_row_loss_on_cuda_matches_cpu(loss, fractions, pair):
     """The distributed loss's rectangular Function: local anchors 1.. against all candidates."""
     img, txt = pair
     local = img.shape[0] - 1
@@ -96,16 +97,13 @@ def test_row_loss_on_cuda_matches_cpu(loss, pair):
     for device in ("cpu", "cuda"):
         anchors = img[1:].clone().to(device).requires_grad_()
         candidates = txt.clone().to(device).requires_grad_()
-        value = _fast.RowLoss.apply(
-            anchors,
-            candidates,
-            torch.arange(1, img.shape[0], device=device),
-            excluded.to(device),
-            0.2,
-            0.3,
-            _fast.MODES[loss],
-            True,
-        )
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_fast, "LOW_RANK_FRACTION", fractions[0])
+            patch.setattr(_fast, "SPARSE_FRACTION", fractions[1])
+            value = _fast.RowLoss.apply(
+                anchors, candidates, torch.arange(1, img.shape[0], device=device), excluded.to(device),
+                0.2, 10.0, _fast.MODES[loss], True,  # epsilon 10: every SelHN anchor falls back
+            )  # fmt: skip
         (value * torch.arange(local, device=device)).sum().backward()
         results.append((value.cpu(), anchors.grad.cpu(), candidates.grad.cpu()))
     for a, b in zip(*results, strict=True):

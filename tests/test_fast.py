@@ -392,10 +392,12 @@ def row_loss_matches_reference(loss, img, txt, offset, local, ids, epsilon, mean
     torch.testing.assert_close(got_txt, ref_txt.grad)
 
 
+@pytest.mark.parametrize("form", sorted(FORMS))  # taken when every row is dense
 @pytest.mark.parametrize("epsilon", [0.05, 0.3, 10.0])  # 10: every anchor falls back (all rows dense)
 @pytest.mark.parametrize("loss", sorted(MODULES))
+@settings(max_examples=40)
 @given(pair=embedding_pairs(batch_sizes(1, 10)), data=st.data())
-def test_row_loss_matches_reference(loss, epsilon, pair, data):
+def test_row_loss_matches_reference(loss, epsilon, form, pair, data):
     img, txt = pair
     size = img.shape[0]
     for _ in range(data.draw(st.integers(0, 2), label="n_ties")):  # exact copies: tied negatives
@@ -408,7 +410,9 @@ def test_row_loss_matches_reference(loss, epsilon, pair, data):
         if data.draw(st.booleans(), label="ids")
         else None
     )
-    row_loss_matches_reference(loss, img, txt, offset, local, ids, epsilon, data.draw(st.booleans(), label="mean"))
+    with pytest.MonkeyPatch.context() as patch:
+        use_form(patch, form)
+        row_loss_matches_reference(loss, img, txt, offset, local, ids, epsilon, data.draw(st.booleans(), label="mean"))
 
 
 def test_row_loss_mixed_batch_forms_only_the_fallback_rows():
