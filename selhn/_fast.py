@@ -161,6 +161,16 @@ class _State:
         self.on_col: Tensor | None = None  # (2, n') [i, j]: active hinges of dense caption anchors
 
 
+def _low_rank_or_sparse(inactive: float, n_active: float, n_pairs: int) -> bool | None:
+    """Which pair form the dense terms take, from their inactive and active hinge counts over
+    ``n_pairs`` (B x B, or L x G): True for low rank, False for sparse, None for neither."""
+    if LOW_RANK_FRACTION > 0 and inactive <= LOW_RANK_FRACTION * n_pairs:
+        return True
+    if SPARSE_FRACTION > 0 and n_active <= SPARSE_FRACTION * n_pairs:
+        return False
+    return None
+
+
 def _pair_form_(state: _State, scores: Tensor, threshold: Tensor, dense: Tensor, active: Tensor) -> bool:
     """Choose a form of the dense terms whose backward needs no B x B buffer, from the pairs.
 
@@ -183,18 +193,15 @@ def _pair_form_(state: _State, scores: Tensor, threshold: Tensor, dense: Tensor,
     # off-diagonal pairs of dense anchors whose hinge is 0, and those whose hinge is active: sums
     # of small non-negative integers, exact whenever they are small enough to matter
     inactive, n_active = torch.stack([((batch - 1 - active) * dense).sum(), (active * dense).sum()]).tolist()
-    if LOW_RANK_FRACTION > 0 and inactive <= LOW_RANK_FRACTION * batch * batch:
-        low_rank, count = True, inactive
-    elif SPARSE_FRACTION > 0 and n_active <= SPARSE_FRACTION * batch * batch:
-        low_rank, count = False, n_active
-    else:
+    low_rank = _low_rank_or_sparse(inactive, n_active, batch * batch)
+    if low_rank is None:
         return False
     pairs = []
-    if count:
+    kept = inactive if low_rank else n_active  # how many pairs the form keeps
+    if kept:
         chosen = torch.empty_like(scores, dtype=torch.bool)
+        compare = torch.le if low_rank else torch.gt  # excluded pairs are -inf: inactive, never active
         for side, broadcast in ((0, 1), (1, 0)):  # image anchors: rows of S; caption anchors: columns
-            # excluded pairs are -inf: below the threshold, never active
-            compare = torch.le if low_rank else torch.gt
             compare(scores, threshold.unsqueeze(broadcast), out=chosen)
             if low_rank:
                 chosen.diagonal().fill_(False)
@@ -568,18 +575,15 @@ class RowLoss(torch.autograd.Function):
         positive_coef = counts * dense_coef
         if hard_coef is not None:
             positive_coef += hard_coef
-        pairs, low_rank = None, False
+        pairs, low_rank = None, None
         if fallback is None and not torch.compiler.is_compiling():
             # every row dense: nearly all hinges active (cold start) or hardly any (late training)?
             n_active = int(counts.sum())
-            limit = n_anchors * n_candidates
-            if LOW_RANK_FRACTION > 0 and n_anchors * (n_candidates - 1) - n_active <= LOW_RANK_FRACTION * limit:
-                pairs, low_rank = active.logical_not_().nonzero().t(), True  # the positives included
-            elif SPARSE_FRACTION > 0 and n_active <= SPARSE_FRACTION * limit:
-                pairs = active.nonzero().t()
-            if pairs is not None:
+            low_rank = _low_rank_or_sparse(n_anchors * (n_candidates - 1) - n_active, n_active, scores.numel())
+            if low_rank is not None:  # low rank keeps the inactive pairs, the positives included
+                pairs = (active.logical_not_() if low_rank else active).nonzero().t()
                 active = active[:0]
-        ctx.low_rank = low_rank
+        ctx.low_rank = bool(low_rank)
         ctx.save_for_backward(
             anchors, candidates, positive, hard_index, hard_coef, fallback, active, dense_coef, positive_coef, pairs
         )
@@ -599,20 +603,18 @@ class RowLoss(torch.autograd.Function):
             out.append(rows)
             into.append(hard_index)
             weights.append(grad * hard_coef)
-        if pairs is not None:  # k_a at each active pair (sparse), or -k_a at each inactive one (low rank)
-            k = grad * dense_coef
+        k = None if dense_coef is None else grad * dense_coef  # the dense rows' coefficient per hinge
+        if pairs is not None and k is not None:  # k_a at each active pair (sparse), or -k_a at each inactive one
             out.append(pairs[0])
             into.append(pairs[1])
             weights.append(k.index_select(0, pairs[0]).mul_(-1.0 if ctx.low_rank else 1.0))
         a, c, w = torch.cat(out), torch.cat(into), torch.cat(weights).to(anchors.dtype)
         d_anchors = _sparse_rows(a, c, w, candidates, rows)
         d_candidates = _sparse_rows(c, a, w, anchors, torch.arange(candidates.shape[0], device=grad.device))
-        if ctx.low_rank:  # the rank-one term k 1^T: every pair counted active above, then taken out
-            k = (grad * dense_coef).to(anchors.dtype).unsqueeze(1)
-            d_anchors.addmm_(k, candidates.sum(dim=0, keepdim=True))
-            d_candidates.addmm_(torch.ones_like(candidates[:, :1]), k.t() @ anchors)
-        if active.numel():  # the dense rows: k_a at each active hinge of anchor a
-            k = grad * dense_coef
+        if ctx.low_rank and k is not None:  # the rank-one term k 1^T: every pair counted active, then taken out
+            d_anchors.addmm_(k.unsqueeze(1), candidates.sum(dim=0, keepdim=True))
+            d_candidates.addmm_(torch.ones_like(candidates[:, :1]), k.unsqueeze(0) @ anchors)
+        if active.numel() and k is not None:  # the dense rows: k_a at each active hinge of anchor a
             if fallback is None:
                 block = torch.where(active, k.unsqueeze(1), 0.0)
                 d_anchors.addmm_(block, candidates)
