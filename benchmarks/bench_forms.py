@@ -13,7 +13,7 @@ the dense form (``LOW_RANK_FRACTION = SPARSE_FRACTION = 0``), measured in interl
 below 1 the form pays. ``selhn._fast.LOW_RANK_FRACTION`` and ``SPARSE_FRACTION`` (which count
 pairs of both directions against B**2, i.e. twice the fractions here) are set from these
 figures. Run: ``python benchmarks/bench_forms.py [--sizes 512 2048] [--fractions 0.005 0.01
-0.02 0.03 0.05] [--rounds 5]``.
+0.02 0.03 0.05] [--rounds 5] [--device cuda]``. On a GPU every timed run is synchronised.
 """
 
 from __future__ import annotations
@@ -31,18 +31,19 @@ from selhn import _fast
 FORMS = {"dense": (0.0, 0.0), "low rank": (1.0, 0.0), "sparse": (0.0, 1.0)}
 
 
-def batch(size: int, dim: int, matched: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(size: int, dim: int, matched: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(size)
     img = torch.nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1)
     other = torch.randn(size, dim, generator=generator)
     txt = img + 0.8 * other / dim**0.5 if matched else other
-    return img, torch.nn.functional.normalize(txt, dim=1)
+    return img.to(device), torch.nn.functional.normalize(txt, dim=1).to(device)
 
 
 def hinge_fraction(scores: torch.Tensor, margin: float, active: bool) -> float:
     """Mean over both directions of the fraction of active (or inactive) hinges."""
     positives = scores.diagonal()
-    negatives = scores.masked_fill(torch.eye(scores.shape[0], dtype=torch.bool), float("-inf"))
+    eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
+    negatives = scores.masked_fill(eye, float("-inf"))
     n_pairs = scores.shape[0] * (scores.shape[0] - 1)
     counts = [int((negatives - positives.unsqueeze(d) + margin > 0).sum()) for d in (1, 0)]
     on = sum(counts) / (2 * n_pairs)
@@ -70,21 +71,28 @@ def run(img: torch.Tensor, txt: torch.Tensor, margin: float, form: str) -> None:
         _fast.LOW_RANK_FRACTION, _fast.SPARSE_FRACTION = saved
 
 
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.03, 0.05])
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda: where the thresholds should hold too")
     args = parser.parse_args()
     if args.rounds < 1 or not all(0 < f < 1 for f in args.fractions):
         parser.error("--rounds must be >= 1 and every fraction in (0, 1)")
-    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, D = {args.dim}, rounds {args.rounds}")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, {where}, D = {args.dim}, rounds {args.rounds}")
     print("time of the form / time of the dense form (below 1: the form pays)")
     shuffler = random.Random(0)
     for size in args.sizes:
         for form, matched, active in (("low rank", False, False), ("sparse", True, True)):
-            img, txt = batch(size, args.dim, matched)
+            img, txt = batch(size, args.dim, matched, args.device)
             scores = img @ txt.t()
             for fraction in args.fractions:
                 margin = margin_for(scores, fraction, active)
@@ -94,8 +102,10 @@ def main() -> None:
                     run(img, txt, margin, name)
                 for _ in range(args.rounds):
                     for name in shuffler.sample(list(times), len(times)):
+                        sync(args.device)
                         start = time.perf_counter()
                         run(img, txt, margin, name)
+                        sync(args.device)
                         times[name].append(time.perf_counter() - start)
                 ratio = statistics.median(times[form]) / statistics.median(times["dense"])
                 state = "active" if active else "inactive"

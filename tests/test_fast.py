@@ -484,6 +484,15 @@ def test_forms_benchmark_script_smoke():
     assert len(shares) == 2 and all(abs(x - 5.0) < 0.5 for x in shares)  # the margin search found 5%
 
 
+def test_distributed_benchmark_script_smoke():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
+    command = [sys.executable, str(script), "--local", "8", "--candidates", "24", "--dim", "16", "--rounds", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    for loss in ("SelHN random", "SelHN collapsed", "max violation", "sum of hinges"):
+        assert f"{loss}: RowLoss" in result.stdout and f"{loss}: autograd" in result.stdout
+    assert "median of 2 rounds" in result.stdout
+
+
 def test_benchmark_script_smoke():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_losses.py"
     result = subprocess.run(

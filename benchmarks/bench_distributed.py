@@ -1,0 +1,163 @@
+"""One rank's share of the distributed loss: the lean ``RowLoss`` against plain autograd.
+
+In ``selhn.distributed.global_loss`` each rank scores its L local anchors against the G
+candidates of the global batch (one direction per call, both directions per step). This
+script times that rectangular problem in one process, forward + backward, D = 1024 by
+default, for
+
+* ``bare``: ``(anchors @ candidates.T).sum()``, the cost every loss sits on;
+* ``RowLoss`` (``selhn._fast.RowLoss``, what ``global_loss`` calls) and ``autograd``, a plain
+  autograd implementation of the same per-anchor definitions written here (dense L x G
+  hinge temporaries), for SelHN on a random batch (steady state: hard branch), SelHN on a
+  near-collapsed batch (cold start: every anchor falls back, every hinge active), max
+  violation and the sum of hinges on a random batch.
+
+Each case's value is checked against ``autograd`` once before timing. Timings are interleaved
+in a seeded random order per round; the medians are reported as ratios to ``bare`` measured in
+the same rounds. On a GPU the extra peak memory beyond ``bare`` is read from the CUDA allocator,
+in units of one L x G float32 buffer (on a CPU see ``bench_losses.py`` for the method; this
+script reports time only there).
+
+Run: ``python benchmarks/bench_distributed.py [--local 512] [--candidates 2048] [--rounds 20]
+[--device cuda]``. CI runs a tiny size as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from selhn import _fast
+
+Case = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def autograd_rows(
+    anchors: torch.Tensor, candidates: torch.Tensor, positive: torch.Tensor, mode: str, margin: float, epsilon: float
+) -> torch.Tensor:
+    """Per-anchor losses of one direction, straight from the definitions, through autograd."""
+    scores = anchors @ candidates.t()
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    positives = scores[rows, positive].unsqueeze(1)
+    is_positive = torch.zeros_like(scores, dtype=torch.bool)
+    is_positive[rows, positive] = True
+    hinges = (margin + scores - positives).clamp(min=0).masked_fill(is_positive, 0)
+    if mode == _fast.SUM:
+        return hinges.sum(dim=1)
+    hard = hinges.max(dim=1).values
+    if mode == _fast.HARD:
+        return hard
+    gap = (positives.squeeze(1) - scores.masked_fill(is_positive, float("-inf")).max(dim=1).values).detach()
+    return torch.where(gap.abs() < epsilon, hinges.sum(dim=1) / (scores.shape[1] - 1), hard)
+
+
+def batches(local: int, total: int, dim: int, device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Random and near-collapsed (anchors, candidates); anchor ``a``'s positive is candidate
+    ``local + a`` (the rank holding the global batch's second slice)."""
+    generator = torch.Generator().manual_seed(0)
+    centre = torch.randn(1, dim, generator=generator)
+    out = {}
+    for kind, spread, shift in (("random", 1.0, 0.0), ("collapsed", 1e-3, 1.0)):
+        pair = [shift * centre + spread * torch.randn(n, dim, generator=generator) for n in (local, total)]
+        anchors, candidates = (torch.nn.functional.normalize(x, dim=1).to(device) for x in pair)
+        out[kind] = anchors, candidates
+    return out
+
+
+def cases(positive: torch.Tensor, margin: float, epsilon: float) -> dict[str, tuple[str, Case]]:
+    def lean(mode: str, mean: bool) -> Case:
+        return lambda a, c: _fast.RowLoss.apply(a, c, positive, None, margin, epsilon, mode, mean).sum()
+
+    def plain(mode: str) -> Case:
+        return lambda a, c: autograd_rows(a, c, positive, mode, margin, epsilon).sum()
+
+    table: dict[str, tuple[str, Case]] = {
+        "bare": ("random", lambda a, c: (a @ c.t()).sum()),
+        "bare collapsed": ("collapsed", lambda a, c: (a @ c.t()).sum()),
+    }
+    for name, kind, mode, mean in (
+        ("SelHN random", "random", _fast.SELHN, True),
+        ("SelHN collapsed", "collapsed", _fast.SELHN, True),
+        ("max violation", "random", _fast.HARD, False),
+        ("sum of hinges", "random", _fast.SUM, False),
+    ):
+        table[f"{name}: RowLoss"] = (kind, lean(mode, mean))
+        table[f"{name}: autograd"] = (kind, plain(mode))
+    return table
+
+
+def run_once(fn: Case, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    anchors, candidates = (x.detach().requires_grad_() for x in pair)
+    value = fn(anchors, candidates)
+    value.backward()
+    return value.detach()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--local", type=int, default=512, help="L: this rank's anchors")
+    parser.add_argument("--candidates", type=int, default=2048, help="G: the global batch (>= 2 L)")
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.local < 1 or args.candidates < 2 * args.local:
+        parser.error("--rounds and --local must be >= 1 and --candidates >= 2 * --local")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, {where}, L = {args.local}, G = {args.candidates}, D = {args.dim}, fp32")
+    data = batches(args.local, args.candidates, args.dim, args.device)
+    positive = torch.arange(args.local, 2 * args.local, device=args.device)
+    todo = cases(positive, margin=0.2, epsilon=0.01)
+    for name, (kind, fn) in todo.items():  # warm-up, and the lean value against plain autograd
+        value = run_once(fn, data[kind])
+        run_once(fn, data[kind])
+        if name.endswith("RowLoss"):
+            reference = run_once(todo[name.replace("RowLoss", "autograd")][1], data[kind])
+            torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-4, msg=f"{name} differs from autograd")
+    times: dict[str, list[float]] = {name: [] for name in todo}
+    order = list(todo)
+    shuffler = random.Random(0)
+    for _ in range(args.rounds):
+        shuffler.shuffle(order)
+        for name in order:
+            kind, fn = todo[name]
+            sync(args.device)
+            start = time.perf_counter()
+            run_once(fn, data[kind])
+            sync(args.device)
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    cuda = args.device.startswith("cuda")
+    peak: dict[str, float] = {}
+    if cuda:
+        buffer = 4 * args.local * args.candidates
+        for name, (kind, fn) in todo.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run_once(fn, data[kind])
+            torch.cuda.synchronize()
+            peak[name] = (torch.cuda.max_memory_allocated() - base) / buffer
+    print(f"bare forward + backward {1000 * median['bare']:.2f} ms (median of {args.rounds} rounds)")
+    header = f"  {'case':28s} {'x bare':>8s}" + (f" {'extra peak (L x G fp32)':>24s}" if cuda else "")
+    print(header)
+    for name, (kind, _) in todo.items():
+        bare = "bare collapsed" if kind == "collapsed" else "bare"
+        line = f"  {name:28s} {median[name] / median[bare]:7.2f}x"
+        if cuda:
+            line += f" {peak[name] - peak[bare]:+24.2f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
