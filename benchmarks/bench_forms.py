@@ -9,11 +9,12 @@ inactive hinges (low-rank form) or active hinges (sparse form) is set by the mar
   chosen so that the given fraction of each direction's hinges is active.
 
 For each size and fraction the script prints the median time of the form divided by that of
-the dense form (``LOW_RANK_FRACTION = SPARSE_FRACTION = 0``), measured in interleaved rounds:
-below 1 the form pays. ``selhn._fast.LOW_RANK_FRACTION`` and ``SPARSE_FRACTION`` (which count
-pairs of both directions against B**2, i.e. twice the fractions here) are set from these
-figures. Run: ``python benchmarks/bench_forms.py [--sizes 512 2048] [--fractions 0.005 0.01
-0.02 0.03 0.05] [--rounds 5] [--device cuda]``. On a GPU every timed run is synchronised.
+the dense form (both thresholds 0), measured in interleaved rounds: below 1 the form pays.
+``selhn._fast.LOW_RANK_FRACTION`` and ``SPARSE_FRACTION`` (CPU) and ``GPU_LOW_RANK_FRACTION``
+and ``GPU_SPARSE_FRACTION`` (which count pairs of both directions against B**2, i.e. twice the
+fractions here) are set from these figures. Run: ``python benchmarks/bench_forms.py [--sizes
+512 2048] [--fractions 0.005 0.01 0.02 0.03 0.05] [--rounds 5] [--device cuda]``. On a GPU
+every timed run is synchronised.
 """
 
 from __future__ import annotations
@@ -62,13 +63,9 @@ def margin_for(scores: torch.Tensor, fraction: float, active: bool) -> float:
 
 
 def run(img: torch.Tensor, txt: torch.Tensor, margin: float, form: str) -> None:
-    saved = _fast.LOW_RANK_FRACTION, _fast.SPARSE_FRACTION
-    _fast.LOW_RANK_FRACTION, _fast.SPARSE_FRACTION = FORMS[form]
-    try:
+    with _fast.forced_pair_form_fractions(*FORMS[form]):
         a, b = img.detach().requires_grad_(), txt.detach().requires_grad_()
         selhn.SumHingeLoss(margin=margin)(a, b).backward()
-    finally:
-        _fast.LOW_RANK_FRACTION, _fast.SPARSE_FRACTION = saved
 
 
 def sync(device: str) -> None:

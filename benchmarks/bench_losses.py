@@ -85,12 +85,8 @@ def dense_form(loss: Case) -> Case:
     taken when neither nearly all nor very few hinges are active, e.g. mid-training)."""
 
     def run(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        saved = _fast.LOW_RANK_FRACTION, _fast.SPARSE_FRACTION
-        _fast.LOW_RANK_FRACTION = _fast.SPARSE_FRACTION = 0.0  # decided in forward, followed in backward
-        try:
+        with _fast.forced_pair_form_fractions(0.0, 0.0):  # decided in forward, followed in backward
             return loss(img, txt)
-        finally:
-            _fast.LOW_RANK_FRACTION, _fast.SPARSE_FRACTION = saved
 
     return run
 

@@ -32,9 +32,10 @@ taken, with no data-dependent branch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -50,18 +51,25 @@ COMPILE_MIN_BATCH = 256
 #: The modules' dense terms take the low-rank form when the inactive hinges of dense anchors
 #: (the user's excluded pairs included), both directions counted, number at most this fraction
 #: of the B**2 pairs: one weighted row gather per inactive pair against two B x B x D matmuls.
-#: 0 switches the low-rank form off.
+#: 0 switches the low-rank form off. This is the CPU's threshold; see ``GPU_LOW_RANK_FRACTION``.
 LOW_RANK_FRACTION = 1 / 32
 
 #: Otherwise they take the sparse form when the active hinges of dense anchors, both directions
 #: counted, number at most this fraction of the B**2 pairs (late in training most hinges are
 #: inactive): one weighted row gather per active pair. 0 switches the sparse form off.
-#:
 #: Both thresholds are set from ``benchmarks/bench_forms.py`` (2-core CPU, D = 1024, the sum of
 #: hinges against the dense form): with 1.5% of each direction's hinges inactive (active),
 #: about 1/32 of B**2, the low-rank (sparse) form takes 0.79 / 0.78 / 0.82 (0.74 / 0.73 / 0.77)
 #: of the dense form's time at B = 512 / 2048 / 4096; both break even between 2.5% and 3%.
 SPARSE_FRACTION = 1 / 32
+
+#: The same two thresholds on every other device (a GPU). There the dense form's matmuls are
+#: far cheaper against a gather than on a CPU: on an H200 (``bench_forms.py --device cuda``,
+#: D = 1024) both forms break even at 0.3% - 0.7% of each direction's hinges, and at 1/512 of
+#: B**2 (about 0.1% per direction) the low-rank form takes 0.87 / 0.60 and the sparse form
+#: 0.76 / 0.56 of the dense form's time at B = 4096 / 16384.
+GPU_LOW_RANK_FRACTION = 1 / 512
+GPU_SPARSE_FRACTION = 1 / 512
 
 HARD, SELHN, SUM = "hard", "selhn", "sum"
 #: Public loss names (as in the diagnostics and the distributed loss) -> modes of this module.
@@ -161,12 +169,36 @@ class _State:
         self.on_col: Tensor | None = None  # (2, n') [i, j]: active hinges of dense caption anchors
 
 
-def _low_rank_or_sparse(inactive: float, n_active: float, n_pairs: int) -> bool | None:
+def pair_form_fractions(device: torch.device) -> tuple[float, float]:
+    """The (low-rank, sparse) thresholds that apply on ``device``."""
+    if device.type == "cpu":
+        return LOW_RANK_FRACTION, SPARSE_FRACTION
+    return GPU_LOW_RANK_FRACTION, GPU_SPARSE_FRACTION
+
+
+@contextlib.contextmanager
+def forced_pair_form_fractions(low_rank: float, sparse: float) -> Iterator[None]:
+    """Use these (low-rank, sparse) thresholds on every device inside the block: 1.0 forces a
+    form wherever it is allowed, 0.0 switches it off (the tests and benchmarks force forms).
+    Not thread-safe: it sets module globals."""
+    names = ("LOW_RANK_FRACTION", "SPARSE_FRACTION", "GPU_LOW_RANK_FRACTION", "GPU_SPARSE_FRACTION")
+    module = globals()
+    saved = [module[name] for name in names]
+    module.update(zip(names, (low_rank, sparse, low_rank, sparse), strict=True))
+    try:
+        yield
+    finally:
+        module.update(zip(names, saved, strict=True))
+
+
+def _low_rank_or_sparse(inactive: float, n_active: float, n_pairs: int, device: torch.device) -> bool | None:
     """Which pair form the dense terms take, from their inactive and active hinge counts over
-    ``n_pairs`` (B x B, or L x G): True for low rank, False for sparse, None for neither."""
-    if LOW_RANK_FRACTION > 0 and inactive <= LOW_RANK_FRACTION * n_pairs:
+    ``n_pairs`` (B x B, or L x G) on ``device``: True for low rank, False for sparse, None for
+    neither."""
+    low_rank, sparse = pair_form_fractions(device)
+    if low_rank > 0 and inactive <= low_rank * n_pairs:
         return True
-    if SPARSE_FRACTION > 0 and n_active <= SPARSE_FRACTION * n_pairs:
+    if sparse > 0 and n_active <= sparse * n_pairs:
         return False
     return None
 
@@ -181,9 +213,11 @@ def _pair_form_(state: _State, scores: Tensor, threshold: Tensor, dense: Tensor,
       hinges) nearly every hinge is active, so ``A = J - I - (inactive pairs)`` and the two
       B x B x D matmuls of backward become two rank-one terms and a weighted row gather over
       the diagonal and the few inactive pairs (``state.off_row``/``off_col``), when at most
-      ``LOW_RANK_FRACTION * B**2`` pairs are inactive (the user's excluded pairs included);
+      ``LOW_RANK_FRACTION * B**2`` pairs are inactive (the user's excluded pairs included;
+      ``GPU_LOW_RANK_FRACTION`` on a GPU);
     * sparse: late in training few hinges are active, so ``A`` itself is a list of pairs
-      (``state.on_row``/``on_col``), when at most ``SPARSE_FRACTION * B**2`` are active.
+      (``state.on_row``/``on_col``), when at most ``SPARSE_FRACTION * B**2`` are active
+      (``GPU_SPARSE_FRACTION`` on a GPU).
 
     Returns whether one was chosen; the two counts are read from the device in one transfer.
     """
@@ -193,7 +227,7 @@ def _pair_form_(state: _State, scores: Tensor, threshold: Tensor, dense: Tensor,
     # off-diagonal pairs of dense anchors whose hinge is 0, and those whose hinge is active: sums
     # of small non-negative integers, exact whenever they are small enough to matter
     inactive, n_active = torch.stack([((batch - 1 - active) * dense).sum(), (active * dense).sum()]).tolist()
-    low_rank = _low_rank_or_sparse(inactive, n_active, batch * batch)
+    low_rank = _low_rank_or_sparse(inactive, n_active, batch * batch, scores.device)
     if low_rank is None:
         return False
     pairs = []
@@ -579,7 +613,9 @@ class RowLoss(torch.autograd.Function):
         if fallback is None and not torch.compiler.is_compiling():
             # every row dense: nearly all hinges active (cold start) or hardly any (late training)?
             n_active = int(counts.sum())
-            low_rank = _low_rank_or_sparse(n_anchors * (n_candidates - 1) - n_active, n_active, scores.numel())
+            low_rank = _low_rank_or_sparse(
+                n_anchors * (n_candidates - 1) - n_active, n_active, scores.numel(), scores.device
+            )
             if low_rank is not None:  # low rank keeps the inactive pairs, the positives included
                 pairs = (active.logical_not_() if low_rank else active).nonzero().t()
                 active = active[:0]

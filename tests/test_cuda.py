@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 
 import selhn
-from selhn import _fast
+from selhn import _fast, _selection
 from selhn import functional as F
 from selhn.testing import batch_sizes, embedding_pairs, half_dtypes, score_matrices
 from tests.reference import reference_loss
@@ -33,7 +33,7 @@ def test_functional_on_cuda_matches_cpu_reference(loss, scores):
     torch.testing.assert_close(on_gpu.grad.cpu(), cpu.grad)
 
 
-# (LOW_RANK_FRACTION, SPARSE_FRACTION): every dense state low-rank / sparse / neither
+# (low-rank, sparse) thresholds on both devices: every dense state low-rank / sparse / neither
 @pytest.mark.parametrize("fractions", [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
 @pytest.mark.parametrize("loss", sorted(MODULES))
 @settings(max_examples=20)
@@ -42,9 +42,7 @@ def test_modules_on_cuda_match_cpu(loss, fractions, pair):
     results = []
     for device in ("cpu", "cuda"):
         img, txt = (x.detach().clone().to(device).requires_grad_() for x in pair)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(_fast, "LOW_RANK_FRACTION", fractions[0])
-            patch.setattr(_fast, "SPARSE_FRACTION", fractions[1])
+        with _fast.forced_pair_form_fractions(*fractions):
             value = MODULES[loss](reduction="sum")(img, txt, ids=torch.arange(img.shape[0]) // 2)
         value.backward()
         results.append((value.cpu(), img.grad.cpu(), txt.grad.cpu()))
@@ -75,6 +73,20 @@ def test_large_batches_with_compiled_kernels_match_eager_math(size):
         torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [1024, 1030])
+def test_hardest_negatives_on_cuda_match_max(size):
+    """Large matrices take two-level column maxima on a GPU: ties to the lowest index."""
+    generator = torch.Generator().manual_seed(size)
+    scores = torch.randint(0, 50, (size, size), generator=generator).float()  # many ties
+    _selection.fill_excluded_(scores, torch.rand(size, size, generator=generator) < 0.1)
+    scores[:, 7] = float("-inf")
+    scores[-1, 9] = 99.0  # a maximum in the remainder
+    got = _selection.hardest_negatives(scores.cuda())
+    rows, cols = scores.max(dim=1), scores.max(dim=0)
+    for a, b in zip(got, (rows.values, rows.indices, cols.values, cols.indices), strict=True):
+        assert torch.equal(a.cpu(), b)
+
+
 def test_torch_compile_on_cuda():
     generator = torch.Generator().manual_seed(0)
     img, txt = (torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=1).cuda() for _ in range(2))
@@ -97,9 +109,7 @@ def test_row_loss_on_cuda_matches_cpu(loss, fractions, pair):
     for device in ("cpu", "cuda"):
         anchors = img[1:].clone().to(device).requires_grad_()
         candidates = txt.clone().to(device).requires_grad_()
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(_fast, "LOW_RANK_FRACTION", fractions[0])
-            patch.setattr(_fast, "SPARSE_FRACTION", fractions[1])
+        with _fast.forced_pair_form_fractions(*fractions):
             value = _fast.RowLoss.apply(
                 anchors, candidates, torch.arange(1, img.shape[0], device=device), excluded.to(device),
                 0.2, 10.0, _fast.MODES[loss], True,  # epsilon 10: every SelHN anchor falls back

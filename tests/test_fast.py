@@ -68,13 +68,29 @@ def test_mixed_batches_take_the_dense_path_only_where_needed(monkeypatch, n_dupl
     assert bool(calls) == restricted
 
 
-# (LOW_RANK_FRACTION, SPARSE_FRACTION): every dense state in the low-rank / sparse form, or neither
+# (low-rank, sparse) thresholds: every dense state in the low-rank / sparse form, or neither
 FORMS = {"low rank": (1.0, 0.0), "sparse": (0.0, 1.0), "dense": (0.0, 0.0)}
 
 
 def use_form(patch: pytest.MonkeyPatch, form: str) -> None:
-    patch.setattr(_fast, "LOW_RANK_FRACTION", FORMS[form][0])
-    patch.setattr(_fast, "SPARSE_FRACTION", FORMS[form][1])
+    for name, value in zip(("LOW_RANK_FRACTION", "SPARSE_FRACTION"), FORMS[form], strict=True):
+        patch.setattr(_fast, name, value)
+        patch.setattr(_fast, f"GPU_{name}", value)
+
+
+def test_pair_form_thresholds_follow_the_device():
+    assert _fast.pair_form_fractions(torch.device("cpu")) == (_fast.LOW_RANK_FRACTION, _fast.SPARSE_FRACTION)
+    gpu = (_fast.GPU_LOW_RANK_FRACTION, _fast.GPU_SPARSE_FRACTION)
+    assert _fast.pair_form_fractions(torch.device("meta")) == gpu  # every device but the CPU
+    assert gpu < (_fast.LOW_RANK_FRACTION, _fast.SPARSE_FRACTION)  # a gather pays less on a GPU
+    n_pairs = 512 * 512
+    assert _fast._low_rank_or_sparse(n_pairs / 64, n_pairs, n_pairs, torch.device("cpu")) is True
+    assert _fast._low_rank_or_sparse(n_pairs / 64, n_pairs, n_pairs, torch.device("meta")) is None
+    assert _fast._low_rank_or_sparse(n_pairs, n_pairs / 64, n_pairs, torch.device("cpu")) is False
+    with _fast.forced_pair_form_fractions(1.0, 0.0):
+        assert _fast.pair_form_fractions(torch.device("meta")) == (1.0, 0.0)
+        assert _fast.pair_form_fractions(torch.device("cpu")) == (1.0, 0.0)
+    assert _fast.pair_form_fractions(torch.device("meta")) == gpu
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
@@ -216,7 +232,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
-@pytest.mark.parametrize("groups", [(2, 3), (3, 2), (4, 4), (64, 16)])
+@pytest.mark.parametrize("groups", [(2, 3), (3, 2), (4, 4), (64, 16), (5, 64)])  # (., 64): GPU columns
 @given(scores=score_matrices(batch_sizes(1, 20), levels=3, dtype=torch.float32), data=st.data())
 def test_two_level_maxima_equal_max(groups, scores, data):
     """Group widths that divide B and that leave a remainder; ties, rows and columns without
@@ -251,6 +267,9 @@ def test_two_level_maxima_at_default_sizes(size):
     got = _selection.hardest_negatives(scores)
     expected = (rows.values, rows.indices, cols.values, cols.indices)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    # the GPU's column grouping (1030 = 16 x 64 + 6), on the CPU
+    gpu_cols = _selection._two_level_max(scores, 0, _selection.GPU_COL_GROUP)
+    assert torch.equal(gpu_cols[0], cols.values) and torch.equal(gpu_cols[1], cols.indices)
 
 
 @pytest.fixture(scope="module")
