@@ -260,7 +260,16 @@ def _forward(
 ) -> tuple[Tensor, _State]:
     """Per-anchor losses (2, B) from ``scores``, which this function may overwrite."""
     batch = scores.shape[0]
-    positives = scores.diagonal().clone()
+    if torch.compiler.is_compiling():
+        # Traced, the positives are a reduction (exact: one nonzero term), not a copy of the
+        # diagonal: Inductor may turn that copy into a view of the score buffer saved for
+        # backward and fill the buffer with -inf before backward reads it (seen with torch 2.13
+        # on a CPU once the fill below was made out of place: wrong thresholds for SelHN's
+        # fallback anchors, hence wrong gradients).
+        eye = torch.eye(batch, dtype=torch.bool, device=scores.device)
+        positives = torch.where(eye, scores, 0.0).sum(dim=1)
+    else:
+        positives = scores.diagonal().clone()
     sel.fill_excluded_(scores, mask)
     threshold = positives - margin  # hinge(s) = relu(s - threshold): one threshold per anchor
     state = _State()

@@ -88,11 +88,21 @@ def test_hardest_negatives_on_cuda_match_max(size):
 
 
 def test_torch_compile_on_cuda():
-    generator = torch.Generator().manual_seed(0)
-    img, txt = (torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=1).cuda() for _ in range(2))
-    module = selhn.SelHNLoss(epsilon=0.3)
-    compiled = torch.compile(module, fullgraph=True)
-    torch.testing.assert_close(compiled(img.float(), txt.float()), module(img.float(), txt.float()))
+    """Values and gradients, on a batch where SelHN mixes branches (an exact tie)."""
+    generator = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(12, 8, generator=generator), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.2 * torch.randn(12, 8, generator=generator), dim=1)
+    txt[3] = txt[4]
+    for loss in sorted(MODULES):
+        module = MODULES[loss]()
+        results = []
+        for fn in (module, torch.compile(module, fullgraph=True)):
+            a, b = img.cuda().requires_grad_(), txt.cuda().requires_grad_()
+            value = fn(a, b)
+            value.backward()
+            results.append((value, a.grad, b.grad))
+        for eager, compiled in zip(*results, strict=True):
+            torch.testing.assert_close(compiled, eager)
 
 
 @pytest.mark.parametrize("fractions", [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])  # low rank / sparse / mask

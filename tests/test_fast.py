@@ -455,8 +455,17 @@ def _compile_works() -> bool:
         return False
 
 
+# Seen on an H200 machine with torch 2.11.0: Inductor's CPU backend gives SelHN wrong gradients
+# here (eager, aot_eager and the CUDA backend are right, and so is torch 2.13's CPU backend).
+CPU_INDUCTOR_BUG = pytest.mark.xfail(
+    torch.torch_version.TorchVersion(torch.__version__) < "2.13",
+    reason="torch 2.11's CPU Inductor miscompiles SelHN's backward (see the Performance page)",
+    strict=False,
+)
+
+
 @pytest.mark.skipif(not _compile_works(), reason="torch.compile is not available on this platform")
-@pytest.mark.parametrize("loss", sorted(MODULES))
+@pytest.mark.parametrize("loss", [pytest.param("selhn", marks=CPU_INDUCTOR_BUG), "hn", "sum"])
 def test_torch_compile_fullgraph_matches_eager(loss):
     generator = torch.Generator().manual_seed(1)
     img = torch.nn.functional.normalize(torch.randn(12, 8, generator=generator), dim=1)
