@@ -68,14 +68,9 @@ def test_mixed_batches_take_the_dense_path_only_where_needed(monkeypatch, n_dupl
     assert bool(calls) == restricted
 
 
-# (low-rank, sparse) thresholds: every dense state in the low-rank / sparse form, or neither
+# (low-rank, sparse) thresholds for forced_pair_form_fractions: every dense state in the
+# low-rank / sparse form, or neither
 FORMS = {"low rank": (1.0, 0.0), "sparse": (0.0, 1.0), "dense": (0.0, 0.0)}
-
-
-def use_form(patch: pytest.MonkeyPatch, form: str) -> None:
-    for name, value in zip(("LOW_RANK_FRACTION", "SPARSE_FRACTION"), FORMS[form], strict=True):
-        patch.setattr(_fast, name, value)
-        patch.setattr(_fast, f"GPU_{name}", value)
 
 
 def test_pair_form_thresholds_follow_the_device():
@@ -100,8 +95,7 @@ def test_module_paths_match_reference(loss, form, pair, ids, data):
     img, txt = pair
     size = img.shape[0]
     id_tensor = data.draw(st.lists(st.integers(0, max(0, size // 2)), min_size=size, max_size=size)) if ids else None
-    with pytest.MonkeyPatch.context() as patch:
-        use_form(patch, form)
+    with _fast.forced_pair_form_fractions(*FORMS[form]):
         module_matches_reference(loss, img, txt, None if id_tensor is None else torch.tensor(id_tensor))
 
 
@@ -161,48 +155,51 @@ def test_sparse_form_is_chosen_when_few_hinges_are_active(monkeypatch, loss, ids
 
 @pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("loss", sorted(MODULES))
-def test_hinges_exactly_at_the_kink_are_inactive_in_every_form(loss, form, monkeypatch):
+def test_hinges_exactly_at_the_kink_are_inactive_in_every_form(loss, form):
     """Scores that are exact binary fractions put hinges exactly at 0 (margin 0.25 between
     0.5 and 0.25): their subgradient is 0 in every backward form, as in the reference."""
-    use_form(monkeypatch, form)
-    x = torch.tensor([0.5, 0.25, 0.75, 0.5, 0.0, 0.25, 1.0, 0.5], dtype=torch.float64)
-    img = torch.tensor([[1.0, 0.0]], dtype=torch.float64).repeat(8, 1)
-    txt = torch.stack([x, torch.zeros_like(x)], dim=1)  # s_ij = x_j: anchor i's hinge on j is x_j - x_i + 0.25
-    module = {"selhn": selhn.SelHNLoss(0.25, 0.3, reduction="sum"), "hn": selhn.MaxViolationLoss(0.25, reduction="sum")}
-    a_img, a_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    got = module.get(loss, selhn.SumHingeLoss(0.25, reduction="sum"))(a_img, a_txt)
-    b_img, b_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    expected = reference_loss(
-        b_img @ b_txt.T, loss, "sum", margin=0.25, **({"epsilon": 0.3} if loss == "selhn" else {})
-    )
-    got.backward()
-    expected.backward()
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(a_img.grad, b_img.grad)
-    torch.testing.assert_close(a_txt.grad, b_txt.grad)
+    with _fast.forced_pair_form_fractions(*FORMS[form]):
+        x = torch.tensor([0.5, 0.25, 0.75, 0.5, 0.0, 0.25, 1.0, 0.5], dtype=torch.float64)
+        img = torch.tensor([[1.0, 0.0]], dtype=torch.float64).repeat(8, 1)
+        txt = torch.stack([x, torch.zeros_like(x)], dim=1)  # s_ij = x_j: anchor i's hinge on j is x_j - x_i + 0.25
+        module = {
+            "selhn": selhn.SelHNLoss(0.25, 0.3, reduction="sum"),
+            "hn": selhn.MaxViolationLoss(0.25, reduction="sum"),
+        }
+        a_img, a_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        got = module.get(loss, selhn.SumHingeLoss(0.25, reduction="sum"))(a_img, a_txt)
+        b_img, b_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        expected = reference_loss(
+            b_img @ b_txt.T, loss, "sum", margin=0.25, **({"epsilon": 0.3} if loss == "selhn" else {})
+        )
+        got.backward()
+        expected.backward()
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(a_img.grad, b_img.grad)
+        torch.testing.assert_close(a_txt.grad, b_txt.grad)
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("loss", sorted(MODULES))
-def test_non_contiguous_embeddings(loss, form, monkeypatch):
+def test_non_contiguous_embeddings(loss, form):
     """Transposed and strided views (a sliced projection output, say) take every path too."""
-    use_form(monkeypatch, form)
-    generator = torch.Generator().manual_seed(3)
-    img_base = torch.randn(5, 9, generator=generator, dtype=torch.float64)
-    txt_base = torch.randn(9, 10, generator=generator, dtype=torch.float64)
-    grads = []
-    for view in (True, False):
-        img_leaf, txt_leaf = img_base.clone().requires_grad_(), txt_base.clone().requires_grad_()
-        img, txt = img_leaf.t(), txt_leaf[:, ::2]  # (9, 5) each, neither contiguous
-        if view:
-            value = MODULES[loss]()(img, txt)
-        else:
-            kwargs = {"epsilon": 0.05} if loss == "selhn" else {}
-            value = reference_loss(img @ txt.T, loss, "sum", **kwargs)
-        value.backward()
-        grads.append((value, img_leaf.grad, txt_leaf.grad))
-    for got, expected in zip(*grads, strict=True):
-        torch.testing.assert_close(got, expected)
+    with _fast.forced_pair_form_fractions(*FORMS[form]):
+        generator = torch.Generator().manual_seed(3)
+        img_base = torch.randn(5, 9, generator=generator, dtype=torch.float64)
+        txt_base = torch.randn(9, 10, generator=generator, dtype=torch.float64)
+        grads = []
+        for view in (True, False):
+            img_leaf, txt_leaf = img_base.clone().requires_grad_(), txt_base.clone().requires_grad_()
+            img, txt = img_leaf.t(), txt_leaf[:, ::2]  # (9, 5) each, neither contiguous
+            if view:
+                value = MODULES[loss]()(img, txt)
+            else:
+                kwargs = {"epsilon": 0.05} if loss == "selhn" else {}
+                value = reference_loss(img @ txt.T, loss, "sum", **kwargs)
+            value.backward()
+            grads.append((value, img_leaf.grad, txt_leaf.grad))
+        for got, expected in zip(*grads, strict=True):
+            torch.testing.assert_close(got, expected)
 
 
 @given(data=st.data())
@@ -359,7 +356,7 @@ def test_low_rank_form_is_as_accurate_as_the_dense_form_in_float32(monkeypatch, 
     assert errors["low rank"] <= 2 * errors["dense"] + 1e-6, errors
 
 
-def test_dense_losses_save_one_square_buffer_at_most(monkeypatch):
+def test_dense_losses_save_one_square_buffer_at_most():
     """Cold start and the sum of hinges with many inactive hinges (no low-rank form): the
     scores are the one B x B buffer kept for backward."""
     size, dim = 64, 16
@@ -367,10 +364,13 @@ def test_dense_losses_save_one_square_buffer_at_most(monkeypatch):
     centre = torch.nn.functional.normalize(torch.ones(1, dim), dim=1)
     cold = (centre + 1e-4 * torch.randn(size, dim, generator=generator)).requires_grad_()
     spread = torch.nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1).requires_grad_()
-    use_form(monkeypatch, "dense")
-    for module, (img, txt) in ((selhn.SelHNLoss(), (cold, cold)), (selhn.SumHingeLoss(margin=0.01), (spread, spread))):
-        sizes = saved_sizes(lambda m=module, i=img, t=txt: m(i, t))
-        assert sum(s for s in sizes if s >= size * size) == size * size
+    with _fast.forced_pair_form_fractions(*FORMS["dense"]):
+        for module, (img, txt) in (
+            (selhn.SelHNLoss(), (cold, cold)),
+            (selhn.SumHingeLoss(margin=0.01), (spread, spread)),
+        ):
+            sizes = saved_sizes(lambda m=module, i=img, t=txt: m(i, t))
+            assert sum(s for s in sizes if s >= size * size) == size * size
 
 
 def test_functional_form_never_modifies_the_callers_scores():
@@ -429,8 +429,7 @@ def test_row_loss_matches_reference(loss, epsilon, form, pair, data):
         if data.draw(st.booleans(), label="ids")
         else None
     )
-    with pytest.MonkeyPatch.context() as patch:
-        use_form(patch, form)
+    with _fast.forced_pair_form_fractions(*FORMS[form]):
         row_loss_matches_reference(loss, img, txt, offset, local, ids, epsilon, data.draw(st.booleans(), label="mean"))
 
 
