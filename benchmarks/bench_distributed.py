@@ -27,10 +27,11 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
+from _timing import cuda_peak_bytes, device_label, time_rounds
 
 from selhn import _fast
 
@@ -98,11 +99,6 @@ def run_once(fn: Case, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return value.detach()
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--local", type=int, default=512, help="L: this rank's anchors")
@@ -113,8 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1 or args.local < 1 or args.candidates < 2 * args.local:
         parser.error("--rounds and --local must be >= 1 and --candidates >= 2 * --local")
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU threads {torch.get_num_threads()}"
-    print(f"torch {torch.__version__}, {where}, L = {args.local}, G = {args.candidates}, D = {args.dim}, fp32")
+    shape = f"L = {args.local}, G = {args.candidates}, D = {args.dim}"
+    print(f"torch {torch.__version__}, {device_label(args.device)}, {shape}, fp32")
     data = batches(args.local, args.candidates, args.dim, args.device)
     positive = torch.arange(args.local, 2 * args.local, device=args.device)
     todo = cases(positive, margin=0.2, epsilon=0.01)
@@ -124,30 +120,15 @@ def main() -> None:
         if name.endswith("RowLoss"):
             reference = run_once(todo[name.replace("RowLoss", "autograd")][1], data[kind])
             torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-4, msg=f"{name} differs from autograd")
-    times: dict[str, list[float]] = {name: [] for name in todo}
-    order = list(todo)
-    shuffler = random.Random(0)
-    for _ in range(args.rounds):
-        shuffler.shuffle(order)
-        for name in order:
-            kind, fn = todo[name]
-            sync(args.device)
-            start = time.perf_counter()
-            run_once(fn, data[kind])
-            sync(args.device)
-            times[name].append(time.perf_counter() - start)
+    thunks = {name: partial(run_once, fn, data[kind]) for name, (kind, fn) in todo.items()}
+    times, _ = time_rounds(thunks, args.device, random.Random(0), args.rounds)
     median = {name: statistics.median(values) for name, values in times.items()}
     cuda = args.device.startswith("cuda")
     peak: dict[str, float] = {}
     if cuda:
         buffer = 4 * args.local * args.candidates
-        for name, (kind, fn) in todo.items():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            run_once(fn, data[kind])
-            torch.cuda.synchronize()
-            peak[name] = (torch.cuda.max_memory_allocated() - base) / buffer
+        for name, step in thunks.items():
+            peak[name] = cuda_peak_bytes(step) / buffer
     print(f"bare forward + backward {1000 * median['bare']:.2f} ms (median of {args.rounds} rounds)")
     header = f"  {'case':28s} {'x bare':>8s}" + (f" {'extra peak (L x G fp32)':>24s}" if cuda else "")
     print(header)

@@ -22,9 +22,10 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
+from functools import partial
 
 import torch
+from _timing import device_label, time_rounds
 
 import selhn
 from selhn import _fast
@@ -68,11 +69,6 @@ def run(img: torch.Tensor, txt: torch.Tensor, margin: float, form: str) -> None:
         selhn.SumHingeLoss(margin=margin)(a, b).backward()
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
@@ -83,8 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1 or not all(0 < f < 1 for f in args.fractions):
         parser.error("--rounds must be >= 1 and every fraction in (0, 1)")
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU threads {torch.get_num_threads()}"
-    print(f"torch {torch.__version__}, {where}, D = {args.dim}, rounds {args.rounds}")
+    print(f"torch {torch.__version__}, {device_label(args.device)}, D = {args.dim}, rounds {args.rounds}")
     print("time of the form / time of the dense form (below 1: the form pays)")
     shuffler = random.Random(0)
     for size in args.sizes:
@@ -94,16 +89,10 @@ def main() -> None:
             for fraction in args.fractions:
                 margin = margin_for(scores, fraction, active)
                 measured = hinge_fraction(scores, margin, active)
-                times: dict[str, list[float]] = {form: [], "dense": []}
-                for name in times:  # warm-up (compiles the dense kernels once)
+                for name in (form, "dense"):  # warm-up (compiles the dense kernels once)
                     run(img, txt, margin, name)
-                for _ in range(args.rounds):
-                    for name in shuffler.sample(list(times), len(times)):
-                        sync(args.device)
-                        start = time.perf_counter()
-                        run(img, txt, margin, name)
-                        sync(args.device)
-                        times[name].append(time.perf_counter() - start)
+                thunks = {name: partial(run, img, txt, margin, name) for name in (form, "dense")}
+                times, _ = time_rounds(thunks, args.device, shuffler, args.rounds)
                 ratio = statistics.median(times[form]) / statistics.median(times["dense"])
                 state = "active" if active else "inactive"
                 print(f"  B = {size:5d}  {form:8s}  {100 * measured:5.2f}% of hinges {state:8s}  {ratio:5.2f}x")

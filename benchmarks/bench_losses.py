@@ -37,10 +37,11 @@ import random
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
+from _timing import cuda_peak_bytes, time_rounds
 
 import selhn
 from selhn import _fast
@@ -112,11 +113,6 @@ def run_once(fn: Case, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
     fn(img, txt).backward()
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -135,12 +131,7 @@ def peak_bytes(fn: Case, pair: tuple[torch.Tensor, torch.Tensor], device: str) -
     img = pair[0].detach().requires_grad_()
     txt = pair[1].detach().requires_grad_()
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn(img, txt).backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        return cuda_peak_bytes(lambda: fn(img, txt).backward())
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
     base = _status_kib("VmRSS")
@@ -220,20 +211,13 @@ def main() -> None:
         for kind, fn in todo.values():  # warm-up: compiles the kernels, faults pages in
             run_once(fn, data[kind])
             run_once(fn, data[kind])
-        times: dict[str, list[float]] = {name: [] for name in todo}
-        order = list(todo)
-        rounds, spent = 0, 0.0
-        while rounds < args.rounds or spent < args.min_seconds:
-            rounds += 1
-            shuffler.shuffle(order)  # no case always follows the same one (see the docstring)
-            for name in order:
-                kind, fn = todo[name]
-                sync(args.device)
-                start = time.perf_counter()
-                run_once(fn, data[kind])
-                sync(args.device)
-                times[name].append(time.perf_counter() - start)
-                spent += times[name][-1]
+        times, rounds = time_rounds(  # no case always follows the same one (see the docstring)
+            {name: partial(run_once, fn, data[kind]) for name, (kind, fn) in todo.items()},
+            args.device,
+            shuffler,
+            args.rounds,
+            args.min_seconds,
+        )
         median = {name: statistics.median(values) for name, values in times.items()}
         del data
         memory = memory_table(args, dtype, size, list(todo))
