@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import signal
@@ -354,6 +355,53 @@ def test_compare_smoke(data_root, tmp_path, capsys):
     table = (tmp_path / "comparison.md").read_text()
     assert "| hn |" in table and "| selhn eps=0.01 |" in table and "| selhn eps=0.05 |" in table
     assert "steps until dev rsum > 10x chance" in capsys.readouterr().out
+    with open(tmp_path / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    required = ["loss", "epsilon", "seed", "steps_to_leave_plateau", "steps_to_10x_chance", "best_dev_rsum",
+                "test_rsum", "test_i2t_r1", "test_t2i_r1"]  # fmt: skip
+    assert list(rows[0])[: len(required)] == required
+    assert sorted((r["loss"], r["epsilon"], r["seed"]) for r in rows) == [
+        ("hn", "nan", "0"), ("selhn", "0.01", "0"), ("selhn", "0.05", "0")
+    ]  # fmt: skip
+    for row in rows:
+        values = {key: float(value) for key, value in row.items() if key != "loss"}  # every column a number
+        assert values["steps_to_10x_chance"] in (2.0, 4.0, math.inf)
+        assert values["test_rsum"] == pytest.approx(
+            sum(values[f"test_{d}_{k}"] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
+        )
+    # a finished run is reused, an unfinished one is trained again from its start
+    finished = tmp_path / "runs" / "hn_seed0" / "results.json"
+    stamp = finished.stat().st_mtime_ns
+    unfinished = tmp_path / "runs" / "selhn_eps=0.05_seed0"
+    (unfinished / "results.json").unlink()
+    (unfinished / "dev.jsonl").write_text("not json\n")
+    compare.main([
+        "--out", str(tmp_path), "--root", str(data_root), "--preset", "smoke", "--seeds", "0",
+        "--losses", "hn", "selhn", "--epsilons", "0.05", "--steps", "4", "--eval-steps", "2", "--log-every", "1",
+    ])  # fmt: skip
+    assert finished.stat().st_mtime_ns == stamp and (unfinished / "results.json").is_file()
+
+
+def fact_row(loss: str, seed: int, r1: float, rsum: float, at_switch: float = math.nan, low: float = math.nan):
+    return {"loss": loss, "seed": seed, "test_mean_r1": r1, "test_rsum": rsum, "dev_rsum_at_switch": at_switch,
+            "min_dev_rsum_after_switch": low}  # fmt: skip
+
+
+def test_compare_checks_the_three_facts_by_their_criteria():
+    from examples.rvsepp.compare import facts
+
+    rows = [fact_row("sum", s, 70.0, 500.0) for s in range(3)]
+    rows += [fact_row("warmup", s, 72.5, 480.0, 300.0, 290.0) for s in range(3)]
+    rows += [fact_row("hn", s, 1.0, 100.0) for s in range(3)]
+    table = facts(rows)
+    assert "| F1 | warmup R@1 - sum R@1 >= 2" in table and "| 2.5 | yes |" in table
+    assert "| F3 |" in table and "| 96.0 | yes |" in table
+    assert "| F2 |" in table and "| 20.0 | yes |" in table
+    # a collapse after the switch fails F3 whatever the final rsum; a 1.9-point gain fails F1
+    rows[3] = fact_row("warmup", 0, 71.9 - 5.0, 480.0, 300.0, 149.0)
+    table = facts(rows)
+    assert "collapsed: [0]" in table and "| F3 |" in table and table.count("| no |") == 2
+    assert "No fact can be checked" in facts([fact_row("hn", 0, 1.0, 10.0)])
 
 
 def test_compare_metrics():

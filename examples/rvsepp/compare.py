@@ -10,15 +10,27 @@ fraction, the loss, and every ``--eval-steps`` steps the dev rsum. The command w
 * ``comparison.png``: gradient norm and vanishing fraction against the step for the four
   losses, dev rsum against the step (means over seeds, shaded min-max);
 * ``comparison.md`` (and ``comparison.csv``): the table below, mean +- standard deviation
-  over seeds.
+  over seeds;
+* ``runs.csv``: one row per run (the contract scripts rely on; ``inf`` for never, ``nan``
+  where a column does not apply): ``loss, epsilon, seed, steps_to_leave_plateau,
+  steps_to_10x_chance, best_dev_rsum, test_rsum, test_i2t_r1, test_t2i_r1, test_mean_r1``,
+  the other test recalls, ``step_ms`` and, for ``warmup``, ``switch_step``,
+  ``dev_rsum_at_switch`` and ``min_dev_rsum_after_switch``;
+* ``facts.md``: whether the three facts known from real data (the Results docs page) hold
+  in these runs, each with its criterion and its per-seed values.
 
 Table columns: steps until the vanishing fraction (mean of both directions) falls below 10%
 after having exceeded 50% (leaving the plateau: "0" if it never entered it, "never" if it
 never left it); steps until dev rsum exceeds 10x its chance level; best dev rsum; the test recall
 table of the best dev checkpoint; wall time per step.
 
-Run: ``python -m examples.rvsepp.compare --out runs/compare`` (see ``--help``; arguments after
-``--`` go to every training run, e.g. ``-- --synthetic-shared 1.0``).
+Finished runs (a ``results.json`` in their folder) are reused; an unfinished one is
+trained again from its start. The synthetic data live under ``--root`` (default
+``data/<preset>``), so presets never overwrite each other's data.
+
+Run: ``python -m examples.rvsepp.compare --preset calibrated --seeds 0 1 2 3 4 --out
+runs/calibrated`` (see ``--help``; arguments after ``--`` go to every training run, e.g.
+``-- --synthetic-shared 1.0``).
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -70,6 +83,8 @@ def first_exceeding(steps: list[float], values: list[float], level: float) -> fl
 def run_one(out: Path, loss: str, seed: int, epsilon: float, args: argparse.Namespace) -> dict[str, Any]:
     """Train one run (or reuse a finished one in ``out``) and read back its records."""
     if not (out / "results.json").is_file():
+        if out.exists():  # an unfinished run of this command: its records are partial, so start it again
+            shutil.rmtree(out)
         argv = [
             "--preset", args.preset, "--root", args.root, "--out", str(out), "--loss", loss, "--seed", str(seed),
             "--epsilon", str(epsilon), "--eval-steps", str(args.eval_steps), "--log-every", str(args.log_every),
@@ -89,26 +104,121 @@ def label(loss: str, epsilon: float) -> str:
     return f"selhn eps={epsilon:g}" if loss == "selhn" else loss
 
 
-def summarise(runs: dict[tuple[str, float, int], dict[str, Any]], chance: float) -> list[dict[str, Any]]:
+def run_row(
+    loss: str, epsilon: float, seed: int, run: dict[str, Any], chance: float, switch_step: float
+) -> dict[str, float | str | int]:
+    """One run's row of ``runs.csv``."""
+    steps = [float(r["step"]) for r in run["steps"]]
+    vanishing = [(float(r["i2t/vanishing_fraction"]) + float(r["t2i/vanishing_fraction"])) / 2 for r in run["steps"]]
+    dev_steps = [float(d["global_step"]) for d in run["dev"]]
+    dev_rsum = [float(d["rsum"]) for d in run["dev"]]
+    results = run["results"]
+    row: dict[str, float | str | int] = {
+        "loss": loss,
+        "epsilon": epsilon if loss == "selhn" else math.nan,
+        "seed": seed,
+        "steps_to_leave_plateau": first_recovery(steps, vanishing),
+        "steps_to_10x_chance": first_exceeding(dev_steps, dev_rsum, 10 * chance),
+        "best_dev_rsum": max(dev_rsum, default=math.nan),
+        "test_rsum": results.get("test_rsum", math.nan),
+    }
+    for direction in ("i2t", "t2i"):
+        for k in ("r1", "r5", "r10"):
+            row[f"test_{direction}_{k}"] = results.get(f"test_{direction}_{k}", math.nan)
+    row["test_mean_r1"] = (float(row["test_i2t_r1"]) + float(row["test_t2i_r1"])) / 2
+    row["step_ms"] = 1000 * results.get("step_seconds", math.nan)
+    at_switch = [r for s, r in zip(dev_steps, dev_rsum, strict=True) if s == switch_step]
+    after = [r for s, r in zip(dev_steps, dev_rsum, strict=True) if s > switch_step]
+    warm = loss == "warmup" and bool(at_switch)
+    row["switch_step"] = switch_step if warm else math.nan
+    row["dev_rsum_at_switch"] = at_switch[-1] if warm else math.nan
+    row["min_dev_rsum_after_switch"] = min(after) if warm and after else math.nan
+    return row
+
+
+RUN_COLUMNS = (
+    "loss", "epsilon", "seed", "steps_to_leave_plateau", "steps_to_10x_chance", "best_dev_rsum", "test_rsum",
+    "test_i2t_r1", "test_t2i_r1", "test_mean_r1", "test_i2t_r5", "test_i2t_r10", "test_t2i_r5", "test_t2i_r10",
+    "step_ms", "switch_step", "dev_rsum_at_switch", "min_dev_rsum_after_switch",
+)  # fmt: skip
+
+
+def write_runs_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(RUN_COLUMNS))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: row[key] for key in RUN_COLUMNS})
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (loss, epsilon): the table's statistics for every seed."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for (loss, epsilon, _seed), run in runs.items():
-        steps = [float(r["step"]) for r in run["steps"]]
-        vanishing = [
-            (float(r["i2t/vanishing_fraction"]) + float(r["t2i/vanishing_fraction"])) / 2 for r in run["steps"]
-        ]
-        dev_steps = [float(d["global_step"]) for d in run["dev"]]
-        dev_rsum = [float(d["rsum"]) for d in run["dev"]]
-        results = run["results"]
-        groups.setdefault((loss, epsilon), []).append({
-            "recovery": first_recovery(steps, vanishing),
-            "to_10x": first_exceeding(dev_steps, dev_rsum, 10 * chance),
-            "best_dev": max(dev_rsum),
-            "test": [results.get(f"test_{d}_{k}", math.nan) for d in ("i2t", "t2i") for k in ("r1", "r5", "r10")],
-            "test_rsum": results.get("test_rsum", math.nan),
-            "step_ms": 1000 * results["step_seconds"],
+    for row in rows:
+        groups.setdefault((row["loss"], 0.01 if row["loss"] != "selhn" else row["epsilon"]), []).append({
+            "recovery": row["steps_to_leave_plateau"],
+            "to_10x": row["steps_to_10x_chance"],
+            "best_dev": row["best_dev_rsum"],
+            "test": [row[f"test_{d}_{k}"] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10")],
+            "test_rsum": row["test_rsum"],
+            "step_ms": row["step_ms"],
         })  # fmt: skip
     return [{"loss": loss, "epsilon": epsilon, "seeds": values} for (loss, epsilon), values in groups.items()]
+
+
+COLLAPSE = 0.5  # warmup "collapses" when a later dev rsum falls below this share of its value at the switch
+
+
+def facts(rows: list[dict[str, Any]]) -> str:
+    """The three facts known from real data (docs: Results), checked on these runs.
+
+    F1 (hard negatives' final accuracy): warmup's test R@1 (mean of i2t and t2i), averaged
+    over seeds, exceeds the sum of hinges' by at least 2 points. F2 (the cold-start stall):
+    hn's mean test rsum is below a quarter of the sum of hinges'. F3 (the warm-up works):
+    warmup's mean test rsum is at least 90% of the sum of hinges', and no seed's dev rsum
+    falls after the switch below half its value at the switch. Seeds are paired by number.
+    """
+
+    def by_seed(loss: str) -> dict[int, dict[str, Any]]:
+        return {int(r["seed"]): r for r in rows if r["loss"] == loss}
+
+    hn, total, warm = by_seed("hn"), by_seed("sum"), by_seed("warmup")
+    lines = ["| fact | criterion | per seed | mean | holds |", "|---|---|---|---|---|"]
+
+    def line(name: str, criterion: str, values: dict[int, float], mean: float, holds: bool) -> None:
+        per_seed = ", ".join(f"{seed}: {value:.1f}" for seed, value in sorted(values.items()))
+        lines.append(f"| {name} | {criterion} | {per_seed} | {mean:.1f} | {'yes' if holds else 'no'} |")
+
+    seeds = sorted(set(total) & set(warm))
+    if seeds:
+        gain = {s: float(warm[s]["test_mean_r1"]) - float(total[s]["test_mean_r1"]) for s in seeds}
+        mean = statistics.fmean(gain.values())
+        line("F1", "warmup R@1 - sum R@1 >= 2 (mean of i2t, t2i)", gain, mean, mean >= 2.0)
+        share = {s: 100 * float(warm[s]["test_rsum"]) / float(total[s]["test_rsum"]) for s in seeds}
+        mean_share = 100 * statistics.fmean(float(warm[s]["test_rsum"]) for s in seeds) / statistics.fmean(
+            float(total[s]["test_rsum"]) for s in seeds
+        )
+        collapsed = [s for s in seeds if collapsed_after_switch(warm[s])]
+        line(
+            "F3", f"warmup rsum >= 90% of sum's (%), no collapse after the switch (collapsed: {collapsed or 'none'})",
+            share, mean_share, mean_share >= 90.0 and not collapsed,
+        )  # fmt: skip
+    seeds = sorted(set(total) & set(hn))
+    if seeds:
+        share = {s: 100 * float(hn[s]["test_rsum"]) / float(total[s]["test_rsum"]) for s in seeds}
+        mean_share = 100 * statistics.fmean(float(hn[s]["test_rsum"]) for s in seeds) / statistics.fmean(
+            float(total[s]["test_rsum"]) for s in seeds
+        )
+        line("F2", "hn rsum < 25% of sum's (%)", share, mean_share, mean_share < 25.0)
+    if len(lines) == 2:
+        return "No fact can be checked: they need the sum of hinges and hn or warmup.\n"
+    return "\n".join(lines) + "\n"
+
+
+def collapsed_after_switch(row: dict[str, Any]) -> bool:
+    """Whether a warmup run's dev rsum fell, after the switch, below half its value there."""
+    at, low = float(row["dev_rsum_at_switch"]), float(row["min_dev_rsum_after_switch"])
+    return math.isfinite(at) and math.isfinite(low) and low < COLLAPSE * at
 
 
 def fmt(values: list[float], digits: int = 1) -> str:
@@ -220,42 +330,53 @@ def plot(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]], chance: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )  # fmt: skip
     parser.add_argument("--out", default="runs/compare")
-    parser.add_argument("--root", default="data")
-    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--root", default=None, help="data folder (default: data/<preset>)")
+    parser.add_argument("--preset", choices=sorted(train_module.PRESETS), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
     parser.add_argument("--epsilons", type=float, nargs="*", default=list(SWEEP), help="extra SelHN epsilons")
     parser.add_argument(
         "--sweep-seeds", type=int, nargs="*", default=None, help="seeds of the sweep (default: --seeds)"
     )
-    parser.add_argument("--steps", type=int, default=400, help="steps per run (0: the preset's epochs)")
+    parser.add_argument("--steps", type=int, default=0, help="steps per run (0: the preset's epochs)")
     parser.add_argument("--eval-steps", type=int, default=25)
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("train_args", nargs="*", help="after --: arguments for every training run")
     args = parser.parse_args(argv)
+    if args.root is None:
+        args.root = str(Path("data") / args.preset)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = [(loss, 0.01, seed) for seed in args.seeds for loss in args.losses]
     if "selhn" in args.losses:
-        plan += [("selhn", eps, seed) for eps in args.epsilons for seed in (args.sweep_seeds or args.seeds)]
+        plan += [("selhn", eps, seed) for seed in (args.sweep_seeds or args.seeds) for eps in args.epsilons]
     runs = {}
     for loss, epsilon, seed in plan:
         name = f"{label(loss, epsilon).replace(' ', '_')}_seed{seed}"
         runs[(loss, epsilon, seed)] = run_one(out / "runs" / name, loss, seed, epsilon, args)
     train_args = train_module.parse_args(["--preset", args.preset, "--root", args.root, *args.train_args])
-    dev_captions = (Path(args.root) / f"{train_args.name}_precomp" / "dev_caps.txt").read_text().splitlines()
+    folder = Path(args.root) / f"{train_args.name}_precomp"
+    dev_captions = (folder / "dev_caps.txt").read_text().splitlines()
     chance = chance_rsum(min(len(dev_captions), 5000) // 5)
-    rows = summarise(runs, chance)
+    train_captions = len((folder / "train_caps.txt").read_text().splitlines())
+    switch_step = float(train_args.warmup_epochs * (train_captions // train_args.batch_size))
+    rows = [run_row(loss, eps, seed, run, chance, switch_step) for (loss, eps, seed), run in runs.items()]
+    write_runs_csv(out / "runs.csv", rows)
     write_csvs(out, runs)
-    table = markdown(rows, chance, args.seeds, args.steps)
+    table = markdown(summarise(rows), chance, args.seeds, args.steps)
     (out / "comparison.md").write_text(table)
     write_table_csv(out / "comparison.csv", table)
+    checked = facts(rows)
+    (out / "facts.md").write_text(checked)
     plot(out, runs, chance, f"RVSE++ on synthetic data, preset {args.preset} {' '.join(args.train_args)}")
     print(table)
-    print(f"wrote {out / 'comparison.md'}, {out / 'comparison.png'}, {out / 'steps.csv'}, {out / 'dev.csv'}")
+    print(checked)
+    print(f"wrote {out / 'runs.csv'}, {out / 'comparison.md'}, {out / 'facts.md'}, {out / 'comparison.png'}, "
+          f"{out / 'steps.csv'}, {out / 'dev.csv'}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -53,12 +52,25 @@ from examples.rvsepp.vocab import Vocabulary
 from selhn import functional as F
 from selhn.diagnostics import TrainingMonitor
 
+CPU_MODEL: dict[str, Any] = {"embed_size": 256, "word_dim": 128, "synthetic_regions": 12, "synthetic_dim": 256}
+# The calibrated benchmark (docs: Results): captions that describe the whole scene (no in-batch
+# false negatives), families of near-duplicate images that differ in one attribute (the top of
+# the ranking hinges on it), CPU-sized. The values were chosen on calibration seed 100,
+# never on the reported seeds 0-9; the Results page gives the measurements behind each one.
+CALIBRATED: dict[str, Any] = {
+    **CPU_MODEL, "epochs": 4, "lr_decay_epoch": 3, "synthetic_train": 2000, "synthetic_dev": 300,
+    "synthetic_test": 1000, "synthetic_specific": 1.0, "synthetic_twins": 0.75, "synthetic_variants": 3,
+}  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's recipe on real-size features (GPU)
     "paper": {},
     # the README's main job: a small synthetic set and a narrower model, minutes on 2 CPU cores
-    "cpu": {"epochs": 12, "lr_decay_epoch": 8, "embed_size": 256, "word_dim": 128, "synthetic_train": 3000,
-            "synthetic_dev": 500, "synthetic_test": 500, "synthetic_regions": 12, "synthetic_dim": 256},
+    "cpu": {**CPU_MODEL, "epochs": 12, "lr_decay_epoch": 8, "synthetic_train": 3000, "synthetic_dev": 500,
+            "synthetic_test": 500},
+    # a benchmark on which hard negatives are worth having, as on real data
+    "calibrated": CALIBRATED,
+    # the same with bottom-up-like features (a strong shared component): hard negatives stall from scratch
+    "calibrated-stall": {**CALIBRATED, "synthetic_shared": 3.0},
     # seconds: a test of the whole pipeline
     "smoke": {"epochs": 1, "batch_size": 16, "embed_size": 32, "word_dim": 16, "synthetic_train": 60,
               "synthetic_dev": 20, "synthetic_test": 20, "synthetic_regions": 6, "synthetic_dim": 32},
@@ -67,8 +79,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # an abbreviated flag would not count as given, and the preset would win
+    )  # fmt: skip
     add = parser.add_argument
     add("--preset", choices=sorted(PRESETS), default="paper", help="a set of defaults; explicit flags override it")
     add("--root", default="data", help="folder holding <name>_precomp")
@@ -101,16 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--tensorboard", choices=["auto", "on", "off"], default="auto")
     for field, value in asdict(synthetic.Config()).items():
         add(f"--synthetic-{field}", type=type(value), default=value, help="synthetic data set")
+    # the preset's values become the defaults, so that every flag given on the command line wins
+    preset = parser.parse_known_args(argv)[0].preset
+    parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
-    preset = PRESETS[args.preset]
-    given = {
-        a.split("=")[0].lstrip("-").replace("-", "_")
-        for a in (argv if argv is not None else sys.argv[1:])
-        if a.startswith("--")
-    }
-    for key, value in preset.items():
-        if key not in given:
-            setattr(args, key, value)
     if args.test_split is None:
         args.test_split = "testall" if args.name == "coco" else "test"
     return args
