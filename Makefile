@@ -25,8 +25,8 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check selhn tests examples benchmarks docs/conf.py docs/examples
-	$(PY) -m ruff format --check selhn tests examples benchmarks docs/conf.py docs/examples
+	$(PY) -m ruff check selhn tests examples benchmarks docs/conf.py docs/examples docs/_ext
+	$(PY) -m ruff format --check selhn tests examples benchmarks docs/conf.py docs/examples docs/_ext
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

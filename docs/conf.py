@@ -1,7 +1,8 @@
 """Sphinx configuration for selhn.
 
 Offline by default: intersphinx is enabled only when SELHN_INTERSPHINX=1 (it needs network
-access to fetch the inventories of Python and PyTorch).
+access to fetch the inventories of Python and PyTorch), and formulas are written as MathML at
+build time (docs/_ext/mathml.py), so the built site needs no CDN to show them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(".."))
+sys.path.insert(0, os.path.abspath("_ext"))
 
 from selhn import __version__
 
@@ -22,7 +24,7 @@ version = __version__
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
+    "mathml",  # docs/_ext/mathml.py: formulas as MathML at build time, so they render offline
     "sphinx.ext.doctest",
     "sphinx.ext.viewcode",
 ]
@@ -40,6 +42,7 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 nitpicky = False
 html_theme = "furo"
+html_math_renderer = "mathml"
 html_title = f"selhn {__version__}"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "_ext"]
 doctest_global_setup = "import torch\nimport selhn\n"

@@ -25,3 +25,57 @@ def test_the_user_test_file_on_the_docs_page_passes():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "5 passed" in result.stdout
+
+
+def quoted_failure() -> str:
+    """The failure message quoted on the testing page, unwrapped to one line."""
+    text = (ROOT / "docs" / "testing.rst").read_text()
+    block = text[text.index("    AssertionError: ") :].split("\n\n")[0]
+    return " ".join(line.strip() for line in block.splitlines())
+
+
+def test_the_failure_quoted_on_the_testing_page_is_what_the_helper_says():
+    import pytest
+
+    import selhn
+    from selhn.testing import assert_no_vanishing
+
+    with pytest.raises(AssertionError) as caught:
+        assert_no_vanishing(lambda img, txt: selhn.functional.max_violation_loss(img @ txt.T, 0.2), max_examples=10)
+    assert f"AssertionError: {caught.value}" == quoted_failure()
+
+
+def test_the_docs_math_renderer_writes_mathml_and_the_offline_check_catches_what_needs_a_network():
+    sys.path.insert(0, str(ROOT / "docs" / "_ext"))
+    try:
+        import mathml
+    finally:
+        sys.path.remove(str(ROOT / "docs" / "_ext"))
+    from docutils import nodes
+    from sphinx.errors import ExtensionError
+
+    node = nodes.math(text=r"\ell_a = \max_{n} h_n")
+    markup = mathml.to_mathml(node.astext(), node, "inline")
+    assert markup.startswith("<math ") and "<msub>" in markup and 'alttext="\\ell_a' in markup
+    bad = nodes.math(text=r"\frac{1}{")
+    bad.source, bad.line = "losses.rst", 12
+    import pytest
+
+    with pytest.raises(ExtensionError, match=r"losses.rst:12: cannot convert"):
+        mathml.to_mathml(bad.astext(), bad, "inline")
+    cdn = '<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"></script>'
+    assert mathml.offline_problems(cdn) and mathml.offline_problems('<link rel="stylesheet" href="//x.org/a.css">')
+    assert mathml.offline_problems(r"<p>the loss reads \(2 B m\)</p>")  # what MathJax would have typeset
+    assert mathml.offline_problems("<p>$$ x $$</p>")
+    fine = f'<script src="_static/furo.js"></script><p>{markup}</p><pre>r"\\(x\\)"</pre>'
+    assert mathml.offline_problems(fine) == []
+
+
+def test_the_built_site_is_checked_for_offline_math(tmp_path):
+    """A build that would load MathJax from a CDN fails (the extension's check is on)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-q", "-b", "html", "-D", "html_math_renderer=mathjax",
+         "-D", "extensions=sphinx.ext.mathjax,mathml", str(ROOT / "docs" / "_ext" / "probe"), str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0 and "not self-contained" in result.stderr, result.stderr[-2000:]
