@@ -535,7 +535,7 @@ def plot_histories(
 ) -> None:
     """Plot gradient norms, vanishing fraction and loss against the step, runs overlaid.
 
-    Needs matplotlib (``pip install "selhn[plot]"``).
+    Needs matplotlib (``pip install matplotlib``, or selhn's ``plot`` extra).
 
     Args:
         path: the PNG to write.
@@ -559,7 +559,7 @@ def plot_histories(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError('plotting needs matplotlib: pip install "selhn[plot]"') from error
+        raise ImportError("plotting needs matplotlib: pip install matplotlib (selhn's 'plot' extra)") from error
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for label, run in runs.items():
         history = run.history() if isinstance(run, TrainingMonitor) else run

@@ -9,7 +9,7 @@ Use them to property-test your own losses and training code::
     def test_my_loss_is_finite(scores):
         assert torch.isfinite(my_loss(scores))
 
-This module needs the optional ``hypothesis`` dependency (``pip install "selhn[testing]"``);
+This module needs the optional ``hypothesis`` dependency (``pip install hypothesis``, or selhn's ``testing`` extra);
 ``import selhn`` never imports it.
 
 Tensors are generated from a drawn seed with ``torch.Generator`` (fast, reproducible: the
@@ -29,7 +29,7 @@ try:
     from hypothesis import given, settings
     from hypothesis import strategies as st
 except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError('selhn.testing needs hypothesis: pip install "selhn[testing]"') from error
+    raise ImportError("selhn.testing needs hypothesis: pip install hypothesis (selhn's 'testing' extra)") from error
 
 from selhn import functional as F
 from selhn.diagnostics import gradient_norms, vanishing_stats

@@ -1,7 +1,7 @@
 """A complete property-test file for your own ITM loss, with selhn.testing.
 
 Copy it into your repository's tests/, replace ``my_loss`` with your loss, and run pytest.
-Needs ``pip install "selhn[testing]"`` (hypothesis).
+Needs hypothesis and pytest: ``pip install ".[testing]" pytest`` in selhn's source tree.
 """
 
 import torch
