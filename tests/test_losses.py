@@ -57,11 +57,15 @@ def test_ids_mask_captions_of_the_same_image():
 
 def vse_contrastive(im, s, margin, max_violation):
     """VSE++ / VSE-infinity ContrastiveLoss.forward, transcribed from its definition."""
-    scores = im @ s.t()
-    diagonal = scores.diag().view(im.size(0), 1)
+    return vse_contrastive_scores(im @ s.t(), margin, max_violation)
+
+
+def vse_contrastive_scores(scores, margin, max_violation):
+    """The same, from the score matrix on."""
+    diagonal = scores.diag().view(scores.size(0), 1)
     cost_s = (margin + scores - diagonal.expand_as(scores)).clamp(min=0)
     cost_im = (margin + scores - diagonal.t().expand_as(scores)).clamp(min=0)
-    eye = torch.eye(scores.size(0), dtype=torch.bool)
+    eye = torch.eye(scores.size(0), dtype=torch.bool, device=scores.device)
     cost_s = cost_s.masked_fill(eye, 0)
     cost_im = cost_im.masked_fill(eye, 0)
     if max_violation:
@@ -82,6 +86,28 @@ def test_contrastive_loss_matches_vse_and_switches_like_it(pair):
     torch.testing.assert_close(criterion(img, txt), selhn.MaxViolationLoss(reduction="sum")(img, txt))
     criterion.max_violation_off()
     torch.testing.assert_close(criterion(img, txt), vse_contrastive(img, txt, 0.2, False))
+
+
+def test_float32_cost_ties_go_to_the_higher_raw_score_where_vse_takes_the_first_index():
+    # image anchor 0: negatives 1 and 2 score 1e-3 and 1e-3 + 1e-9, different in float32, but
+    # their costs 0.2 + 0.9 + s round to the same float32 value (the documented convention)
+    scores = torch.full((3, 3), -0.5)
+    scores.fill_diagonal_(0.9)
+    scores[0, 0], scores[0, 1], scores[0, 2] = -0.9, 1e-3, 1e-3 + 1e-9
+    assert scores[0, 1] < scores[0, 2]
+    assert 0.2 + scores[0, 1] - scores[0, 0] == 0.2 + scores[0, 2] - scores[0, 0]  # VSE++'s cost, tied
+    ours = scores.clone().requires_grad_()
+    theirs = scores.clone().requires_grad_()
+    value = selhn.functional.max_violation_loss(ours, 0.2, reduction="sum")
+    reference = vse_contrastive_scores(theirs, 0.2, True)
+    torch.testing.assert_close(value, reference)  # the same loss value (up to the order of the sum)
+    value.backward()
+    reference.backward()
+    assert ours.grad[0, 2] == 1 and ours.grad[0, 1] == 0  # selhn: the higher raw score
+    assert theirs.grad[0, 1] == 1 and theirs.grad[0, 2] == 0  # VSE++: the first index among equal costs
+    # everywhere else the gradients agree
+    ours.grad[0, 1:], theirs.grad[0, 1:] = 0, 0
+    torch.testing.assert_close(ours.grad, theirs.grad)
 
 
 def test_full_collapse_reads_the_documented_scales():
