@@ -74,8 +74,6 @@ def gather(tensor: Tensor) -> tuple[Tensor, int]:
     """
     if not is_distributed():
         return tensor, 0
-    from torch.distributed.nn.functional import all_gather
-
     sizes = _sizes(tensor.shape[0], tensor.device)
     largest = max(sizes)
     padded = (
@@ -83,9 +81,38 @@ def gather(tensor: Tensor) -> tuple[Tensor, int]:
         if tensor.shape[0] < largest
         else tensor
     )
-    parts = all_gather(padded)  # type: ignore[no-untyped-call]
+    parts = _GatherRows.apply(padded).split(largest)  # type: ignore[no-untyped-call]
     rank = dist.get_rank()
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sum(sizes[:rank])
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's (R, ...) tensor, stacked along dim 0 in rank order, with gradient.
+
+    Written on the public collectives (``torch.distributed.nn.functional.all_gather`` is
+    deprecated from torch 2.13 on). Backward: each rank's loss sends a gradient to every
+    rank's rows, so this rank's rows get the sum over ranks of the gradient at its slice:
+    a reduce-scatter on NCCL, an all-reduce and a slice on backends without one (gloo).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        out = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(out, tensor.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        rows = grad.shape[0] // dist.get_world_size()
+        if dist.get_backend() == dist.Backend.NCCL:
+            local = grad.new_empty((rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(local, grad)
+            return local
+        total = grad.clone()
+        dist.all_reduce(total)
+        start = dist.get_rank() * rows
+        return total[start : start + rows]
 
 
 def _gather_ids(ids: Tensor) -> Tensor:
