@@ -104,12 +104,17 @@ def label(loss: str, epsilon: float) -> str:
     return f"selhn eps={epsilon:g}" if loss == "selhn" else loss
 
 
+def mean_vanishing(rows: list[dict[str, str]]) -> list[float]:
+    """Per logged step, the vanishing fraction averaged over the two directions."""
+    return [(float(r["i2t/vanishing_fraction"]) + float(r["t2i/vanishing_fraction"])) / 2 for r in rows]
+
+
 def run_row(
     loss: str, epsilon: float, seed: int, run: dict[str, Any], chance: float, switch_step: float
 ) -> dict[str, float | str | int]:
     """One run's row of ``runs.csv``."""
     steps = [float(r["step"]) for r in run["steps"]]
-    vanishing = [(float(r["i2t/vanishing_fraction"]) + float(r["t2i/vanishing_fraction"])) / 2 for r in run["steps"]]
+    vanishing = mean_vanishing(run["steps"])
     dev_steps = [float(d["global_step"]) for d in run["dev"]]
     dev_rsum = [float(d["rsum"]) for d in run["dev"]]
     results = run["results"]
@@ -194,10 +199,7 @@ def facts(rows: list[dict[str, Any]]) -> str:
         gain = {s: float(warm[s]["test_mean_r1"]) - float(total[s]["test_mean_r1"]) for s in seeds}
         mean = statistics.fmean(gain.values())
         line("F1", "warmup R@1 - sum R@1 >= 2 (mean of i2t, t2i)", gain, mean, mean >= 2.0)
-        share = {s: 100 * float(warm[s]["test_rsum"]) / float(total[s]["test_rsum"]) for s in seeds}
-        mean_share = 100 * statistics.fmean(float(warm[s]["test_rsum"]) for s in seeds) / statistics.fmean(
-            float(total[s]["test_rsum"]) for s in seeds
-        )
+        share, mean_share = percent_of(warm, total, seeds)
         collapsed = [s for s in seeds if collapsed_after_switch(warm[s])]
         line(
             "F3", f"warmup rsum >= 90% of sum's (%), no collapse after the switch (collapsed: {collapsed or 'none'})",
@@ -205,14 +207,20 @@ def facts(rows: list[dict[str, Any]]) -> str:
         )  # fmt: skip
     seeds = sorted(set(total) & set(hn))
     if seeds:
-        share = {s: 100 * float(hn[s]["test_rsum"]) / float(total[s]["test_rsum"]) for s in seeds}
-        mean_share = 100 * statistics.fmean(float(hn[s]["test_rsum"]) for s in seeds) / statistics.fmean(
-            float(total[s]["test_rsum"]) for s in seeds
-        )
+        share, mean_share = percent_of(hn, total, seeds)
         line("F2", "hn rsum < 25% of sum's (%)", share, mean_share, mean_share < 25.0)
     if len(lines) == 2:
         return "No fact can be checked: they need the sum of hinges and hn or warmup.\n"
     return "\n".join(lines) + "\n"
+
+
+def percent_of(
+    runs: dict[int, dict[str, Any]], reference: dict[int, dict[str, Any]], seeds: list[int]
+) -> tuple[dict[int, float], float]:
+    """Test rsum as a percentage of the reference's: per seed, and of the means over seeds."""
+    per_seed = {s: 100 * float(runs[s]["test_rsum"]) / float(reference[s]["test_rsum"]) for s in seeds}
+    means = [statistics.fmean(float(r[s]["test_rsum"]) for s in seeds) for r in (runs, reference)]
+    return per_seed, 100 * means[0] / means[1]
 
 
 def collapsed_after_switch(row: dict[str, Any]) -> bool:
@@ -285,47 +293,47 @@ def plot(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]], chance: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
-    for loss in LOSSES:
-        seeds = [
-            run for (name, epsilon, _), run in runs.items() if name == loss and (loss != "selhn" or epsilon == 0.01)
-        ]
-        if not seeds:
-            continue
-        length = min(len(run["steps"]) for run in seeds)
-        steps = [float(r["step"]) for r in seeds[0]["steps"][:length]]
-        for ax, key in ((axes[0], "grad"), (axes[1], "vanishing")):
-            series = []
-            for run in seeds:
-                rows = run["steps"][:length]
-                if key == "grad":
-                    series.append([float(r["image_grad_norm"]) + float(r["text_grad_norm"]) for r in rows])
-                else:
-                    series.append(
-                        [(float(r["i2t/vanishing_fraction"]) + float(r["t2i/vanishing_fraction"])) / 2 for r in rows]
-                    )
-            mean = [statistics.fmean(v) for v in zip(*series, strict=True)]
-            (line,) = ax.plot(steps, mean, label=loss, lw=1.2)
-            low = [min(v) for v in zip(*series, strict=True)]
-            high = [max(v) for v in zip(*series, strict=True)]
-            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
-        dev_steps = [float(d["global_step"]) for d in seeds[0]["dev"]]
-        dev_len = min(len(run["dev"]) for run in seeds)
-        rsum = [[float(d["rsum"]) for d in run["dev"][:dev_len]] for run in seeds]
-        axes[2].plot(
-            dev_steps[:dev_len], [statistics.fmean(v) for v in zip(*rsum, strict=True)], marker=".", label=loss
-        )
-    axes[2].axhline(10 * chance, color="grey", ls=":", lw=1, label="10x chance")
-    axes[0].set(yscale="log", xlabel="step", ylabel="|grad image enc| + |grad text enc|", title="encoder gradient norm")
-    axes[1].set(xlabel="step", ylabel="share of anchors", title="vanishing fraction (|gap| < 0.01)", ylim=(-0.02, 1.02))
-    axes[2].set(xlabel="step", ylabel="dev rsum", title="dev rsum")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "comparison.png", dpi=100)
-    plt.close(fig)
+    # three stacked panels, sized to stay readable at a documentation page's width (~750 px)
+    with plt.rc_context({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10}):
+        fig, axes = plt.subplots(3, 1, figsize=(8, 10.5), sharex=True)
+        for loss in LOSSES:
+            seeds = [
+                run for (name, epsilon, _), run in runs.items() if name == loss and (loss != "selhn" or epsilon == 0.01)
+            ]
+            if not seeds:
+                continue
+            length = min(len(run["steps"]) for run in seeds)
+            steps = [float(r["step"]) for r in seeds[0]["steps"][:length]]
+            for ax, key in ((axes[0], "grad"), (axes[1], "vanishing")):
+                series = []
+                for run in seeds:
+                    rows = run["steps"][:length]
+                    if key == "grad":
+                        series.append([float(r["image_grad_norm"]) + float(r["text_grad_norm"]) for r in rows])
+                    else:
+                        series.append(mean_vanishing(rows))
+                mean = [statistics.fmean(v) for v in zip(*series, strict=True)]
+                (line,) = ax.plot(steps, mean, label=loss, lw=1.2)
+                low = [min(v) for v in zip(*series, strict=True)]
+                high = [max(v) for v in zip(*series, strict=True)]
+                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
+            dev_steps = [float(d["global_step"]) for d in seeds[0]["dev"]]
+            dev_len = min(len(run["dev"]) for run in seeds)
+            rsum = [[float(d["rsum"]) for d in run["dev"][:dev_len]] for run in seeds]
+            axes[2].plot(
+                dev_steps[:dev_len], [statistics.fmean(v) for v in zip(*rsum, strict=True)], marker=".", label=loss
+            )
+        axes[2].axhline(10 * chance, color="grey", ls=":", lw=1, label="10x chance")
+        axes[0].set(yscale="log", ylabel="|grad img enc| + |grad txt enc|", title="encoder gradient norm")
+        axes[1].set(ylabel="share of anchors", title="vanishing fraction (|gap| < 0.01)", ylim=(-0.02, 1.02))
+        axes[2].set(xlabel="training step", ylabel="dev rsum", title="dev rsum")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(loc="best")
+        fig.suptitle(title, fontsize=11, wrap=True)
+        fig.tight_layout()
+        fig.savefig(out / "comparison.png", dpi=100)
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -372,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     write_table_csv(out / "comparison.csv", table)
     checked = facts(rows)
     (out / "facts.md").write_text(checked)
-    plot(out, runs, chance, f"RVSE++ on synthetic data, preset {args.preset} {' '.join(args.train_args)}")
+    plot(out, runs, chance, f"RVSE++, preset {args.preset} {' '.join(args.train_args)}".strip())
     print(table)
     print(checked)
     print(f"wrote {out / 'runs.csv'}, {out / 'comparison.md'}, {out / 'facts.md'}, {out / 'comparison.png'}, "
