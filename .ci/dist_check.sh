@@ -6,10 +6,11 @@ PY=${PY:-.venv/bin/python}
 rm -rf dist build
 "$PY" -m build --quiet
 "$PY" -m twine check --strict dist/*
+wheel=$(ls "$PWD"/dist/selhn-*-py3-none-any.whl)
 venv=$(mktemp -d)/venv
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet torch==2.13.0
-"$venv/bin/pip" install --quiet --no-deps dist/*.whl
+"$venv/bin/pip" install --quiet --no-deps "$wheel"
 "$venv/bin/pip" check
 cd "$(mktemp -d)"
 "$venv/bin/python" - <<'PY'
@@ -30,4 +31,7 @@ except ImportError as error:
 else:
     sys.exit("selhn.testing imported without hypothesis")
 PY
+# the README's install of a wheel with an extra: "dist/selhn-<version>-py3-none-any.whl[testing]"
+"$venv/bin/pip" install --quiet "${wheel}[testing]"
+"$venv/bin/python" -c "import selhn.testing, hypothesis; print('selhn.testing imports from the wheel with its extra')"
 rm -rf "$(dirname "$venv")"

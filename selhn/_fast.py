@@ -102,13 +102,18 @@ _compile_failed = False
 
 
 def _kernel(name: str, eager: Callable[..., Any], batch: int) -> Callable[..., Any]:
-    """The compiled twin of ``eager`` when it pays off and works, else ``eager`` itself."""
+    """The compiled twin of ``eager`` when it pays off and works, else ``eager`` itself.
+
+    Eager also while autograd records (a backward called with ``create_graph=True``): a
+    compiled kernel's own backward cannot be differentiated again.
+    """
     global _compile_failed
     if (
         _compile_failed
         or batch < COMPILE_MIN_BATCH
         or os.environ.get("SELHN_COMPILE", "1") == "0"
         or torch.compiler.is_compiling()
+        or torch.is_grad_enabled()
     ):
         return eager
     if name not in _compiled:
@@ -495,7 +500,6 @@ class ScoreLoss(torch.autograd.Function):
         return losses
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
         _, state = _load(ctx)
         return score_grad(grad.contiguous(), state, ctx.batch), None, None, None, None, None
@@ -522,7 +526,6 @@ class EmbeddingLoss(torch.autograd.Function):
         return losses
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (img, txt), state = _load(ctx)
         d_img, d_txt = embedding_grads(grad.contiguous(), state, img, txt)
@@ -635,7 +638,6 @@ class RowLoss(torch.autograd.Function):
         return torch.where(dense, sums * scale, hard_loss)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         anchors, candidates, positive, hard_index, hard_coef, fallback, active, dense_coef, positive_coef, pairs = (
             ctx.saved_tensors

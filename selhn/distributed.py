@@ -86,28 +86,41 @@ def gather(tensor: Tensor) -> tuple[Tensor, int]:
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sum(sizes[:rank])
 
 
+# torch 2.13 renamed the single-tensor collectives and deprecated the old names; torch < 2.13 has the old ones only
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _GatherRows(torch.autograd.Function):
     """Every rank's (R, ...) tensor, stacked along dim 0 in rank order, with gradient.
 
     Written on the public collectives (``torch.distributed.nn.functional.all_gather`` is
-    deprecated from torch 2.13 on). Backward: each rank's loss sends a gradient to every
-    rank's rows, so this rank's rows get the sum over ranks of the gradient at its slice:
-    a reduce-scatter on NCCL, an all-reduce and a slice on backends without one (gloo).
+    deprecated from torch 2.13 on), under their torch 2.13 names where they exist.
+    Backward: each rank's loss sends a gradient to every rank's rows, so this rank's rows
+    get the sum over ranks of the gradient at its slice: a reduce-scatter on NCCL, an
+    all-reduce and a slice on backends without one (gloo). Second derivatives are refused:
+    autograd cannot record the collectives.
     """
 
     @staticmethod
     def forward(ctx: Any, tensor: Tensor) -> Tensor:
         out = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(out, tensor.contiguous())
+        _all_gather_single(out, tensor.contiguous())
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
+        if torch.is_grad_enabled():  # create_graph=True: the collectives below are not recorded
+            raise RuntimeError(
+                "selhn.distributed: second derivatives across ranks are not supported (backward was called "
+                "with create_graph=True, e.g. for a gradient penalty). Use the loss modules or selhn.functional "
+                "on the local batch for a penalty term: they are twice differentiable."
+            )
         grad = grad.contiguous()
         rows = grad.shape[0] // dist.get_world_size()
         if dist.get_backend() == dist.Backend.NCCL:
             local = grad.new_empty((rows, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(local, grad)
+            _reduce_scatter_single(local, grad)
             return local
         total = grad.clone()
         dist.all_reduce(total)

@@ -3,9 +3,11 @@ what it saves for backward, and torch.compile."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -269,8 +271,10 @@ def test_two_level_maxima_at_default_sizes(size):
     assert torch.equal(gpu_cols[0], cols.values) and torch.equal(gpu_cols[1], cols.indices)
 
 
-@pytest.fixture(scope="module")
-def compiled_kernels():
+@contextlib.contextmanager
+def compiled_kernels() -> Iterator[None]:
+    """The compiled dense kernels at every batch size, for the body of one test (a fixture
+    would have to be module-scoped under hypothesis, and would leak into the later tests)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_fast, "COMPILE_MIN_BATCH", 1)
         patch.delenv("SELHN_COMPILE", raising=False)
@@ -280,18 +284,38 @@ def compiled_kernels():
 @pytest.mark.parametrize("loss", ["selhn", "sum"])
 @settings(max_examples=5)
 @given(scores=score_matrices(batch_sizes(3, 12), levels=4))
-def test_compiled_dense_kernels_match_reference(compiled_kernels, loss, scores):
+def test_compiled_dense_kernels_match_reference(loss, scores):
     kwargs = {"epsilon": 0.3} if loss == "selhn" else {}
     got_in, ref_in = scores.clone().requires_grad_(), scores.clone().requires_grad_()
     function = F.selhn_loss if loss == "selhn" else F.sum_hinge_loss
-    got = function(got_in, reduction="none", **kwargs)
-    expected = reference_loss(ref_in, loss, "none", **kwargs)
-    torch.testing.assert_close(got, expected)
-    weights = torch.rand_like(got)
-    (got * weights).sum().backward()
-    (expected * weights).sum().backward()
+    with compiled_kernels():
+        got = function(got_in, reduction="none", **kwargs)
+        expected = reference_loss(ref_in, loss, "none", **kwargs)
+        torch.testing.assert_close(got, expected)
+        weights = torch.rand_like(got)
+        (got * weights).sum().backward()
+        (expected * weights).sum().backward()
     torch.testing.assert_close(got_in.grad, ref_in.grad)
     assert _fast._compiled and not _fast._compile_failed  # the compiled kernels really ran
+
+
+def test_the_compiled_kernels_setting_ends_with_its_test():
+    assert _fast.COMPILE_MIN_BATCH == 256
+
+
+@pytest.mark.parametrize("loss", sorted(MODULES))
+def test_double_backward_with_the_compiled_kernels_on(loss):
+    """At batch sizes that use the compiled dense kernels, a create_graph backward runs the
+    eager math (a compiled kernel's backward cannot be differentiated again)."""
+    u, w, ids = twice_differentiable_batch()
+    unit = torch.nn.functional.normalize
+    module = {"selhn": selhn.SelHNLoss(0.2, 0.3, reduction="none"), "hn": selhn.MaxViolationLoss(0.2, reduction="none"),
+              "sum": selhn.SumHingeLoss(0.2, reduction="none")}[loss]  # fmt: skip
+    u.requires_grad_(), w.requires_grad_()
+    with compiled_kernels(), _fast.forced_pair_form_fractions(*FORMS["dense"]):
+        module(unit(u, dim=1), unit(w, dim=1), ids=ids).sum().backward()  # first order: compiled
+        assert loss == "hn" or _fast._compiled
+        assert torch.autograd.gradgradcheck(lambda a, b: module(unit(a, dim=1), unit(b, dim=1), ids=ids), (u, w))
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
@@ -533,3 +557,94 @@ def test_benchmark_script_smoke():
         assert case in result.stdout
     assert "x bare" in result.stdout and "extra peak" in result.stdout
     assert "median of 2 rounds" in result.stdout
+
+
+# ------------------------------------------------------------------ second derivatives
+def twice_differentiable_batch(seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw (pre-normalisation) float64 features of a batch with hard and fallback anchors and
+    COCO-style duplicate ids, away from every kink (hinge at 0, ties, |gap| = epsilon)."""
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    w = u + 0.8 * torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    return u, w, torch.tensor([0, 1, 1, 2, 3, 4])
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("loss", sorted(MODULES))
+def test_modules_are_twice_differentiable(loss, form):
+    u, w, ids = twice_differentiable_batch()
+    module = {"selhn": selhn.SelHNLoss(0.2, 0.3, reduction="none"), "hn": selhn.MaxViolationLoss(0.2, reduction="none"),
+              "sum": selhn.SumHingeLoss(0.2, reduction="none")}[loss]  # fmt: skip
+    unit = torch.nn.functional.normalize
+
+    def per_anchor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return module(unit(a, dim=1), unit(b, dim=1), ids=ids)
+
+    inputs = (u.requires_grad_(), w.requires_grad_())
+    with _fast.forced_pair_form_fractions(*FORMS[form]):
+        if loss == "selhn":  # the batch holds both kinds of anchor
+            flags = reference_fallback_flags(unit(u, dim=1) @ unit(w, dim=1).T, 0.3, ids[:, None] == ids[None, :])
+            assert any(any(d) for d in flags) and not all(all(d) for d in flags)
+        assert torch.autograd.gradcheck(per_anchor, inputs)
+        assert torch.autograd.gradgradcheck(per_anchor, inputs)
+
+
+@pytest.mark.parametrize("loss", sorted(MODULES))
+def test_a_gradient_penalty_through_a_module_equals_the_functional_form(loss):
+    u, w, ids = twice_differentiable_batch(5)
+    unit = torch.nn.functional.normalize
+    functions = {
+        "selhn": lambda s, m: F.selhn_loss(s, 0.2, 0.3, mask=m),
+        "hn": lambda s, m: F.max_violation_loss(s, 0.2, mask=m),
+        "sum": lambda s, m: F.sum_hinge_loss(s, 0.2, mask=m),
+    }
+    function = functions[loss]
+    module = {"selhn": selhn.SelHNLoss(0.2, 0.3), "hn": selhn.MaxViolationLoss(0.2), "sum": selhn.SumHingeLoss(0.2)}[
+        loss
+    ]
+    penalties = []
+    for use_module in (True, False):
+        a, b = u.clone().requires_grad_(), w.clone().requires_grad_()
+        img, txt = unit(a, dim=1), unit(b, dim=1)
+        value = module(img, txt, ids=ids) if use_module else function(img @ txt.T, ids[:, None] == ids[None, :])
+        (grad_a,) = torch.autograd.grad(value, a, create_graph=True)
+        penalty = value + grad_a.pow(2).sum()  # a gradient penalty, as in WGAN-GP or meta-learning
+        penalties.append(torch.autograd.grad(penalty, (a, b)))
+    for got, expected in zip(*penalties, strict=True):
+        torch.testing.assert_close(got, expected)
+        assert expected.abs().max() > 0
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("loss", sorted(MODULES))
+def test_row_loss_is_twice_differentiable(loss, form):
+    u, w, ids = twice_differentiable_batch()
+    unit = torch.nn.functional.normalize
+    excluded = (ids[:, None] == ids[None, :])[1:4]
+    mode = _fast.MODES[loss]
+
+    def rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _fast.RowLoss.apply(
+            unit(a, dim=1)[1:4], unit(b, dim=1), torch.arange(1, 4), excluded, 0.2, 0.3, mode, loss == "selhn"
+        )
+        return out
+
+    with _fast.forced_pair_form_fractions(*FORMS[form]):
+        assert torch.autograd.gradgradcheck(rows, (u.requires_grad_(), w.requires_grad_()))
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("loss", sorted(MODULES))
+def test_functional_forms_are_twice_differentiable(loss, form):
+    """Also with respect to the incoming gradient (per-anchor weights that are themselves learned)."""
+    u, w, ids = twice_differentiable_batch()
+    unit = torch.nn.functional.normalize
+    scores = (unit(u, dim=1) @ unit(w, dim=1).T).requires_grad_()
+    mask = ids[:, None] == ids[None, :]
+    function = {
+        "selhn": lambda s: F.selhn_loss(s, 0.2, 0.3, mask=mask, reduction="none"),
+        "hn": lambda s: F.max_violation_loss(s, 0.2, mask=mask, reduction="none"),
+        "sum": lambda s: F.sum_hinge_loss(s, 0.2, mask=mask, reduction="none"),
+    }[loss]
+    with _fast.forced_pair_form_fractions(*FORMS[form]):
+        assert torch.autograd.gradgradcheck(function, (scores,))
