@@ -77,14 +77,20 @@ MODES = {"selhn": SELHN, "hn": HARD, "sum": SUM}
 
 
 # --------------------------------------------------------------------------- kernels
+def _hinge_args(scores: Tensor, threshold: Tensor) -> Tensor:
+    """``s - threshold``, kept at -inf where ``s`` is -inf (an excluded pair), also when the
+    threshold is -inf too (a -inf positive: every other hinge is +inf, not NaN)."""
+    return torch.where(torch.isneginf(scores), scores, scores - threshold)
+
+
 def _hinge_sums(scores: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per row and per column: sum of hinges ``relu(s - threshold)`` and active count."""
     row_t = threshold.unsqueeze(1)
     col_t = threshold.unsqueeze(0)
     return (
-        torch.relu(scores - row_t).sum(dim=1),
+        torch.relu(_hinge_args(scores, row_t)).sum(dim=1),
         (scores > row_t).sum(dim=1),
-        torch.relu(scores - col_t).sum(dim=0),
+        torch.relu(_hinge_args(scores, col_t)).sum(dim=0),
         (scores > col_t).sum(dim=0),
     )
 

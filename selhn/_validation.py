@@ -9,6 +9,7 @@ hot path and stay transparent to ``torch.compile``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ def check_float_tensor(value: Any, name: str) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    if value.is_meta:
+        raise ValueError(f"{name} is a meta tensor (a shape without values): the loss needs real values")
     return value
 
 
@@ -63,14 +66,31 @@ def check_embeddings(img_emb: Any, txt_emb: Any) -> None:
         raise ValueError(f"img_emb and txt_emb must be on the same device, got {img_emb.device} and {txt_emb.device}")
 
 
+def _is_real(value: Any) -> bool:
+    """A real number of any type (Python, numpy, ...), not a bool and not a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
 def check_nonnegative(value: Any, name: str) -> float:
-    """Require a finite, non-negative Python number (bool is rejected)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    """Require a finite, non-negative real number of any real type (bool is rejected)."""
+    if not _is_real(value):
+        hint = " (use .item() for a one-element tensor)" if isinstance(value, Tensor) else ""
+        raise TypeError(
+            f"{name} must be a real number (int, float or a numpy scalar), got {type(value).__name__}{hint}"
+        )
     number = float(value)
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {number}")
     return number
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """Require an integer >= 1 of any integer type (bool is rejected)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
+    return int(value)
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
@@ -105,11 +125,22 @@ def ids_to_mask(value: Any, batch: int, device: torch.device) -> Tensor | None:
         return None
     if isinstance(value, Tensor):
         ids: Tensor = value
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        items = list(value)
+        for item in items:
+            if not isinstance(item, numbers.Integral) or isinstance(item, bool):
+                raise TypeError(
+                    f"ids must hold integers (one image id per pair), got {type(item).__name__} {item!r}; "
+                    "map other ids (strings, file names) to integers first"
+                )
+            if not -(2**63) <= int(item) < 2**63:
+                raise ValueError(f"ids must fit in int64, got {item}")
+        ids = torch.tensor([int(item) for item in items], dtype=torch.int64)
+    elif hasattr(value, "__array__") and not isinstance(value, (str, bytes)):  # a numpy array
+        ids = torch.as_tensor(value)
     else:
-        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            raise TypeError(f"ids must be a 1-D integer tensor or a sequence of ints, got {type(value).__name__}")
-        ids = torch.as_tensor(list(value))
-    if ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"ids must be a 1-D integer tensor, array or sequence of ints, got {type(value).__name__}")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise TypeError(f"ids must hold integers (one image id per pair), got dtype {ids.dtype}")
     if ids.ndim != 1 or ids.shape[0] != batch:
         raise ValueError(f"ids must have shape ({batch},), one id per pair, got {tuple(ids.shape)}")

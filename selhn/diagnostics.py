@@ -29,7 +29,14 @@ from torch import Tensor, nn
 
 from selhn import _fast
 from selhn import _selection as sel
-from selhn._validation import check_choice, check_embeddings, check_mask, check_nonnegative, check_scores
+from selhn._validation import (
+    check_choice,
+    check_embeddings,
+    check_mask,
+    check_nonnegative,
+    check_positive_int,
+    check_scores,
+)
 
 __all__ = [
     "CollapseAlarm",
@@ -137,7 +144,9 @@ def vanishing_stats(
 
     For each anchor, the gap :math:`g = s_p - s_{\hat n}` to its hardest negative; the anchor
     is in the vanishing regime when :math:`|g| < \epsilon`, exactly the condition on which
-    :func:`selhn.functional.selhn_loss` takes its fallback.
+    :func:`selhn.functional.selhn_loss` takes its fallback. An anchor whose row (image) or
+    column (caption) holds a NaN or infinite score reads NaN in every statistic, so the
+    batch's means are NaN too: non-finite scores never look healthy.
 
     Args:
         scores: (B, B) score matrix (rows images, columns captions, positives on the
@@ -166,31 +175,37 @@ def vanishing_stats(
     epsilon = check_nonnegative(epsilon, "epsilon")
     mask = check_mask(mask, scores.shape[0], scores.device)
     work = scores.detach().to(sel.compute_dtype(scores.dtype)).clone()
+    finite = torch.isfinite(work)
     positives = work.diagonal().clone()
     sel.fill_excluded_(work, mask)
     row_max, _, col_max, _ = sel.hardest_negatives(work)
     negatives = torch.isfinite(work)
     offdiag = torch.where(negatives, work, 0).sum() / negatives.sum().clamp(min=1)
+    offdiag = torch.where(finite.all(), offdiag, math.nan)
+    nan = torch.tensor(math.nan, dtype=work.dtype, device=work.device)
     parts = []
-    for hardest in (row_max, col_max):
-        valid = torch.isfinite(hardest)
-        gap = sel.gap(positives, hardest)
+    for hardest, broken in ((row_max, ~finite.all(dim=1)), (col_max, ~finite.all(dim=0))):
+        # an anchor with a non-finite score reads NaN in every statistic (and so do the means);
+        # an anchor without negatives (all masked) is left out
+        valid = torch.isfinite(hardest) | broken
+        gap = torch.where(broken, nan, sel.gap(positives, hardest))
         vanishing = sel.vanishing(gap, epsilon) & valid
-        hinge = sel.hinge(positives, hardest, margin)
-        finite_gap = torch.where(valid, gap, float("nan"))
+        hinge = torch.where(broken, nan, sel.hinge(positives, hardest, margin))
+        finite_gap = torch.where(valid, gap, nan)
         quantiles = (
             torch.nanquantile(finite_gap, torch.tensor(GAP_QUANTILES, dtype=gap.dtype, device=gap.device))
             if gap.numel()
-            else gap.new_full((len(GAP_QUANTILES),), float("nan"))
+            else gap.new_full((len(GAP_QUANTILES),), math.nan)
         )
+        quantiles = torch.where(broken.any(), nan, quantiles)
         parts.append(
             DirectionStats(
-                vanishing_fraction=_masked_mean(vanishing.to(gap.dtype), valid),
+                vanishing_fraction=_masked_mean(torch.where(broken, nan, vanishing.to(gap.dtype)), valid),
                 gap_mean=_masked_mean(gap, valid),
                 gap_quantiles=quantiles,
-                active_fraction=_masked_mean((hinge > 0).to(gap.dtype), valid),
-                positive_mean=_masked_mean(positives, valid),
-                hardest_mean=_masked_mean(hardest, valid),
+                active_fraction=_masked_mean(torch.where(broken, nan, (hinge > 0).to(gap.dtype)), valid),
+                positive_mean=_masked_mean(torch.where(broken, nan, positives), valid),
+                hardest_mean=_masked_mean(torch.where(broken, nan, hardest), valid),
                 hard_loss_mean=_masked_mean(hinge, valid),
                 vanishing=vanishing,
             )
@@ -333,14 +348,18 @@ class CollapseAlarm:
     On the plateau every anchor's hardest negative sits on its positive, so the per-anchor
     max-violation loss is the margin (the summed VSE++ loss reads :math:`2 B m`) and the
     gradients to both encoders vanish. The alarm fires when, for ``patience`` consecutive
-    checks, the mean hardest-negative hinge of both directions is within ``tolerance`` (a
-    fraction of the margin) of the margin. It warns once (a :class:`CollapseWarning`) with
-    the fix, then stays quiet.
+    checks, in both directions the mean hardest-negative hinge is within ``tolerance`` (a
+    fraction of the margin) of the margin and at least ``min_vanishing`` of the anchors have
+    their hardest negative within epsilon of their positive (the hinge alone cannot tell a
+    collapse from a separated batch at margin 0). Non-finite statistics never read as the
+    plateau. It warns once (a :class:`CollapseWarning`) with the fix, then stays quiet.
 
     Args:
         margin: the triplet margin.
         tolerance: relative tolerance around the margin.
         patience: consecutive plateau checks before firing.
+        min_vanishing: share of anchors in the vanishing regime, per direction, that the
+            plateau needs.
 
     Example:
         >>> import torch, warnings
@@ -354,12 +373,15 @@ class CollapseAlarm:
         ([False, True, False], 1)
     """
 
-    def __init__(self, margin: float = 0.2, tolerance: float = 0.02, patience: int = 3) -> None:
+    def __init__(
+        self, margin: float = 0.2, tolerance: float = 0.02, patience: int = 3, min_vanishing: float = 0.5
+    ) -> None:
         self.margin = check_nonnegative(margin, "margin")
         self.tolerance = check_nonnegative(tolerance, "tolerance")
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
-        self.patience = patience
+        self.patience = check_positive_int(patience, "patience")
+        self.min_vanishing = check_nonnegative(min_vanishing, "min_vanishing")
+        if self.min_vanishing > 1:
+            raise ValueError(f"min_vanishing is a share of anchors, so in [0, 1], got {min_vanishing}")
         self.streak = 0
         self.fired = False
 
@@ -367,7 +389,9 @@ class CollapseAlarm:
         """Whether this batch reads as the plateau (one host sync)."""
         limit = self.tolerance * self.margin
         losses = torch.stack([stats.i2t.hard_loss_mean, stats.t2i.hard_loss_mean])
-        return bool(((losses - self.margin).abs() <= limit).all())
+        vanishing = torch.stack([stats.i2t.vanishing_fraction, stats.t2i.vanishing_fraction])
+        # NaN compares False: a batch with non-finite scores never reads as the plateau
+        return bool(((losses - self.margin).abs() <= limit).all() & (vanishing >= self.min_vanishing).all())
 
     def check(self, stats: VanishingStats, batch_size: int | None = None) -> bool:
         """Update with one batch; return ``True`` exactly when the alarm fires."""
@@ -457,10 +481,8 @@ class TrainingMonitor:
         self.text_params = _parameters(text_encoder)
         self.margin = check_nonnegative(margin, "margin")
         self.epsilon = check_nonnegative(epsilon, "epsilon")
-        if not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
-        if not isinstance(history, int) or history < 1:
-            raise ValueError(f"history must be an int >= 1, got {history!r}")
+        log_every = check_positive_int(log_every, "log_every")
+        history = check_positive_int(history, "history")
         self.log_every = log_every
         self.alarm: CollapseAlarm | None = CollapseAlarm(margin) if alarm is True else (alarm or None)
         self.steps = 0
@@ -472,6 +494,14 @@ class TrainingMonitor:
         self, scores: Tensor | None = None, loss: Tensor | None = None, *, mask: Tensor | None = None
     ) -> dict[str, float] | None:
         """Record one training step; returns its values as floats on logging steps, else None."""
+        if loss is not None:
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"loss must be a one-element torch.Tensor or None, got {type(loss).__name__}")
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"loss must be the scalar training loss (one element), got shape {tuple(loss.shape)}: "
+                    "reduce it first (reduction='mean' or 'sum')"
+                )
         self.steps += 1
         device = scores.device if scores is not None else (loss.device if loss is not None else torch.device("cpu"))
         values: dict[str, Tensor] = {

@@ -376,3 +376,33 @@ def test_validation():
         D.TrainingMonitor(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), log_every=0)
     with pytest.raises(TypeError, match="encoders must be"):
         D.TrainingMonitor([1, 2], torch.nn.Linear(1, 1))
+
+
+# ------------------------------------------------------------------ margin 0 and non-finite scores
+def test_the_alarm_at_margin_zero_tells_a_separated_batch_from_a_collapse():
+    separated = D.vanishing_stats(torch.eye(4), margin=0)
+    assert float(separated.i2t.hard_loss_mean) == 0  # the hinge alone reads like the plateau here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", D.CollapseWarning)
+        assert not D.CollapseAlarm(margin=0, patience=1).check(separated)
+    with pytest.warns(D.CollapseWarning, match="100% of anchors"):
+        assert D.CollapseAlarm(margin=0, patience=1).check(D.vanishing_stats(torch.full((4, 4), 0.5), margin=0))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_scores_never_read_as_healthy(bad):
+    everywhere = D.vanishing_stats(torch.full((4, 4), bad)).to_dict()
+    assert all(math.isnan(v) for k, v in everywhere.items() if "fraction" in k or "mean" in k or "gap_q" in k), (
+        everywhere
+    )
+    scores = torch.eye(4) * 0.9
+    scores[1, 2] = bad  # image anchor 1 and caption anchor 2
+    stats = D.vanishing_stats(scores)
+    for part in (stats.i2t, stats.t2i):
+        assert math.isnan(float(part.vanishing_fraction)) and math.isnan(float(part.hard_loss_mean))
+        assert torch.isnan(part.gap_quantiles).all()
+    assert math.isnan(float(stats.offdiag_mean))
+    assert not D.CollapseAlarm(patience=1).on_plateau(stats)
+    # masked-out pairs are not scores: an anchor without negatives is still simply left out
+    healthy = D.vanishing_stats(torch.eye(3), mask=torch.ones(3, 3, dtype=torch.bool).triu())
+    assert math.isfinite(float(healthy.i2t.vanishing_fraction))

@@ -4,6 +4,7 @@ what it saves for backward, and torch.compile."""
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import subprocess
 import sys
@@ -648,3 +649,18 @@ def test_functional_forms_are_twice_differentiable(loss, form):
     }[loss]
     with _fast.forced_pair_form_fractions(*FORMS[form]):
         assert torch.autograd.gradgradcheck(function, (scores,))
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("loss", sorted(MODULES))
+def test_a_minus_inf_positive_gives_inf_not_nan(loss, form):
+    """Excluded pairs are -inf inside the loss; a -inf positive makes the threshold -inf too,
+    and -inf - (-inf) must not turn their hinges into NaN."""
+    scores = torch.randn(5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    scores[1, 1] = -math.inf
+    kwargs = {"epsilon": 10.0} if loss == "selhn" else {}  # 10: every anchor falls back
+    expected = reference_loss(scores, loss, "none", **kwargs)
+    assert math.isinf(expected[0, 1]) and not expected.isnan().any()
+    function = {"selhn": F.selhn_loss, "hn": F.max_violation_loss, "sum": F.sum_hinge_loss}[loss]
+    with _fast.forced_pair_form_fractions(*FORMS[form]):
+        torch.testing.assert_close(function(scores, reduction="none", **kwargs), expected)

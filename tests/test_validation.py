@@ -35,10 +35,12 @@ def test_bad_options(function):
         function(S, margin=-0.1)
     with pytest.raises(ValueError, match="margin must be a finite number >= 0, got nan"):
         function(S, margin=float("nan"))
-    with pytest.raises(TypeError, match="margin must be a float, got str"):
+    with pytest.raises(TypeError, match="margin must be a real number .*, got str"):
         function(S, margin="0.2")
-    with pytest.raises(TypeError, match="margin must be a float, got Tensor"):
+    with pytest.raises(TypeError, match=r"margin must be a real number .*, got Tensor \(use .item\(\)"):
         function(S, margin=torch.tensor(0.2))
+    with pytest.raises(TypeError, match="margin must be a real number .*, got bool"):
+        function(S, margin=True)
     with pytest.raises(ValueError, match="reduction must be one of 'none', 'mean', 'sum'; got 'avg'"):
         function(S, reduction="avg")
     with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
@@ -81,8 +83,18 @@ def test_module_arguments(cls):
         module(torch.rand(4, 2), torch.rand(4, 2), ids=torch.tensor([0, 1, 2]))
     with pytest.raises(TypeError, match="ids must hold integers"):
         module(torch.rand(4, 2), torch.rand(4, 2), ids=torch.rand(4))
-    with pytest.raises(TypeError, match="ids must be a 1-D integer tensor or a sequence of ints, got str"):
+    with pytest.raises(TypeError, match="ids must be a 1-D integer tensor, array or sequence of ints, got str"):
         module(torch.rand(4, 2), torch.rand(4, 2), ids="abcd")
+    with pytest.raises(TypeError, match="ids must hold integers .* got str 'a.jpg'; map other ids"):
+        module(torch.rand(4, 2), torch.rand(4, 2), ids=["a.jpg", "b.jpg", "a.jpg", "c.jpg"])
+    with pytest.raises(ValueError, match="ids must fit in int64, got 18446744073709551616"):
+        module(torch.rand(4, 2), torch.rand(4, 2), ids=[0, 1, 2, 2**64])
+    with pytest.raises(TypeError, match="ids must hold integers .* got bool"):
+        module(torch.rand(4, 2), torch.rand(4, 2), ids=[True, False, True, True])
+    with pytest.raises(TypeError, match="ids must hold integers .* got dtype torch.bool"):
+        module(torch.rand(4, 2), torch.rand(4, 2), ids=torch.tensor([True, False, True, True]))
+    with pytest.raises(ValueError, match="img_emb is a meta tensor"):
+        module(torch.rand(4, 2, device="meta"), torch.rand(4, 2))
     with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
         cls(margin=-1)
     with pytest.raises(ValueError, match="reduction must be one of"):
@@ -92,3 +104,70 @@ def test_module_arguments(cls):
 def test_contrastive_switch_type():
     with pytest.raises(TypeError, match="max_violation must be a bool, got int"):
         selhn.ContrastiveLoss(max_violation=1)
+
+
+# ------------------------------------------------------------------ scalar types and ids of any kind
+np = pytest.importorskip("numpy")
+REALS = [0.2, 1, np.float32(0.2), np.float64(0.2), np.float16(0.25), np.int64(1)]
+
+
+@pytest.mark.parametrize("value", REALS, ids=lambda v: type(v).__name__)
+def test_every_real_number_type_is_accepted_by_every_entry_point(value):
+    from selhn import diagnostics as D
+    from selhn.distributed import global_loss
+
+    img = torch.nn.functional.normalize(torch.rand(4, 3), dim=1)
+    txt = torch.nn.functional.normalize(torch.rand(4, 3), dim=1)
+    scores, number = img @ txt.T, float(value)
+    for function in FUNCTIONS:
+        assert torch.equal(function(scores, value), function(scores, number))
+    assert torch.equal(F.selhn_loss(scores, 0.2, value), F.selhn_loss(scores, 0.2, number))
+    for cls in (selhn.SelHNLoss, selhn.MaxViolationLoss, selhn.SumHingeLoss, selhn.ContrastiveLoss):
+        assert cls(margin=value).margin == number
+    assert selhn.SelHNLoss(epsilon=value).epsilon == number
+    assert torch.equal(global_loss(img, txt, "selhn", value, value), global_loss(img, txt, "selhn", number, number))
+    assert D.vanishing_stats(scores, value, value).to_dict() == D.vanishing_stats(scores, number, number).to_dict()
+    torch.testing.assert_close(
+        D.gradient_norms(img, txt, "selhn", value, value).image,
+        D.gradient_norms(img, txt, "selhn", number, number).image,
+    )
+    assert D.CollapseAlarm(margin=value, tolerance=value).margin == number
+    assert D.TrainingMonitor(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), margin=value, epsilon=value).margin == number
+
+
+def test_integer_options_take_any_integer_type_and_refuse_the_rest_by_name():
+    from selhn import diagnostics as D
+
+    assert D.CollapseAlarm(patience=np.int64(2)).patience == 2
+    encoders = (torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
+    assert D.TrainingMonitor(*encoders, log_every=np.int32(5), history=np.uint16(9)).log_every == 5
+    with pytest.raises(TypeError, match="patience must be an int >= 1, got float 2.0"):
+        D.CollapseAlarm(patience=2.0)
+    with pytest.raises(TypeError, match="log_every must be an int >= 1, got bool"):
+        D.TrainingMonitor(*encoders, log_every=True)
+    with pytest.raises(ValueError, match="history must be an int >= 1, got 0"):
+        D.TrainingMonitor(*encoders, history=0)
+    with pytest.raises(ValueError, match=r"min_vanishing is a share of anchors, so in \[0, 1\], got 1.5"):
+        D.CollapseAlarm(min_vanishing=1.5)
+
+
+def test_ids_as_numpy_arrays_and_numpy_integers():
+    img = torch.nn.functional.normalize(torch.rand(4, 3), dim=1)
+    txt = torch.nn.functional.normalize(torch.rand(4, 3), dim=1)
+    expected = selhn.SelHNLoss()(img, txt, ids=torch.tensor([7, 7, 3, 4]))
+    assert torch.equal(selhn.SelHNLoss()(img, txt, ids=np.array([7, 7, 3, 4])), expected)
+    assert torch.equal(selhn.SelHNLoss()(img, txt, ids=[np.int64(7), 7, np.int32(3), 4]), expected)
+    with pytest.raises(TypeError, match="ids must hold integers .* got dtype torch.float64"):
+        selhn.SelHNLoss()(img, txt, ids=np.array([7.0, 7.0, 3.0, 4.0]))
+
+
+def test_the_monitor_refuses_a_loss_that_is_not_one_number():
+    from selhn import diagnostics as D
+
+    monitor = D.TrainingMonitor(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), log_every=1, alarm=False)
+    with pytest.raises(ValueError, match=r"loss must be the scalar training loss .* got shape \(2, 4\)"):
+        monitor.step(S, torch.rand(2, 4))
+    with pytest.raises(TypeError, match="loss must be a one-element torch.Tensor or None, got float"):
+        monitor.step(S, 0.5)
+    assert monitor.steps == 0  # a refused step is not counted
+    assert monitor.step(S, torch.tensor([0.5]))["loss"] == 0.5
