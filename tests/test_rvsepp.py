@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -19,13 +20,14 @@ from hypothesis import strategies as st
 
 from examples.rvsepp import synthetic
 from examples.rvsepp import train as train_module
-from examples.rvsepp.data import EpochSampler, PrecompDataset, collate
+from examples.rvsepp.data import MAX_TOKENS, DataError, EpochSampler, PrecompDataset, collate
 from examples.rvsepp.evaluate import evaluate_embeddings, load_model, ranks
 from examples.rvsepp.model import GPO, RVSEPP
 from examples.rvsepp.vocab import MASK, Vocabulary, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--tensorboard", "off", "--no-eval-test"]
+SMOKE_TESTED = SMOKE[:-1]  # with the final test evaluation
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +247,7 @@ def test_checkpoint_errors(data_root, tmp_path):
     checkpoint = torch.load(tmp_path / "last.pth", weights_only=False)
     checkpoint["vocab"] = [*checkpoint["vocab"], "zebra"]
     torch.save(checkpoint, tmp_path / "last.pth")
-    with pytest.raises(ValueError, match="trained with another vocabulary"):
+    with pytest.raises(train_module.RunError, match="trained with another vocabulary"):
         run([*SMOKE, "--root", str(data_root), "--out", str(tmp_path), "--resume"])
     checkpoint["model_config"] = {**checkpoint["model_config"], "embed": 64}
     torch.save(checkpoint, tmp_path / "other.pth")
@@ -254,7 +256,7 @@ def test_checkpoint_errors(data_root, tmp_path):
     torch.save({"weights": 1}, tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="is not an RVSE\\+\\+ checkpoint"):
         load_model(tmp_path / "foreign.pth", torch.device("cpu"))
-    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
+    with pytest.raises(train_module.RunError, match="--resume: no checkpoint"):
         run([*SMOKE, "--root", str(data_root), "--out", str(tmp_path / "empty"), "--resume"])
 
 
@@ -429,3 +431,224 @@ def test_demo_runs(capsys):
     demo.main()
     out = capsys.readouterr().out
     assert "max violation" in out and "SelHN" in out and "duplicate distance" in out
+
+
+# ------------------------------------------------------------------ reliability under hostile use
+class Payload:
+    """Unpickling this runs code: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).write_text, ("pwned",))
+
+
+def test_checkpoints_load_without_running_code_from_the_file(data_root, tmp_path):
+    run([*SMOKE, "--root", str(data_root), "--out", str(tmp_path / "run"), "--max-steps", "1"])
+    checkpoint = torch.load(tmp_path / "run" / "last.pth", weights_only=True)  # plain data only
+    assert {"model", "optimizer", "scheduler", "state", "args", "rng"} <= set(checkpoint)
+    marker = tmp_path / "marker"
+    torch.save({**checkpoint, "extra": Payload(str(marker))}, tmp_path / "crafted.pth")
+    with pytest.raises(ValueError, match=r"crafted.pth is not a checkpoint that loads as plain data"):
+        load_model(tmp_path / "crafted.pth", torch.device("cpu"))
+    assert not marker.exists()
+    (tmp_path / "run" / "last.pth").write_bytes((tmp_path / "crafted.pth").read_bytes())
+    with pytest.raises(train_module.RunError, match="last.pth is not a checkpoint that loads as plain data"):
+        run([*SMOKE, "--root", str(data_root), "--out", str(tmp_path / "run"), "--resume"])
+    assert not marker.exists()
+
+
+def test_corrupt_and_foreign_files_are_named(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"model": {}, "model_config": {}}, good)
+    (tmp_path / "truncated.pth").write_bytes(good.read_bytes()[:40])
+    (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 4)
+    for name in ("truncated.pth", "noise.pth"):
+        with pytest.raises(ValueError, match=f"{name} is not a (readable checkpoint|checkpoint that loads as plain)"):
+            load_model(tmp_path / name, torch.device("cpu"))
+    with pytest.raises(ValueError, match="good.pth is not an RVSE\\+\\+ checkpoint"):
+        load_model(good, torch.device("cpu"))
+    with pytest.raises(ValueError, match="no checkpoint at .*missing.pth"):
+        load_model(tmp_path / "missing.pth", torch.device("cpu"))
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(data_root, tmp_path):
+    common = [*SMOKE, "--root", str(data_root), "--out", str(tmp_path), "--max-steps", "1"]
+    run(common)
+    before = (tmp_path / "last.pth").read_bytes()
+    with pytest.raises(train_module.RunError, match=r"already holds a run \(.*last.pth.*\): pass --resume"):
+        run(common)
+    assert (tmp_path / "last.pth").read_bytes() == before  # untouched
+    run([*common, "--overwrite", "--seed", "3"])
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["args"]["seed"] == 3
+    assert len((tmp_path / "dev.jsonl").read_text().splitlines()) == 1  # the old run's records are gone
+    with pytest.raises(SystemExit):
+        train_module.parse_args([*common, "--overwrite", "--resume"])
+
+
+def test_resume_appends_each_record_exactly_once(data_root, tmp_path):
+    common = [*SMOKE, "--root", str(data_root), "--log-every", "1", "--eval-steps", "2", "--epochs", "2"]
+    run([*common, "--out", str(tmp_path / "straight")])
+    run([*common, "--out", str(tmp_path / "split"), "--max-steps", "23"])  # into epoch 1
+    run([*common, "--out", str(tmp_path / "split"), "--resume"])
+    straight = (tmp_path / "straight" / "steps.csv").read_text()
+    split = (tmp_path / "split" / "steps.csv").read_text()
+    assert [r.split(",")[0] for r in split.splitlines()[1:]] == [str(float(s)) for s in range(1, 37)]
+    assert split == straight  # the same rows, each once, step numbers continued
+    steps = [json.loads(line)["global_step"] for line in (tmp_path / "split" / "dev.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) + 2  # +2: each epoch's end at an --eval-steps step
+
+
+def test_resume_cuts_records_written_after_the_checkpoint(tmp_path):
+    with open(tmp_path / "steps.csv", "w") as handle:
+        handle.write("step,loss\n1.0,0.5\n2.0,0.4\n3.0,0.3\n")
+    lines = [
+        {"global_step": 2, "kind": "steps"},
+        {"global_step": 4, "kind": "epoch"},
+        {"global_step": 4, "kind": "steps"},
+        {"global_step": 5, "kind": "steps"},
+    ]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = train_module.records_until(tmp_path, 2, pending_eval=False)
+    assert [r["step"] for r in rows] == ["1.0", "2.0"]
+    assert [json.loads(x)["global_step"] for x in (tmp_path / "dev.jsonl").read_text().splitlines()] == [2]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    train_module.records_until(tmp_path, 4, pending_eval=True)  # killed after the epoch's dev record
+    kept = [json.loads(x) for x in (tmp_path / "dev.jsonl").read_text().splitlines()]
+    assert [(r["global_step"], r["kind"]) for r in kept] == [(2, "steps"), (4, "steps")]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--loss", "hn"), ("--seed", "5"), ("--lr", "0.001"), ("--batch-size", "8"), ("--synthetic-noise", "0.9"),
+     ("--margin", "0.3")],
+)  # fmt: skip
+def test_resume_refuses_another_run_by_flag(data_root, tmp_path, flag, value):
+    common = [*SMOKE, "--root", str(data_root), "--out", str(tmp_path), "--max-steps", "1"]
+    run(common)
+    with pytest.raises(train_module.RunError, match=f"belongs to a run with {flag} .*, not"):
+        run([*common, "--resume", flag, value])
+
+
+def test_resume_accepts_more_epochs(data_root, tmp_path):
+    common = [*SMOKE, "--root", str(data_root), "--out", str(tmp_path), "--no-eval-test"]
+    run(common)
+    run([*common, "--resume", "--epochs", "2"])
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["state"]["epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--batch-size", "0"], "--batch-size: expected an integer >= 2, got 0"),
+     (["--epochs", "-1"], "--epochs: expected an integer >= 1, got -1"),
+     (["--lr", "nan"], "--lr: expected a finite number > 0"),
+     (["--margin", "-0.2"], "--margin: expected a finite number >= 0"),
+     (["--synthetic-twins", "2"], "--synthetic-twins is a probability")],
+)  # fmt: skip
+def test_bad_arguments_are_refused_before_anything_runs(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_module.parse_args([*SMOKE, *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def write_split(root: Path, split: str, images: np.ndarray, captions: list[str]) -> None:
+    folder = root / "tiny_precomp"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / f"{split}_ims.npy", images.astype(np.float32))
+    (folder / f"{split}_caps.txt").write_text("".join(c + "\n" for c in captions))
+
+
+def tiny_data(root: Path, n_train: int = 8, dev_dim: int = 6, n_test: int = 2) -> None:
+    rng = np.random.default_rng(0)
+    words = ["a", "dog", "cat", "runs", "on", "the", "grass", "red", "ball"]
+    for split, count, dim in (("train", n_train, 6), ("dev", 2, dev_dim), ("test", n_test, 6)):
+        captions = [" ".join(rng.choice(words, 5)) for _ in range(5 * count)]
+        write_split(root, split, rng.random((count, 3, dim)), captions)
+
+
+@pytest.mark.parametrize(
+    ("data", "flags", "message"),
+    [({"n_train": 2}, [], "has 10 captions, fewer than --batch-size 16"),
+     ({"dev_dim": 4}, [], "the dev split of tiny has 4-d region features, the train split 6-d"),
+     ({"n_test": 0}, [], "the test split of tiny is empty")],
+)  # fmt: skip
+def test_runs_that_would_train_or_test_nothing_are_refused(tmp_path, data, flags, message):
+    tiny_data(tmp_path, **data)
+    with pytest.raises(train_module.RunError, match=message):
+        run([*SMOKE_TESTED, "--root", str(tmp_path), "--name", "tiny", "--out", str(tmp_path / "run"), *flags])
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_bad_images_and_captions(tmp_path):
+    tiny_data(tmp_path)
+    vocab = Vocabulary.build(["a dog"] * 4)
+    images = np.random.default_rng(1).random((2, 3, 6))
+    images[1] = 0.0
+    write_split(tmp_path, "dev", images, ["a dog"] * 10)
+    dataset = PrecompDataset(tmp_path, "tiny", "dev", vocab)
+    with pytest.raises(DataError, match=r"dev_ims.npy: every region of image row 1 is zero"):
+        dataset[5]
+    images[1, 0, 0] = np.nan
+    write_split(tmp_path, "dev", images, ["a dog"] * 10)
+    with pytest.raises(DataError, match=r"dev_ims.npy: image row 1 holds NaN or infinite features"):
+        PrecompDataset(tmp_path, "tiny", "dev", vocab)[5]
+    # a Unicode line separator inside a caption does not split it; a runaway caption is capped
+    captions = ["a dog\u2028on grass", *["a dog"] * 8, " ".join(["dog"] * 10_000)]
+    write_split(tmp_path, "dev", np.random.default_rng(2).random((2, 3, 6)), captions)
+    dataset = PrecompDataset(tmp_path, "tiny", "dev", vocab)
+    assert len(dataset) == 10 and len(dataset[9][1]) == MAX_TOKENS and dataset[9][1][-1] == vocab("<end>")
+
+
+def test_a_bad_image_during_training_is_a_clear_error(tmp_path, capsys):
+    tiny_data(tmp_path, n_train=4)
+    images = np.random.default_rng(3).random((4, 3, 6))
+    images[2] = np.inf
+    write_split(tmp_path, "train", images, ["a dog runs"] * 20)
+    with pytest.raises(SystemExit) as exit_:
+        train_module.main([*SMOKE, "--root", str(tmp_path), "--name", "tiny", "--out", str(tmp_path / "run")])
+    assert "train_ims.npy: image row 2 holds NaN or infinite features" in str(exit_.value.code)
+
+
+def signal_inside(monkeypatch, calls: int) -> None:
+    """SIGTERM from inside the ``calls``-th evaluation (no timing involved)."""
+    count = {"n": 0}
+    real = train_module.encode
+
+    def encode(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "encode", encode)
+
+
+def test_sigterm_during_the_epochs_evaluation_stops_and_resume_redoes_only_it(data_root, tmp_path, monkeypatch):
+    common = [*SMOKE_TESTED, "--root", str(data_root), "--out", str(tmp_path), "--epochs", "2"]
+    signal_inside(monkeypatch, calls=1)  # the first epoch's dev evaluation
+    with pytest.raises(SystemExit) as exit_:
+        run(common)
+    assert exit_.value.code == 128 + signal.SIGTERM
+    state = torch.load(tmp_path / "last.pth", weights_only=True)["state"]
+    assert state["pending_eval"] and state["epoch"] == 1 and not (tmp_path / "dev.jsonl").exists()
+    monkeypatch.undo()
+    run([*common, "--resume"])
+    records = [json.loads(line) for line in (tmp_path / "dev.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["global_step"]) for r in records] == [(0, 18), (1, 36)]
+    assert json.loads((tmp_path / "results.json").read_text())["test_rsum"] > 0
+
+
+def test_sigterm_during_the_final_test_stops_without_results(data_root, tmp_path, monkeypatch):
+    common = [*SMOKE_TESTED, "--root", str(data_root), "--out", str(tmp_path)]
+    signal_inside(monkeypatch, calls=2)  # dev at the epoch's end, then the test
+    with pytest.raises(SystemExit) as exit_:
+        run(common)
+    assert exit_.value.code == 128 + signal.SIGTERM and not (tmp_path / "results.json").exists()
+    monkeypatch.undo()
+    run([*common, "--resume"])  # nothing left to train: only the test
+    assert json.loads((tmp_path / "results.json").read_text())["test_rsum"] > 0
+
+
+def test_results_json_is_strict_json():
+    assert train_module.finite_or_none({"a": 1.0, "b": math.nan, "c": math.inf}) == {"a": 1.0, "b": None, "c": None}

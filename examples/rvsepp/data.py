@@ -11,6 +11,12 @@ Training-time augmentation (VSE-infinity's): each region is dropped with probabi
 probability 0.2: it becomes ``<mask>`` (50%), a random word (10%) or is deleted (40%).
 The randomness of item ``i`` in epoch ``e`` comes from ``(seed, e, i)`` alone, so a run
 resumed mid-epoch draws exactly what an uninterrupted one would, whatever the workers.
+
+Captions are split on newlines alone (``\n`` or ``\r\n``; other Unicode line separators stay
+inside a caption) and cut to ``MAX_TOKENS`` tokens, start and end included, so that one
+runaway line cannot take minutes and gigabytes per step (real captions have at most about 80
+words). An image whose regions are all zeros, or that holds a NaN or infinite feature, raises
+a :class:`DataError` that names the file and the row.
 """
 
 from __future__ import annotations
@@ -27,6 +33,21 @@ from torch.utils.data import Dataset, Sampler
 from examples.rvsepp.vocab import MASK, Vocabulary
 
 DEV_CAPTIONS = 5000
+#: tokens kept per caption, <start> and <end> included
+MAX_TOKENS = 128
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as it is; the message names the file."""
+
+
+def read_captions(path: Path) -> list[str]:
+    """One caption per line; only ``\n`` (or ``\r\n``) ends a line."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.replace("\r\n", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 class PrecompDataset(Dataset):
@@ -63,7 +84,8 @@ class PrecompDataset(Dataset):
         self.images = np.load(ims_path, mmap_mode="r")
         if self.images.ndim != 3:
             raise ValueError(f"{ims_path} must hold (N, regions, dim) features, got shape {self.images.shape}")
-        self.captions = caps_path.read_text().splitlines()
+        self.ims_path = ims_path
+        self.captions = read_captions(caps_path)
         n_images, n_captions = self.images.shape[0], len(self.captions)
         if n_images == n_captions:
             self.per_image = 1
@@ -82,7 +104,7 @@ class PrecompDataset(Dataset):
         self.epoch = 0
         self.region_drop = region_drop
         self.token_perturb = token_perturb
-        self.tokens = [vocab.encode(c) for c in self.captions]
+        self.tokens = [self._capped(vocab.encode(c)) for c in self.captions]
 
     @property
     def feature_dim(self) -> int:
@@ -91,13 +113,24 @@ class PrecompDataset(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
+    @staticmethod
+    def _capped(tokens: list[int]) -> list[int]:
+        return tokens if len(tokens) <= MAX_TOKENS else tokens[: MAX_TOKENS - 1] + tokens[-1:]
+
     def image_index(self, caption_index: int) -> int:
         return caption_index // self.per_image
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int, int]:
         image = self.image_index(index)
         regions = torch.from_numpy(np.array(self.images[image], dtype=np.float32))
+        if not torch.isfinite(regions).all():
+            raise DataError(f"{self.ims_path}: image row {image} holds NaN or infinite features")
         regions = regions[regions.abs().sum(dim=1) > 0]  # drop zero padding
+        if regions.shape[0] == 0:
+            raise DataError(
+                f"{self.ims_path}: every region of image row {image} is zero (padding only); give it at least one "
+                "region or remove it from the split"
+            )
         tokens = list(self.tokens[index])
         if self.train:
             rng = random.Random(hash((self.seed, self.epoch, index)))

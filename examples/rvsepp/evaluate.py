@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -158,11 +159,37 @@ def format_table(results: dict[str, float], title: str = "") -> str:
     return "\n".join(line for line in (title, head, "   " + row, "   " + ranks_row) if line)
 
 
+CHECKPOINT_KEYS = ("model", "model_config", "vocab", "state", "args")
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint of examples/rvsepp/train.py, loaded with ``weights_only=True``.
+
+    Checkpoints hold tensors, numbers, strings and plain containers only, so loading one
+    never runs code from the file (``weights_only=False`` would unpickle anything, and a
+    crafted file could execute code). A missing, corrupt or foreign file raises a
+    ``ValueError`` that names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} is not a checkpoint that loads as plain data: it is corrupt, from another program, or holds "
+            "objects that a weights-only load refuses (unpickling them could run code from the file)"
+        ) from error
+    except (EOFError, RuntimeError, OSError) as error:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from error
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
+        raise ValueError(f"{path} is not an RVSE++ checkpoint written by examples/rvsepp/train.py")
+    return checkpoint
+
+
 def load_model(path: str | Path, device: torch.device) -> tuple[RVSEPP, dict]:
     """A model from a training checkpoint, with clear errors for a foreign file."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_config" not in checkpoint:
-        raise ValueError(f"{path} is not an RVSE++ checkpoint written by examples/rvsepp/train.py")
+    checkpoint = load_checkpoint(path)
     model = RVSEPP(**checkpoint["model_config"])
     try:
         model.load_state_dict(checkpoint["model"])
@@ -185,7 +212,10 @@ def main() -> None:
     device = torch.device(args.device)
     images, captions = [], []
     for path in args.checkpoint:
-        model, checkpoint = load_model(path, device)
+        try:
+            model, checkpoint = load_model(path, device)
+        except ValueError as error:
+            parser.error(str(error))
         vocab = Vocabulary(checkpoint["vocab"])
         dataset = PrecompDataset(args.root, args.name, args.split, vocab)
         img, cap = encode(model, dataset, device, amp=device.type == "cuda")

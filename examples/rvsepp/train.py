@@ -15,8 +15,11 @@ Data: ``--name synthetic`` (the default) generates the embedded synthetic data s
 bottom-up-attention features (``<root>/<name>_precomp``, see the README).
 
 Checkpoints (``<out>/last.pth`` every epoch and on Ctrl-C / SIGTERM, ``<out>/best.pth`` by
-dev rsum) are written atomically; ``--resume`` continues exactly where a run stopped, and a
-non-finite loss stops the run with the last good checkpoint left in place.
+dev rsum) are plain data, loaded with ``weights_only=True``, and written atomically. A new
+run refuses an ``--out`` that holds a run (``--overwrite`` replaces it); ``--resume``
+continues exactly where a run stopped, and refuses arguments that would make it another run.
+A non-finite loss stops the run with the last good checkpoint left in place. The docs'
+"Robustness" section lists everything that is validated.
 
 Multi-GPU: ``torchrun --nproc_per_node N -m examples.rvsepp.train ...`` (DDP; the batch is
 the global batch). ``--global-negatives`` mines negatives across all ranks' batches.
@@ -28,12 +31,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -45,8 +51,8 @@ from torch.utils.data import DataLoader
 
 import selhn
 from examples.rvsepp import synthetic
-from examples.rvsepp.data import EpochSampler, PrecompDataset, collate
-from examples.rvsepp.evaluate import encode, evaluate_embeddings, format_table
+from examples.rvsepp.data import DataError, EpochSampler, PrecompDataset, collate, read_captions
+from examples.rvsepp.evaluate import encode, evaluate_embeddings, format_table, load_checkpoint
 from examples.rvsepp.model import RVSEPP
 from examples.rvsepp.vocab import Vocabulary
 from selhn import functional as F
@@ -90,26 +96,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--out", default="runs/rvsepp", help="run folder: checkpoints, TensorBoard logs, CSV")
     add("--loss", choices=["selhn", "hn", "sum", "warmup"], default="selhn")
     add("--reduction", choices=["auto", "mean", "sum"], default="auto", help="auto: mean for selhn, sum otherwise")
-    add("--margin", type=float, default=0.2)
-    add("--epsilon", type=float, default=0.01)
-    add("--warmup-epochs", type=int, default=1, help="epochs of sum of hinges for --loss warmup")
+    add("--margin", type=number_at_least(0.0), default=0.2)
+    add("--epsilon", type=number_at_least(0.0), default=0.01)
+    add("--warmup-epochs", type=integer_at_least(0), default=1, help="epochs of sum of hinges for --loss warmup")
     add("--mask-duplicates", action="store_true", help="captions of one image are not negatives of each other")
     add("--global-negatives", action="store_true", help="with DDP: mine negatives across all ranks")
-    add("--epochs", type=int, default=30)
-    add("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
-    add("--batch-size", type=int, default=128)
-    add("--lr", type=float, default=5e-4)
-    add("--lr-decay-epoch", type=int, default=15)
-    add("--grad-clip", type=float, default=2.0)
-    add("--embed-size", type=int, default=1024)
-    add("--word-dim", type=int, default=300)
-    add("--workers", type=int, default=0)
+    add("--epochs", type=integer_at_least(1), default=30)
+    add("--max-steps", type=integer_at_least(0), default=0, help="stop after this many steps in all (0: no limit)")
+    add("--batch-size", type=integer_at_least(2), default=128, help="pairs per step (2 at least: one negative)")
+    add("--lr", type=number_at_least(0.0, strict=True), default=5e-4)
+    add("--lr-decay-epoch", type=integer_at_least(0), default=15)
+    add("--grad-clip", type=number_at_least(0.0, strict=True), default=2.0)
+    add("--embed-size", type=integer_at_least(1), default=1024)
+    add("--word-dim", type=integer_at_least(1), default=300)
+    add("--workers", type=integer_at_least(0), default=0)
     add("--seed", type=int, default=0)
     add("--device", default="auto", help="auto: cuda if available, else cpu")
     add("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on with CUDA)")
-    add("--log-every", type=int, default=10)
-    add("--eval-steps", type=int, default=0, help="also evaluate dev every this many steps (0: per epoch only)")
-    add("--resume", action="store_true", help="continue from <out>/last.pth")
+    add("--log-every", type=integer_at_least(1), default=10)
+    add("--eval-steps", type=integer_at_least(0), default=0, help="also evaluate dev every this many steps (0: never)")
+    add("--resume", action="store_true", help="continue the run in --out from its last.pth (same arguments)")
+    add("--overwrite", action="store_true", help="replace the run that --out holds (without it, a new run refuses)")
     add("--no-eval-test", action="store_true", help="skip the final test evaluation")
     add("--tensorboard", choices=["auto", "on", "off"], default="auto")
     for field, value in asdict(synthetic.Config()).items():
@@ -120,7 +127,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.test_split is None:
         args.test_split = "testall" if args.name == "coco" else "test"
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --out and --overwrite replaces it: choose one")
+    try:
+        synthetic_config(args)
+    except ValueError as error:
+        parser.error(str(error).replace("synthetic ", "--synthetic-", 1))
     return args
+
+
+def integer_at_least(low: int) -> Any:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def number_at_least(low: float, strict: bool = False) -> Any:
+    """An argparse type: a finite number >= ``low`` (> ``low`` if ``strict``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number {'>' if strict else '>='} {low:g}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def synthetic_config(args: argparse.Namespace) -> synthetic.Config:
+    return synthetic.Config(**{k: getattr(args, f"synthetic_{k}") for k in asdict(synthetic.Config())})
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -139,11 +188,21 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class StopSignal(Exception):  # noqa: N818 (a signal, not an error)
+    """Ctrl-C / SIGTERM during an evaluation (where the training loop's flag is not read)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 class Stop:
-    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint and exits at the next step."""
+    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint and exits at the next step.
+    Inside :meth:`interruptible` (evaluations) a signal raises :class:`StopSignal` at once."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.immediate = False
         self.previous: dict[int, Any] = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread
@@ -151,11 +210,28 @@ class Stop:
 
     def handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
+        if self.immediate:
+            raise StopSignal(signum)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A stretch (an evaluation) that a signal ends at once."""
+        if self.signal is not None:
+            raise StopSignal(self.signal)
+        self.immediate = True
+        try:
+            yield
+        finally:
+            self.immediate = False
 
     def restore(self) -> None:
         """Put back the handlers that were there before (training may run inside a larger program)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class RunError(Exception):
+    """A user mistake about the run (its folder, arguments or data): reported without a traceback."""
 
 
 def loss_for_step(args: argparse.Namespace, epoch: int) -> tuple[str, str]:
@@ -186,7 +262,7 @@ def compute_loss(name: str, reduction: str, args: argparse.Namespace, img: torch
 
 def load_data(args: argparse.Namespace) -> tuple[Vocabulary, PrecompDataset, PrecompDataset, PrecompDataset]:
     if args.name == "synthetic":
-        config = synthetic.Config(**{k: getattr(args, f"synthetic_{k}") for k in asdict(synthetic.Config())})
+        config = synthetic_config(args)
         if is_main():
             synthetic.ensure(args.root, "synthetic", config)
         barrier()
@@ -198,7 +274,7 @@ def load_data(args: argparse.Namespace) -> tuple[Vocabulary, PrecompDataset, Pre
             path = folder / f"{split}_caps.txt"
             if not path.is_file():
                 raise FileNotFoundError(f"missing split file {path}")
-            captions += path.read_text().splitlines()
+            captions += read_captions(path)
         Vocabulary.build(captions).save(vocab_path)
     barrier()
     vocab = Vocabulary.load(vocab_path)
@@ -233,162 +309,364 @@ def setup_distributed(args: argparse.Namespace) -> tuple[torch.device, int, int]
     return torch.device("cuda" if use_cuda else "cpu"), 0, 1
 
 
-# --------------------------------------------------------------------------- the run
-def _train(args: argparse.Namespace, stop: Stop) -> dict[str, float]:
-    device, rank, world = setup_distributed(args)
-    seed_everything(args.seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
-    out = Path(args.out)
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-    vocab, train_set, dev_set, test_set = load_data(args)
+# --------------------------------------------------------------------------- the run folder
+#: what a run writes into --out; a new run refuses a folder holding any of them
+RUN_FILES = ("last.pth", "best.pth", "dev.jsonl", "steps.csv", "results.json", "tensorboard")
+#: arguments a resumed run must share with the run it continues; the others (--epochs,
+#: --max-steps, --device, --workers, --eval-steps, --log-every, ...) may change
+SAME_RUN = (
+    "name", "loss", "reduction", "margin", "epsilon", "warmup_epochs", "mask_duplicates", "global_negatives",
+    "batch_size", "lr", "lr_decay_epoch", "grad_clip", "embed_size", "word_dim", "seed",
+)  # fmt: skip
 
-    model = RVSEPP(len(vocab), train_set.feature_dim, args.embed_size, args.word_dim).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[args.lr_decay_epoch], gamma=0.1)
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0}
-    monitor = TrainingMonitor(
-        model.image, model.text, margin=args.margin, epsilon=args.epsilon, log_every=args.log_every
-    )
 
-    last_path, best_path = out / "last.pth", out / "best.pth"
+def prepare_run_folder(args: argparse.Namespace, out: Path) -> None:
+    """Refuse to mix two runs in one folder: a new run needs an empty --out (or --overwrite)."""
+    existing = sorted(name for name in RUN_FILES if (out / name).exists())
     if args.resume:
-        if not last_path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
-        checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
-        check_compatible(checkpoint, vocab, model, last_path)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        state = checkpoint["state"]
-        random.setstate(checkpoint["rng"]["python"])
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if is_main():
-            print(f"resumed from {last_path}: epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch")
-
-    ddp_model: torch.nn.Module = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+        if not (out / "last.pth").is_file():
+            raise RunError(f"--resume: no checkpoint at {out / 'last.pth'} (start a new run without --resume)")
+        return
+    if existing and not args.overwrite:
+        raise RunError(
+            f"{out} already holds a run ({', '.join(existing)}): pass --resume to continue it, --overwrite to "
+            "replace it, or choose another --out"
         )
-    sampler = EpochSampler(len(train_set), args.batch_size, seed=args.seed, rank=rank, world_size=world)
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers)
-    writer = make_writer(args, out)
+    for name in existing:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
-    def checkpoint_dict() -> dict[str, Any]:
+
+def check_same_run(stored: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+    """A resumed run continues the stored one: refuse, by flag, what would make it another run."""
+    keys = list(SAME_RUN)
+    if args.name == "synthetic":
+        keys += [f"synthetic_{k}" for k in asdict(synthetic.Config())]
+    for key in keys:
+        before, now = stored.get(key), getattr(args, key)
+        if before != now:
+            raise RunError(
+                f"--resume: {path} belongs to a run with --{key.replace('_', '-')} {before!r}, not {now!r}. A resumed "
+                "run must continue the same run (only --epochs, --max-steps and settings of the machine may change); "
+                "start a new run in another --out to change it"
+            )
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's, numpy's and torch's generator states as tensors and plain values
+    (a checkpoint loads with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    key, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "key": key,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+
+
+def records_until(out: Path, step: int, pending_eval: bool) -> list[dict[str, str]]:
+    """On resume: the rows of steps.csv up to the checkpoint's step, and dev.jsonl cut back
+    the same way (rows written after the checkpoint would be written again)."""
+    rows: list[dict[str, str]] = []
+    if (out / "steps.csv").is_file():
+        with open(out / "steps.csv", newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if float(row["step"]) <= step]
+    if (out / "dev.jsonl").is_file():
+        kept = []
+        for line in (out / "dev.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            redone = record["global_step"] > step or (
+                record["global_step"] == step and pending_eval and record.get("kind") == "epoch"
+            )
+            if not redone:
+                kept.append(line + "\n")
+        write_atomic(out / "dev.jsonl", "".join(kept))
+    return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_steps(path: Path, earlier: list[dict[str, str]], monitor: TrainingMonitor) -> None:
+    """steps.csv: the rows from before a resume, then this process's monitor history."""
+    history = monitor.history()
+    columns = monitor.columns or (list(earlier[0]) if earlier else [])
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows([row.get(c, "") for c in columns] for row in earlier)
+        if monitor.columns:  # (a resumed run that has not stepped yet has no rows of its own)
+            writer.writerows(zip(*(history[c] for c in columns), strict=True))
+    os.replace(tmp, path)
+
+
+def check_data(args: argparse.Namespace, train: PrecompDataset, dev: PrecompDataset, test: PrecompDataset) -> None:
+    """Refuse, before any step, data on which the run would train or evaluate nothing."""
+    if len(train) < args.batch_size:
+        raise RunError(
+            f"the train split of {args.name} has {len(train)} captions, fewer than --batch-size {args.batch_size}: "
+            "training drops the last partial batch, so not one step would run"
+        )
+    splits = [("dev", dev)] + ([] if args.no_eval_test else [(args.test_split, test)])
+    for split, dataset in splits:
+        if len(dataset) == 0:
+            raise RunError(f"the {split} split of {args.name} is empty: there is nothing to evaluate")
+        if dataset.feature_dim != train.feature_dim:
+            raise RunError(
+                f"the {split} split of {args.name} has {dataset.feature_dim}-d region features, the train split "
+                f"{train.feature_dim}-d"
+            )
+
+
+def finite_or_none(results: dict[str, float]) -> dict[str, float | None]:
+    """results.json is strict JSON: NaN / inf become null."""
+    return {k: (v if math.isfinite(v) else None) for k, v in results.items()}
+
+
+# --------------------------------------------------------------------------- the run
+class Run:
+    """One training run: set-up (data, model, resume), the step, the epoch's end, the test."""
+
+    def __init__(self, args: argparse.Namespace, stop: Stop) -> None:
+        self.args, self.stop = args, stop
+        self.device, self.rank, self.world = setup_distributed(args)
+        seed_everything(args.seed)
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.amp = args.amp == "on" or (args.amp == "auto" and self.device.type == "cuda")
+        self.out = Path(args.out)
+        if is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            prepare_run_folder(args, self.out)
+        barrier()
+        try:
+            self.vocab, self.train_set, self.dev_set, self.test_set = load_data(args)
+        except (FileNotFoundError, ValueError) as error:
+            raise RunError(str(error)) from error
+        check_data(args, self.train_set, self.dev_set, self.test_set)
+        self.model = RVSEPP(len(self.vocab), self.train_set.feature_dim, args.embed_size, args.word_dim).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=[args.lr_decay_epoch], gamma=0.1
+        )
+        self.state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0,
+                                      "pending_eval": False, "eval_epoch": 0}  # fmt: skip
+        self.monitor = TrainingMonitor(
+            self.model.image, self.model.text, margin=args.margin, epsilon=args.epsilon, log_every=args.log_every
+        )
+        self.last_path, self.best_path = self.out / "last.pth", self.out / "best.pth"
+        self.earlier_steps: list[dict[str, str]] = []
+        if args.resume:
+            self.resume()
+        self.ddp_model: torch.nn.Module = self.model
+        if self.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.sampler = EpochSampler(
+            len(self.train_set), args.batch_size, seed=args.seed, rank=self.rank, world_size=self.world
+        )
+        self.loader = DataLoader(
+            self.train_set, batch_sampler=self.sampler, collate_fn=collate, num_workers=args.workers
+        )
+        self.writer = make_writer(args, self.out)
+        self.step_times: list[float] = []
+
+    def resume(self) -> None:
+        try:
+            checkpoint = load_checkpoint(self.last_path)
+        except ValueError as error:
+            raise RunError(str(error)) from error
+        check_same_run(checkpoint["args"], self.args, self.last_path)
+        check_compatible(checkpoint, self.vocab, self.model, self.last_path)
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.state = checkpoint["state"]
+        set_rng_state(checkpoint["rng"])
+        self.monitor.steps = self.state["global_step"]  # step numbers go on
+        if is_main():
+            self.earlier_steps = records_until(self.out, self.state["global_step"], self.state["pending_eval"])
+            print(f"resumed from {self.last_path}: epoch {self.state['epoch']}, step {self.state['step_in_epoch']} "
+                  "of the epoch", flush=True)  # fmt: skip
+
+    def checkpoint(self) -> dict[str, Any]:
         return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "state": dict(state), "args": vars(args), "vocab": vocab.signature(), "model_config": model.config,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "state": dict(self.state), "args": vars(self.args),
+            "vocab": self.vocab.signature(), "model_config": self.model.config, "rng": rng_state(),
         }  # fmt: skip
 
-    def save_last() -> None:
+    def save_last(self) -> None:
         if is_main():
-            atomic_save(checkpoint_dict(), last_path)
-            monitor.to_csv(out / "steps.csv")
+            atomic_save(self.checkpoint(), self.last_path)
+            write_steps(self.out / "steps.csv", self.earlier_steps, self.monitor)
 
-    step_times: list[float] = []
-    finished = False
-    while state["epoch"] < args.epochs and not finished:
-        epoch = state["epoch"]
-        train_set.epoch = epoch
-        sampler.set_epoch(epoch, start=state["step_in_epoch"])
-        name, reduction = loss_for_step(args, epoch)
-        ddp_model.train()
-        progress = progress_bar(loader, f"epoch {epoch} ({name})", disable=not is_main())
-        for batch in progress:
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                img, txt = ddp_model(
-                    batch["regions"].to(device), batch["region_lengths"].to(device),
-                    batch["tokens"].to(device), batch["token_lengths"].to(device),
-                )  # fmt: skip
-            loss, scores = compute_loss(name, reduction, args, img.float(), txt.float(), batch["image_id"].to(device))
-            if not torch.isfinite(loss):
-                raise SystemExit(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch}, step {state['step_in_epoch']}: stopping. "
-                    f"The last good checkpoint is {last_path if last_path.exists() else 'not written yet'}."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            logged = monitor.step(scores, loss)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            state["step_in_epoch"] += 1
-            state["global_step"] += 1
-            step_times.append(time.perf_counter() - start)
-            if logged is not None and writer is not None:
-                for key, value in logged.items():
-                    writer.add_scalar(f"train/{key}", value, state["global_step"])
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state["global_step"])
-            if logged is not None and hasattr(progress, "set_postfix"):
-                progress.set_postfix(
-                    loss=f"{logged['loss']:.4f}", vanishing=f"{logged.get('i2t/vanishing_fraction', 0):.2f}"
-                )
-            if stop.signal is not None:
-                save_last()
-                print(f"\nstopped by signal {stop.signal}: saved {last_path}; continue with --resume", flush=True)
-                raise SystemExit(128 + stop.signal)
-            if args.eval_steps and state["global_step"] % args.eval_steps == 0 and is_main():
-                record_dev(out, epoch, state["global_step"], evaluate_split(model, dev_set, device, amp), writer)
-            if args.max_steps and state["global_step"] >= args.max_steps:
-                finished = True
-                break
-        if not finished:
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-            scheduler.step()
-        dev = evaluate_split(model, dev_set, device, amp)
-        if is_main():
-            print(
-                f"epoch {epoch}: dev rsum {dev['rsum']:.1f} (i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f})",
-                flush=True,
+    def step(self, batch: dict[str, torch.Tensor], name: str, reduction: str) -> dict[str, float] | None:
+        """One optimisation step; the monitor's values on its logging steps."""
+        args, device = self.args, self.device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
+            img, txt = self.ddp_model(
+                batch["regions"].to(device), batch["region_lengths"].to(device),
+                batch["tokens"].to(device), batch["token_lengths"].to(device),
+            )  # fmt: skip
+        loss, scores = compute_loss(name, reduction, args, img.float(), txt.float(), batch["image_id"].to(device))
+        if not torch.isfinite(loss):
+            last = self.last_path if self.last_path.exists() else "not written yet"
+            raise SystemExit(
+                f"non-finite loss ({loss.item()}) at epoch {self.state['epoch']}, step {self.state['step_in_epoch']}: "
+                f"stopping. The last good checkpoint is {last}."
             )
-            record_dev(out, epoch, state["global_step"], dev, writer)
-            if dev["rsum"] > state["best_rsum"]:
-                state["best_rsum"] = dev["rsum"]
-                atomic_save(checkpoint_dict(), best_path)
-        save_last()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        logged = self.monitor.step(scores, loss)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+        self.optimizer.step()
+        self.state["step_in_epoch"] += 1
+        self.state["global_step"] += 1
+        return logged
+
+    def evaluate_dev(self, epoch: int, kind: str) -> dict[str, float]:
+        with self.stop.interruptible():
+            dev = evaluate_split(self.model, self.dev_set, self.device, self.amp)
+        if is_main():
+            record_dev(self.out, epoch, self.state["global_step"], dev, self.writer, kind)
+        return dev
+
+    def end_of_epoch(self) -> None:
+        """Evaluate dev, keep the best checkpoint. The checkpoint written before the evaluation
+        says it is pending, so a run killed during it redoes the evaluation alone."""
+        epoch = self.state["eval_epoch"]
+        dev = self.evaluate_dev(epoch, "epoch")
+        self.state["pending_eval"] = False
+        if is_main():
+            print(f"epoch {epoch}: dev rsum {dev['rsum']:.1f} (i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 "
+                  f"{dev['t2i_r1']:.1f})", flush=True)  # fmt: skip
+            if dev["rsum"] > self.state["best_rsum"]:
+                self.state["best_rsum"] = dev["rsum"]
+                atomic_save(self.checkpoint(), self.best_path)
+        self.save_last()
         barrier()
-    results: dict[str, float] = {
-        "best_dev_rsum": state["best_rsum"],
-        "step_seconds": float(np.median(step_times)) if step_times else math.nan,
-    }
-    if not args.no_eval_test and is_main():
-        best = torch.load(best_path, map_location="cpu", weights_only=False) if best_path.exists() else None
-        if best is not None:
-            model.load_state_dict(best["model"])
-        test = evaluate_split(model, test_set, device, amp, fold5=args.name == "coco" and args.test_split == "testall")
-        print(format_table(test, f"{args.name} {args.test_split}, {args.loss}, best dev checkpoint"), flush=True)
-        results.update({f"test_{k}": v for k, v in test.items()})
-    if is_main():
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    if writer is not None:
-        writer.close()
-    if world > 1:
-        dist.barrier()  # no rank tears its group down while another is still in a collective
-        dist.destroy_process_group()
-    return results
+
+    def train(self) -> None:
+        args, state = self.args, self.state
+        if state["pending_eval"]:  # killed during the last epoch's evaluation
+            self.end_of_epoch()
+        finished = bool(args.max_steps and state["global_step"] >= args.max_steps)
+        while state["epoch"] < args.epochs and not finished:
+            epoch = state["epoch"]
+            self.train_set.epoch = epoch
+            self.sampler.set_epoch(epoch, start=state["step_in_epoch"])
+            name, reduction = loss_for_step(args, epoch)
+            self.ddp_model.train()
+            progress = progress_bar(self.loader, f"epoch {epoch} ({name})", disable=not is_main())
+            for batch in progress:
+                start = time.perf_counter()
+                logged = self.step(batch, name, reduction)
+                self.step_times.append(time.perf_counter() - start)
+                if logged is not None:
+                    self.log(logged, progress)
+                if self.stop.signal is not None:
+                    self.save_last()
+                    print(f"\nstopped by signal {self.stop.signal}: saved {self.last_path}; continue with --resume",
+                          flush=True)  # fmt: skip
+                    raise SystemExit(128 + self.stop.signal)
+                if args.eval_steps and state["global_step"] % args.eval_steps == 0 and is_main():
+                    try:
+                        self.evaluate_dev(epoch, "steps")
+                    except StopSignal:
+                        self.save_last()
+                        raise
+                if args.max_steps and state["global_step"] >= args.max_steps:
+                    finished = True
+                    break
+            if not finished:
+                state["epoch"] += 1
+                state["step_in_epoch"] = 0
+                self.scheduler.step()
+            state["pending_eval"], state["eval_epoch"] = True, epoch
+            self.save_last()
+            self.end_of_epoch()
+
+    def log(self, logged: dict[str, float], progress: Any) -> None:
+        if self.writer is not None:
+            for key, value in logged.items():
+                self.writer.add_scalar(f"train/{key}", value, self.state["global_step"])
+            self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.state["global_step"])
+        if hasattr(progress, "set_postfix"):
+            progress.set_postfix(
+                loss=f"{logged['loss']:.4f}", vanishing=f"{logged.get('i2t/vanishing_fraction', 0):.2f}"
+            )
+
+    def finish(self) -> dict[str, float]:
+        """The test evaluation of the best dev checkpoint; results.json."""
+        args = self.args
+        results: dict[str, float] = {
+            "best_dev_rsum": self.state["best_rsum"],
+            "step_seconds": float(np.median(self.step_times)) if self.step_times else math.nan,
+        }
+        if not args.no_eval_test and is_main():
+            if self.best_path.exists():
+                self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
+            fold5 = args.name == "coco" and args.test_split == "testall"
+            with self.stop.interruptible():
+                test = evaluate_split(self.model, self.test_set, self.device, self.amp, fold5=fold5)
+            print(format_table(test, f"{args.name} {args.test_split}, {args.loss}, best dev checkpoint"), flush=True)
+            results.update({f"test_{k}": v for k, v in test.items()})
+        if is_main():
+            write_atomic(self.out / "results.json", json.dumps(finite_or_none(results), indent=1, allow_nan=False))
+        if self.writer is not None:
+            self.writer.close()
+        if self.world > 1:
+            dist.barrier()  # no rank tears its group down while another is still in a collective
+            dist.destroy_process_group()
+        return results
 
 
-def record_dev(out: Path, epoch: int, step: int, dev: dict[str, float], writer: Any) -> None:
-    """Append a dev evaluation to <out>/dev.jsonl (and TensorBoard, by step)."""
+def _train(args: argparse.Namespace, stop: Stop) -> dict[str, float]:
+    run = Run(args, stop)
+    run.train()
+    return run.finish()
+
+
+def record_dev(out: Path, epoch: int, step: int, dev: dict[str, float], writer: Any, kind: str = "epoch") -> None:
+    """Append a dev evaluation to <out>/dev.jsonl (and TensorBoard, by step); ``kind`` says
+    whether it is the epoch's end or an --eval-steps one."""
     if writer is not None:
         for key, value in dev.items():
             writer.add_scalar(f"dev/{key}", value, step)
     with open(out / "dev.jsonl", "a") as handle:
-        handle.write(json.dumps({"epoch": epoch, "global_step": step, **dev}) + "\n")
+        handle.write(json.dumps({"epoch": epoch, "global_step": step, "kind": kind, **dev}) + "\n")
 
 
 def train(args: argparse.Namespace) -> dict[str, float]:
-    """Train and evaluate; Ctrl-C / SIGTERM save a checkpoint, and the previous signal
-    handlers are restored on the way out."""
+    """Train and evaluate; Ctrl-C / SIGTERM save a checkpoint (during an evaluation: the one
+    written before it), and the previous signal handlers are restored on the way out."""
     stop = Stop()
     try:
         return _train(args, stop)
+    except StopSignal as stopped:
+        print(f"\nstopped by signal {stopped.signum} during an evaluation: {Path(args.out) / 'last.pth'} holds the "
+              "run; continue with --resume", flush=True)  # fmt: skip
+        raise SystemExit(128 + stopped.signum) from None
     finally:
         stop.restore()
 
@@ -396,8 +674,10 @@ def train(args: argparse.Namespace) -> dict[str, float]:
 def evaluate_split(
     model: RVSEPP, dataset: PrecompDataset, device: torch.device, amp: bool, fold5: bool = False
 ) -> dict[str, float]:
+    """Recall of ``model`` on ``dataset``; the model's train / eval mode is left as it was."""
+    was_training = model.training
     images, captions = encode(model, dataset, device, amp=amp)
-    model.train()
+    model.train(was_training)
     results = evaluate_embeddings([images], [captions], fold5=fold5)
     if fold5:  # COCO: also the 5K numbers
         results.update({f"5k_{k}": v for k, v in evaluate_embeddings([images], [captions]).items()})
@@ -406,12 +686,12 @@ def evaluate_split(
 
 def check_compatible(checkpoint: dict[str, Any], vocab: Vocabulary, model: RVSEPP, path: Path) -> None:
     if checkpoint.get("vocab") != vocab.signature():
-        raise ValueError(
+        raise RunError(
             f"{path} was trained with another vocabulary "
             f"({len(checkpoint.get('vocab', []))} words, this data has {len(vocab)})"
         )
     if checkpoint.get("model_config") != model.config:
-        raise ValueError(f"{path} holds a model of another shape: {checkpoint.get('model_config')} vs {model.config}")
+        raise RunError(f"{path} holds a model of another shape: {checkpoint.get('model_config')} vs {model.config}")
 
 
 def make_writer(args: argparse.Namespace, out: Path) -> Any:
@@ -435,7 +715,11 @@ def progress_bar(iterable: Any, description: str, disable: bool) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (RunError, DataError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":
