@@ -32,6 +32,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("selhn.testing needs hypothesis: pip install hypothesis (selhn's 'testing' extra)") from error
 
 from selhn import functional as F
+from selhn._validation import FALLBACKS, check_choice, check_nonnegative, check_positive_int
 from selhn.diagnostics import gradient_norms, vanishing_stats
 
 __all__ = [
@@ -61,7 +62,8 @@ def batch_sizes(min_size: int = 1, max_size: int = 8) -> st.SearchStrategy[int]:
         ...     assert size in (2, 3, 4)
         >>> check()
     """
-    if min_size < 1 or max_size < min_size:
+    min_size, max_size = check_positive_int(min_size, "min_size"), check_positive_int(max_size, "max_size")
+    if max_size < min_size:
         raise ValueError(f"batch sizes need 1 <= min_size <= max_size, got {min_size} and {max_size}")
     return st.integers(min_value=min_size, max_value=max_size)
 
@@ -111,6 +113,8 @@ def score_matrices(
         >>> check()
     """
     size = draw(batch_size if batch_size is not None else batch_sizes())
+    if levels is not None:
+        check_positive_int(levels, "levels")
     spread = draw(scale if scale is not None else st.floats(min_value=0.01, max_value=3.0))
     generator = torch.Generator().manual_seed(draw(_SEEDS))
     scores = torch.randn(size, size, generator=generator, dtype=torch.float64) * spread
@@ -307,6 +311,7 @@ def assert_finite_gradients(
         >>> assert_finite_gradients(selhn.SelHNLoss(), max_examples=10)
         >>> assert_finite_gradients(selhn.functional.max_violation_loss, over="scores", max_examples=10)
     """
+    max_examples = check_positive_int(max_examples, "max_examples")
     if over == "scores":
         inputs: st.SearchStrategy[tuple[Tensor, ...]] = st.one_of(
             score_matrices(levels=4), score_matrices(scale=st.floats(10.0, 1e4))
@@ -362,6 +367,8 @@ def assert_no_vanishing(loss: LossOverEmbeddings, *, min_ratio: float = 0.1, max
         ...     print(str(error).splitlines()[0])
         the gradient vanishes where the hardest negatives collapse: ...
     """
+    min_ratio = check_nonnegative(min_ratio, "min_ratio")
+    max_examples = check_positive_int(max_examples, "max_examples")
 
     def measure(features: Tensor, txt: Tensor) -> tuple[float, float]:
         leaf = features.clone().requires_grad_()
@@ -421,6 +428,9 @@ def assert_selection_rule(
         >>> from selhn.testing import assert_selection_rule
         >>> assert_selection_rule(partial(selhn_loss, reduction="none"), max_examples=10)
     """
+    margin, epsilon = check_nonnegative(margin, "margin"), check_nonnegative(epsilon, "epsilon")
+    fallback = check_choice(fallback, "fallback", FALLBACKS)
+    max_examples = check_positive_int(max_examples, "max_examples")
 
     @settings(max_examples=max_examples, deadline=None)
     @given(st.one_of(score_matrices(levels=100), score_matrices(scale=st.floats(0.001, 0.05))))

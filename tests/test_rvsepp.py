@@ -650,5 +650,17 @@ def test_sigterm_during_the_final_test_stops_without_results(data_root, tmp_path
     assert json.loads((tmp_path / "results.json").read_text())["test_rsum"] > 0
 
 
+def test_sigterm_during_set_up_stops_at_once(tmp_path, monkeypatch, capsys):
+    def generate(*args, **kwargs):  # the signal arrives while the data set is being generated
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal did not stop the set-up")
+
+    monkeypatch.setattr(train_module.synthetic, "ensure", generate)
+    with pytest.raises(SystemExit) as exit_:
+        run([*SMOKE, "--root", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert "nothing was trained yet" in capsys.readouterr().out
+
+
 def test_results_json_is_strict_json():
     assert train_module.finite_or_none({"a": 1.0, "b": math.nan, "c": math.inf}) == {"a": 1.0, "b": None, "c": None}

@@ -171,3 +171,21 @@ def test_the_monitor_refuses_a_loss_that_is_not_one_number():
         monitor.step(S, 0.5)
     assert monitor.steps == 0  # a refused step is not counted
     assert monitor.step(S, torch.tensor([0.5]))["loss"] == 0.5
+
+
+def test_the_testing_helpers_check_their_scalar_arguments_by_name():
+    from selhn import testing as T
+
+    assert T.batch_sizes(np.int64(2), np.int64(3)) is not None
+    with pytest.raises(TypeError, match="max_size must be an int >= 1, got float"):
+        T.batch_sizes(1, 3.0)
+    with pytest.raises(ValueError, match="batch sizes need 1 <= min_size <= max_size, got 4 and 3"):
+        T.batch_sizes(4, 3)
+    with pytest.raises(ValueError, match="max_examples must be an int >= 1, got 0"):
+        T.assert_finite_gradients(selhn.SelHNLoss(), max_examples=0)
+    with pytest.raises(TypeError, match="min_ratio must be a real number"):
+        T.assert_no_vanishing(selhn.SelHNLoss(), min_ratio="0.1")
+    with pytest.raises(ValueError, match="epsilon must be a finite number >= 0"):
+        T.assert_selection_rule(F.selhn_loss, epsilon=-1)
+    with pytest.raises(ValueError, match="fallback must be one of"):
+        T.assert_selection_rule(F.selhn_loss, fallback="max")

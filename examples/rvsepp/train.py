@@ -642,7 +642,8 @@ class Run:
 
 
 def _train(args: argparse.Namespace, stop: Stop) -> dict[str, float]:
-    run = Run(args, stop)
+    with stop.interruptible():  # set-up (data generation can take minutes): nothing to save yet
+        run = Run(args, stop)
     run.train()
     return run.finish()
 
@@ -664,8 +665,9 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     try:
         return _train(args, stop)
     except StopSignal as stopped:
-        print(f"\nstopped by signal {stopped.signum} during an evaluation: {Path(args.out) / 'last.pth'} holds the "
-              "run; continue with --resume", flush=True)  # fmt: skip
+        last = Path(args.out) / "last.pth"
+        where = f"{last} holds the run; continue with --resume" if last.is_file() else "nothing was trained yet"
+        print(f"\nstopped by signal {stopped.signum} outside a training step: {where}", flush=True)
         raise SystemExit(128 + stopped.signum) from None
     finally:
         stop.restore()
