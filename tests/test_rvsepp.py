@@ -352,7 +352,15 @@ def test_compare_smoke(data_root, tmp_path, capsys):
         "--out", str(tmp_path), "--root", str(data_root), "--preset", "smoke", "--seeds", "0",
         "--losses", "hn", "selhn", "--epsilons", "0.05", "--steps", "4", "--eval-steps", "2", "--log-every", "1",
     ])  # fmt: skip
-    for name in ("comparison.md", "comparison.csv", "comparison.png", "steps.csv", "dev.csv"):
+    for name in (
+        "comparison.md",
+        "comparison.csv",
+        "comparison.png",
+        "steps.csv",
+        "dev.csv",
+        "per_seed.csv",
+        "facts.md",
+    ):
         assert (tmp_path / name).is_file(), name
     table = (tmp_path / "comparison.md").read_text()
     assert "| hn |" in table and "| selhn eps=0.01 |" in table and "| selhn eps=0.05 |" in table
@@ -371,6 +379,9 @@ def test_compare_smoke(data_root, tmp_path, capsys):
         assert values["test_rsum"] == pytest.approx(
             sum(values[f"test_{d}_{k}"] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
         )
+    per_seed = (tmp_path / "per_seed.csv").read_text().splitlines()
+    assert per_seed[0].startswith("loss,seed,leaves plateau at step") and len(per_seed) == 4
+    assert [line.split(",")[0] for line in per_seed[1:]] == ["hn", "selhn eps=0.01", "selhn eps=0.05"]
     # a finished run is reused, an unfinished one is trained again from its start
     finished = tmp_path / "runs" / "hn_seed0" / "results.json"
     stamp = finished.stat().st_mtime_ns

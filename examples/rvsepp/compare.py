@@ -16,6 +16,7 @@ fraction, the loss, and every ``--eval-steps`` steps the dev rsum. The command w
   steps_to_10x_chance, best_dev_rsum, test_rsum, test_i2t_r1, test_t2i_r1, test_mean_r1``,
   the other test recalls, ``step_ms`` and, for ``warmup``, ``switch_step``,
   ``dev_rsum_at_switch`` and ``min_dev_rsum_after_switch``;
+* ``per_seed.csv``: the key numbers of every run, one line each (the docs' per-seed tables);
 * ``facts.md``: whether the three facts known from real data (the Results docs page) hold
   in these runs, each with its criterion and its per-seed values.
 
@@ -154,6 +155,38 @@ def write_runs_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({key: row[key] for key in RUN_COLUMNS})
+
+
+PER_SEED = (
+    ("loss", "loss"), ("seed", "seed"), ("steps_to_leave_plateau", "leaves plateau at step"),
+    ("steps_to_10x_chance", "dev rsum > 10x chance at step"), ("best_dev_rsum", "best dev rsum"),
+    ("test_rsum", "test rsum"), ("test_i2t_r1", "test i2t R@1"), ("test_t2i_r1", "test t2i R@1"),
+    ("test_mean_r1", "test mean R@1"),
+)  # fmt: skip
+
+
+def write_per_seed_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Every run's key numbers, one line per run (the docs' per-seed tables): steps as
+    integers, "0" for never on the plateau, "never" for never reached."""
+
+    def cell(key: str, row: dict[str, Any]) -> str:
+        value = row[key]
+        if key == "loss":
+            return label(str(value), float(row["epsilon"]) if row["loss"] == "selhn" else 0.01)
+        if key == "seed":
+            return str(value)
+        if not math.isfinite(float(value)):
+            return "never"
+        return f"{float(value):.0f}" if key.startswith("steps") else f"{float(value):.1f}"
+
+    order = {loss: i for i, loss in enumerate(LOSSES)}
+    ordered = sorted(
+        rows, key=lambda r: (order[r["loss"]], float(r["epsilon"]) if r["loss"] == "selhn" else 0, r["seed"])
+    )
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([title for _, title in PER_SEED])
+        writer.writerows([cell(key, row) for key, _ in PER_SEED] for row in ordered)
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -374,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     switch_step = float(train_args.warmup_epochs * (train_captions // train_args.batch_size))
     rows = [run_row(loss, eps, seed, run, chance, switch_step) for (loss, eps, seed), run in runs.items()]
     write_runs_csv(out / "runs.csv", rows)
+    write_per_seed_csv(out / "per_seed.csv", rows)
     write_csvs(out, runs)
     table = markdown(summarise(rows), chance, args.seeds, args.steps)
     (out / "comparison.md").write_text(table)
