@@ -17,7 +17,7 @@ fraction, the loss, and every ``--eval-steps`` steps the dev rsum. The command w
   the other test recalls, ``step_ms`` and, for ``warmup``, ``switch_step``,
   ``dev_rsum_at_switch`` and ``min_dev_rsum_after_switch``;
 * ``per_seed.csv``: the key numbers of every run, one line each (the docs' per-seed tables);
-* ``facts.md``: whether the three facts known from real data (the Results docs page) hold
+* ``facts.md`` (and ``facts.csv``): whether the three facts known from real data (the Results docs page) hold
   in these runs, each with its criterion and its per-seed values.
 
 Table columns: steps until the vanishing fraction (mean of both directions) falls below 10%
@@ -414,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     write_table_csv(out / "comparison.csv", table)
     checked = facts(rows)
     (out / "facts.md").write_text(checked)
+    write_table_csv(out / "facts.csv", checked)
     plot(out, runs, chance, f"RVSE++, preset {args.preset} {' '.join(args.train_args)}".strip())
     print(table)
     print(checked)
