@@ -79,3 +79,33 @@ def test_the_built_site_is_checked_for_offline_math(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode != 0 and "not self-contained" in result.stderr, result.stderr[-2000:]
+
+
+def test_the_swap_patches_add_lines_that_run_against_selhn():
+    """docs/patches/*.diff (checked by hand against the upstream files they name) add lines
+    that must keep working with selhn's API: each is executed with stand-ins for their objects."""
+    import types
+
+    import torch
+
+    patches = sorted((ROOT / "docs" / "patches").glob("*.diff"))
+    assert [p.name for p in patches] == ["scan_model.diff", "vse_infty_vse.diff", "vsepp_model.diff"]
+    for patch in patches:
+        added = [
+            line[1:] for line in patch.read_text().splitlines() if line.startswith("+") and not line.startswith("+++")
+        ]
+        assert any("selhn" in line for line in added), patch.name
+        opt = types.SimpleNamespace(margin=0.2)
+        holder = types.SimpleNamespace(margin=0.2, criterion=None)
+        scope = {"opt": opt, "self": holder, "scores": torch.randn(5, 5)}
+        for line in added:
+            code = line.strip()
+            if code.startswith("return "):
+                code = "result = " + code[len("return ") :]
+            exec(code, scope)
+        criterion = holder.criterion if holder.criterion is not None else None
+        if criterion is not None:
+            img = torch.nn.functional.normalize(torch.randn(4, 3), dim=1)
+            assert criterion(img, img).ndim == 0
+        else:
+            assert scope["result"].ndim == 0
