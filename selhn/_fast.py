@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -77,20 +78,14 @@ MODES = {"selhn": SELHN, "hn": HARD, "sum": SUM}
 
 
 # --------------------------------------------------------------------------- kernels
-def _hinge_args(scores: Tensor, threshold: Tensor) -> Tensor:
-    """``s - threshold``, kept at -inf where ``s`` is -inf (an excluded pair), also when the
-    threshold is -inf too (a -inf positive: every other hinge is +inf, not NaN)."""
-    return torch.where(torch.isneginf(scores), scores, scores - threshold)
-
-
 def _hinge_sums(scores: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per row and per column: sum of hinges ``relu(s - threshold)`` and active count."""
     row_t = threshold.unsqueeze(1)
     col_t = threshold.unsqueeze(0)
     return (
-        torch.relu(_hinge_args(scores, row_t)).sum(dim=1),
+        torch.relu(scores - row_t).sum(dim=1),
         (scores > row_t).sum(dim=1),
-        torch.relu(_hinge_args(scores, col_t)).sum(dim=0),
+        torch.relu(scores - col_t).sum(dim=0),
         (scores > col_t).sum(dim=0),
     )
 
@@ -327,6 +322,11 @@ def _forward(
         state.row_active, state.col_active = masks
     else:
         row_sum, row_active, col_sum, col_active = _kernel("hinge_sums", _hinge_sums, batch)(scores, threshold)
+        # a -inf positive makes its threshold -inf, and -inf - (-inf) is NaN at its excluded
+        # cells: its hinge sum is +inf when it has negatives (each hinge is), else 0
+        stuck = torch.isneginf(threshold)
+        row_sum = torch.where(stuck, torch.where(row_active > 0, math.inf, 0.0), row_sum)
+        col_sum = torch.where(stuck, torch.where(col_active > 0, math.inf, 0.0), col_sum)
         sums = torch.stack([row_sum, col_sum])
         active = torch.stack([row_active, col_active]).to(scores.dtype)
         if not (for_embeddings and _pair_form_(state, scores, threshold, dense, active)):
