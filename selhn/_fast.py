@@ -25,9 +25,10 @@ The dense passes run as small ``torch.compile``-d kernels when the batch is larg
 pay for them (B >= ``COMPILE_MIN_BATCH``); they fall back to eager PyTorch when compiling is
 switched off (``SELHN_COMPILE=0``), fails, or when the caller is itself being compiled (then
 Dynamo fuses the eager code into the caller's graph). Choosing between these backward forms
-reads from the device twice at most in eager mode (how many anchors fall back; how many of
-their hinges are active and inactive); under ``torch.compile`` the dense path is always
-taken, with no data-dependent branch.
+reads from the device in eager mode: how many anchors fall back (one read), then either the
+positions of the fallback anchors when only some do (``nonzero``, one read per direction) or
+how many of their hinges are active and inactive (one read). Under ``torch.compile`` the
+dense path is always taken, with no data-dependent branch.
 """
 
 from __future__ import annotations

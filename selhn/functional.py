@@ -1,4 +1,8 @@
-r"""Triplet losses over a score matrix: the single source of each loss's semantics.
+r"""Triplet losses over a score matrix (SCAN-style models, and any precomputed scores).
+
+The per-anchor computation itself lives in :mod:`selhn._fast`, shared with the modules of
+:mod:`selhn.losses` (which score embeddings with a leaner backward) and the diagnostic; the
+literal loop references in ``tests/reference.py`` judge both.
 
 Every function takes a (B, B) score matrix whose row ``i`` is image anchor ``i``
 (image-to-text), whose column ``j`` is caption anchor ``j`` (text-to-image) and whose

@@ -1,8 +1,10 @@
 """``torch.nn.Module`` twins of :mod:`selhn.functional` over embeddings.
 
 Each module takes the image and caption embeddings of a batch of B matched pairs (row ``i``
-of each is a pair), computes the score matrix ``img_emb @ txt_emb.T`` and delegates to the
-functional form. Embeddings are expected to be L2-normalised (as in VSE++, VSE-infinity and
+of each is a pair) and returns the loss of the functional form on ``img_emb @ txt_emb.T``, in
+value and gradient. It computes that loss with its own autograd Function over the
+embeddings, whose backward gathers embedding rows instead of forming the (B, B) gradient of
+the scores. Embeddings are expected to be L2-normalised (as in VSE++, VSE-infinity and
 RVSE++), so the scores are cosine similarities; the modules do not normalise for you.
 
 The scores are computed in float32 for half-precision embeddings (autocast is disabled
