@@ -589,6 +589,11 @@ def test_runs_that_would_train_or_test_nothing_are_refused(tmp_path, data, flags
     with pytest.raises(train_module.RunError, match=message):
         run([*SMOKE_TESTED, "--root", str(tmp_path), "--name", "tiny", "--out", str(tmp_path / "run"), *flags])
     assert not (tmp_path / "run" / "last.pth").exists()
+    # --overwrite of a good run by a run that fails its checks keeps the good run
+    (tmp_path / "run" / "last.pth").write_bytes(b"the old run")
+    with pytest.raises(train_module.RunError, match=message):
+        run([*SMOKE_TESTED, "--root", str(tmp_path), "--name", "tiny", "--out", str(tmp_path / "run"), "--overwrite"])
+    assert (tmp_path / "run" / "last.pth").read_bytes() == b"the old run"
 
 
 def test_bad_images_and_captions(tmp_path):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -320,19 +321,28 @@ SAME_RUN = (
 )  # fmt: skip
 
 
-def prepare_run_folder(args: argparse.Namespace, out: Path) -> None:
+def existing_run(out: Path) -> list[str]:
+    """The files of a run that --out holds (none for an empty or new folder)."""
+    return sorted(name for name in RUN_FILES if (out / name).exists())
+
+
+def check_run_folder(args: argparse.Namespace, out: Path) -> None:
     """Refuse to mix two runs in one folder: a new run needs an empty --out (or --overwrite)."""
-    existing = sorted(name for name in RUN_FILES if (out / name).exists())
     if args.resume:
         if not (out / "last.pth").is_file():
             raise RunError(f"--resume: no checkpoint at {out / 'last.pth'} (start a new run without --resume)")
         return
+    existing = existing_run(out)
     if existing and not args.overwrite:
         raise RunError(
             f"{out} already holds a run ({', '.join(existing)}): pass --resume to continue it, --overwrite to "
             "replace it, or choose another --out"
         )
-    for name in existing:
+
+
+def clear_run_folder(out: Path) -> None:
+    """--overwrite: delete the old run, once the new one has passed every check."""
+    for name in existing_run(out):
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -399,8 +409,10 @@ def records_until(out: Path, step: int, pending_eval: bool) -> list[dict[str, st
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Write a temporary file, then rename: never a half-written file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w", newline="") as handle:  # the text's own line ends
+        handle.write(text)
     os.replace(tmp, path)
 
 
@@ -408,14 +420,13 @@ def write_steps(path: Path, earlier: list[dict[str, str]], monitor: TrainingMoni
     """steps.csv: the rows from before a resume, then this process's monitor history."""
     history = monitor.history()
     columns = monitor.columns or (list(earlier[0]) if earlier else [])
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        writer.writerows([row.get(c, "") for c in columns] for row in earlier)
-        if monitor.columns:  # (a resumed run that has not stepped yet has no rows of its own)
-            writer.writerows(zip(*(history[c] for c in columns), strict=True))
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\r\n")  # csv's default, as TrainingMonitor.to_csv writes
+    writer.writerow(columns)
+    writer.writerows([row.get(c, "") for c in columns] for row in earlier)
+    if monitor.columns:  # (a resumed run that has not stepped yet has no rows of its own)
+        writer.writerows(zip(*(history[c] for c in columns), strict=True))
+    write_atomic(path, text.getvalue())
 
 
 def check_data(args: argparse.Namespace, train: PrecompDataset, dev: PrecompDataset, test: PrecompDataset) -> None:
@@ -455,13 +466,15 @@ class Run:
         self.out = Path(args.out)
         if is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            prepare_run_folder(args, self.out)
-        barrier()
+            check_run_folder(args, self.out)
         try:
             self.vocab, self.train_set, self.dev_set, self.test_set = load_data(args)
         except (FileNotFoundError, ValueError) as error:
             raise RunError(str(error)) from error
         check_data(args, self.train_set, self.dev_set, self.test_set)
+        if is_main() and args.overwrite:  # only now: a run that fails its checks leaves the old one intact
+            clear_run_folder(self.out)
+        barrier()
         self.model = RVSEPP(len(self.vocab), self.train_set.feature_dim, args.embed_size, args.word_dim).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
