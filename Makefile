@@ -1,5 +1,6 @@
 # Two entry points, each installing what it needs into .venv first:
 #   make train  the project's main job: RVSE++ with SelHN on the synthetic data set, then the recall table
+#               (each call replaces the previous run in runs/main)
 #   make test   the whole test suite: lint, types, pytest, docs (html + doctest) with -W, and the
 #               build-and-install check of the wheel in a clean virtual environment
 PYTHON ?= python3
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml setup.cfg
 install: $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m examples.rvsepp.train --preset cpu --root data --out runs/main
+	$(PY) -m examples.rvsepp.train --preset cpu --root data --out runs/main --overwrite
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
