@@ -67,8 +67,9 @@ def check_embeddings(img_emb: Any, txt_emb: Any) -> None:
 
 
 def _is_real(value: Any) -> bool:
-    """A real number of any type (Python, numpy, ...), not a bool and not a tensor."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+    """A real number of any type (Python, numpy, ...), not a bool and not a tensor (numpy's
+    bool_ is no numbers.Real)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_nonnegative(value: Any, name: str) -> float:

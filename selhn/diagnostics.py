@@ -188,25 +188,28 @@ def vanishing_stats(
         # an anchor with a non-finite score reads NaN in every statistic (and so do the means);
         # an anchor without negatives (all masked) is left out
         valid = torch.isfinite(hardest) | broken
-        gap = torch.where(broken, nan, sel.gap(positives, hardest))
-        vanishing = sel.vanishing(gap, epsilon) & valid
-        hinge = torch.where(broken, nan, sel.hinge(positives, hardest, margin))
-        finite_gap = torch.where(valid, gap, nan)
+        gap = sel.gap(positives, hardest)
+        vanishing = sel.vanishing(gap, epsilon) & valid & ~broken
+        hinge = sel.hinge(positives, hardest, margin)
+
+        def mean(values: Tensor, broken: Tensor = broken, valid: Tensor = valid) -> Tensor:
+            return _masked_mean(torch.where(broken, nan, values.to(nan.dtype)), valid)
+
+        finite_gap = torch.where(valid & ~broken, gap, nan)
         quantiles = (
             torch.nanquantile(finite_gap, torch.tensor(GAP_QUANTILES, dtype=gap.dtype, device=gap.device))
             if gap.numel()
             else gap.new_full((len(GAP_QUANTILES),), math.nan)
         )
-        quantiles = torch.where(broken.any(), nan, quantiles)
         parts.append(
             DirectionStats(
-                vanishing_fraction=_masked_mean(torch.where(broken, nan, vanishing.to(gap.dtype)), valid),
-                gap_mean=_masked_mean(gap, valid),
-                gap_quantiles=quantiles,
-                active_fraction=_masked_mean(torch.where(broken, nan, (hinge > 0).to(gap.dtype)), valid),
-                positive_mean=_masked_mean(torch.where(broken, nan, positives), valid),
-                hardest_mean=_masked_mean(torch.where(broken, nan, hardest), valid),
-                hard_loss_mean=_masked_mean(hinge, valid),
+                vanishing_fraction=mean(vanishing),
+                gap_mean=mean(gap),
+                gap_quantiles=torch.where(broken.any(), nan, quantiles),
+                active_fraction=mean(hinge > 0),
+                positive_mean=mean(positives),
+                hardest_mean=mean(hardest),
+                hard_loss_mean=mean(hinge),
                 vanishing=vanishing,
             )
         )
