@@ -40,13 +40,18 @@ import argparse
 import csv
 import json
 import math
+import multiprocessing
 import shutil
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from examples.rvsepp import train as train_module
+from examples.rvsepp.rules import RULES
 
 LOSSES = ("hn", "sum", "warmup", "selhn")
 SWEEP = (0.001, 0.05, 0.1)  # with the default 0.01 of the selhn run: 0.001, 0.01, 0.05, 0.1
@@ -81,19 +86,67 @@ def first_exceeding(steps: list[float], values: list[float], level: float) -> fl
     return next((s for s, v in zip(steps, values, strict=True) if v > level), math.inf)
 
 
-def run_one(out: Path, loss: str, seed: int, epsilon: float, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one run (or reuse a finished one in ``out``) and read back its records."""
-    if not (out / "results.json").is_file():
-        if out.exists():  # an unfinished run of this command: its records are partial, so start it again
-            shutil.rmtree(out)
-        argv = [
-            "--preset", args.preset, "--root", args.root, "--out", str(out), "--loss", loss, "--seed", str(seed),
-            "--epsilon", str(epsilon), "--eval-steps", str(args.eval_steps), "--log-every", str(args.log_every),
-            "--tensorboard", "off", *(["--max-steps", str(args.steps)] if args.steps else []), *args.train_args,
-        ]  # fmt: skip
-        start = time.perf_counter()
-        train_module.train(train_module.parse_args(argv))
-        print(f"  {out.name}: {time.perf_counter() - start:.0f} s", flush=True)
+def train_argv(out: Path, loss: str, seed: int, epsilon: float, args: argparse.Namespace) -> list[str]:
+    """The training command line of one run of the comparison."""
+    return [
+        "--preset", args.preset, "--root", args.root, "--out", str(out), "--loss", loss, "--seed", str(seed),
+        "--epsilon", str(epsilon), "--eval-steps", str(args.eval_steps), "--log-every", str(args.log_every),
+        "--tensorboard", "off", *(["--max-steps", str(args.steps)] if args.steps else []), *args.train_args,
+    ]  # fmt: skip
+
+
+def train_if_needed(out: Path, argv: list[str]) -> None:
+    """Train one run into ``out`` unless it holds a finished one (a ``results.json``)."""
+    if (out / "results.json").is_file():
+        return
+    if out.exists():  # an unfinished run of this command: its records are partial, so start it again
+        shutil.rmtree(out)
+    start = time.perf_counter()
+    train_module.train(train_module.parse_args(argv))
+    print(f"  {out.name}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def _train_task(task: tuple[str, list[str]]) -> str:
+    """A pool worker's job: one run (errors come back as text, so one bad run stops nothing)."""
+    out, argv = task
+    try:
+        train_if_needed(Path(out), argv)
+    except SystemExit as error:
+        if isinstance(error.code, int) and error.code >= 128:  # stopped by a signal: the whole command stops
+            raise
+        return f"{Path(out).name}: {error}"
+    except Exception as error:  # reported by the parent, run by run
+        return f"{Path(out).name}: {type(error).__name__}: {error}"
+    return ""
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def train_all(tasks: list[tuple[Path, list[str]]], jobs: int = 1, threads: int = 1) -> list[str]:
+    """Train every (out, argv) task not yet finished, ``jobs`` at a time, in the given order.
+
+    With ``jobs`` > 1 the runs go to that many worker processes (``spawn``: safe with CUDA),
+    each with ``threads`` intra-op threads. The synthetic data must exist beforehand (see
+    :func:`prepare_data`), so that no two workers generate it at once. Returns one message
+    per failed run (empty if all finished)."""
+    todo = [(str(out), argv) for out, argv in tasks if not (out / "results.json").is_file()]
+    if jobs <= 1:
+        return [message for message in map(_train_task, todo) if message]
+    context = multiprocessing.get_context("spawn")
+    # an executor's workers may start processes of their own (a DataLoader's --workers); a Pool's may not
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        return [message for message in pool.map(_train_task, todo) if message]
+
+
+def prepare_data(argv: list[str]) -> None:
+    """Generate (once) the synthetic data and vocabulary a training command line reads."""
+    train_module.load_data(train_module.parse_args(argv))
+
+
+def read_run(out: Path) -> dict[str, Any]:
+    """A finished run's records: steps, dev evaluations and results."""
     with open(out / "steps.csv") as handle:
         steps = list(csv.DictReader(handle))
     with open(out / "dev.jsonl") as handle:
@@ -103,6 +156,11 @@ def run_one(out: Path, loss: str, seed: int, epsilon: float, args: argparse.Name
 
 def label(loss: str, epsilon: float) -> str:
     return f"selhn eps={epsilon:g}" if loss == "selhn" else loss
+
+
+def run_name(loss: str, epsilon: float, seed: int) -> str:
+    """A run's folder name under ``<out>/runs``."""
+    return f"{label(loss, epsilon).replace(' ', '_')}_seed{seed}"
 
 
 def mean_vanishing(rows: list[dict[str, str]]) -> list[float]:
@@ -179,7 +237,7 @@ def write_per_seed_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             return "never"
         return f"{float(value):.0f}" if key.startswith("steps") else f"{float(value):.1f}"
 
-    order = {loss: i for i, loss in enumerate(LOSSES)}
+    order = {loss: i for i, loss in enumerate((*LOSSES, *RULES))}
     ordered = sorted(
         rows, key=lambda r: (order[r["loss"]], float(r["epsilon"]) if r["loss"] == "selhn" else 0, r["seed"])
     )
@@ -329,7 +387,7 @@ def plot(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]], chance: 
     # three stacked panels, sized to stay readable at a documentation page's width (~750 px)
     with plt.rc_context({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10}):
         fig, axes = plt.subplots(3, 1, figsize=(8, 10.5), sharex=True)
-        for loss in LOSSES:
+        for loss in (*LOSSES, *RULES):
             seeds = [
                 run for (name, epsilon, _), run in runs.items() if name == loss and (loss != "selhn" or epsilon == 0.01)
             ]
@@ -369,7 +427,7 @@ def plot(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]], chance: 
         plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
@@ -378,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default=None, help="data folder (default: data/<preset>)")
     parser.add_argument("--preset", choices=sorted(train_module.PRESETS), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    parser.add_argument("--losses", nargs="+", choices=[*LOSSES, *RULES], default=list(LOSSES),
+                        help="hn sum warmup selhn, and the rule study's candidates (rules.py)")  # fmt: skip
     parser.add_argument("--epsilons", type=float, nargs="*", default=list(SWEEP), help="extra SelHN epsilons")
     parser.add_argument(
         "--sweep-seeds", type=int, nargs="*", default=None, help="seeds of the sweep (default: --seeds)"
@@ -386,19 +445,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=0, help="steps per run (0: the preset's epochs)")
     parser.add_argument("--eval-steps", type=int, default=25)
     parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, in worker processes")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each worker (with --jobs > 1)")
     parser.add_argument("train_args", nargs="*", help="after --: arguments for every training run")
     args = parser.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads must be at least 1")
     if args.root is None:
         args.root = str(Path("data") / args.preset)
+    return args
+
+
+def plan(args: argparse.Namespace) -> dict[tuple[str, float, int], Path]:
+    """Every run of the comparison: (loss, epsilon, seed) -> its folder, in training order."""
+    keys = [(loss, 0.01, seed) for seed in args.seeds for loss in args.losses]
+    if "selhn" in args.losses:
+        keys += [("selhn", eps, seed) for seed in (args.sweep_seeds or args.seeds) for eps in args.epsilons]
+    return {key: Path(args.out) / "runs" / run_name(*key) for key in keys}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = [(loss, 0.01, seed) for seed in args.seeds for loss in args.losses]
-    if "selhn" in args.losses:
-        plan += [("selhn", eps, seed) for seed in (args.sweep_seeds or args.seeds) for eps in args.epsilons]
-    runs = {}
-    for loss, epsilon, seed in plan:
-        name = f"{label(loss, epsilon).replace(' ', '_')}_seed{seed}"
-        runs[(loss, epsilon, seed)] = run_one(out / "runs" / name, loss, seed, epsilon, args)
+    folders = plan(args)
+    tasks = [(folder, train_argv(folder, loss, seed, eps, args)) for (loss, eps, seed), folder in folders.items()]
+    if tasks and args.jobs > 1:
+        prepare_data(tasks[0][1])
+    failed = train_all(tasks, args.jobs, args.threads)
+    if failed:
+        raise SystemExit("runs that failed:\n" + "\n".join(failed))
+    runs = {key: read_run(folder) for key, folder in folders.items()}
     train_args = train_module.parse_args(["--preset", args.preset, "--root", args.root, *args.train_args])
     folder = Path(args.root) / f"{train_args.name}_precomp"
     dev_captions = (folder / "dev_caps.txt").read_text().splitlines()

@@ -6,9 +6,10 @@ clipping at 2.0, margin 0.2, epsilon 0.01, embedding 1024, word dim 300; validat
 every epoch, keeping the best checkpoint by dev rsum.
 
 Losses (``--loss``): ``selhn`` (the paper), ``hn`` (VSE++ max violation), ``sum`` (VSE0)
-and ``warmup`` (VSE-infinity's schedule: sum of hinges in epoch 0, hard negatives after).
-Each uses the loss scale of its code base unless ``--reduction`` says otherwise: the
-authors' mean for SelHN, VSE++'s sum for the others.
+and ``warmup`` (VSE-infinity's schedule: sum of hinges in epoch 0, hard negatives after);
+the candidates of the rule study (``rules.py``: ``selhn-sum``, ``share-*``, ``tempered-*``,
+``semihard``) run too, on one process. Each uses the loss scale of its code base unless
+``--reduction`` says otherwise: the authors' mean for SelHN, VSE++'s sum for the others.
 
 Data: ``--name synthetic`` (the default) generates the embedded synthetic data set under
 ``--root`` on first use; ``--name f30k`` / ``coco`` read the standard precomputed
@@ -55,6 +56,7 @@ from examples.rvsepp import synthetic
 from examples.rvsepp.data import DataError, EpochSampler, PrecompDataset, collate, read_captions
 from examples.rvsepp.evaluate import encode, evaluate_embeddings, format_table, load_checkpoint
 from examples.rvsepp.model import RVSEPP
+from examples.rvsepp.rules import RULES, rule_loss
 from examples.rvsepp.vocab import Vocabulary
 from selhn import functional as F
 from selhn.diagnostics import TrainingMonitor
@@ -95,7 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--name", default="synthetic", help="data set: synthetic (generated), f30k, coco, ...")
     add("--test-split", default=None, help="evaluation split (default: test; testall for coco)")
     add("--out", default="runs/rvsepp", help="run folder: checkpoints, TensorBoard logs, CSV")
-    add("--loss", choices=["selhn", "hn", "sum", "warmup"], default="selhn")
+    add(
+        "--loss",
+        choices=["selhn", "hn", "sum", "warmup", *RULES],
+        default="selhn",
+        help="the loss; the others are the candidates of the Results page's rule study (rules.py)",
+    )
     add("--reduction", choices=["auto", "mean", "sum"], default="auto", help="auto: mean for selhn, sum otherwise")
     add("--margin", type=number_at_least(0.0), default=0.2)
     add("--epsilon", type=number_at_least(0.0), default=0.01)
@@ -128,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.test_split is None:
         args.test_split = "testall" if args.name == "coco" else "test"
+    if args.loss in RULES and args.global_negatives:
+        parser.error(f"--loss {args.loss} is a candidate of rules.py, with no distributed form (--global-negatives)")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --out and --overwrite replaces it: choose one")
     try:
@@ -258,6 +267,8 @@ def compute_loss(name: str, reduction: str, args: argparse.Namespace, img: torch
         return F.selhn_loss(scores, args.margin, args.epsilon, mask=mask, reduction=reduction), scores
     if name == "hn":
         return F.max_violation_loss(scores, args.margin, mask=mask, reduction=reduction), scores
+    if name in RULES:
+        return rule_loss(name, scores, args.margin, args.epsilon, mask=mask, reduction=reduction), scores
     return F.sum_hinge_loss(scores, args.margin, mask=mask, reduction=reduction), scores
 
 
