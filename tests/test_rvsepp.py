@@ -680,3 +680,69 @@ def test_sigterm_during_set_up_stops_at_once(tmp_path, monkeypatch, capsys):
 
 def test_results_json_is_strict_json():
     assert train_module.finite_or_none({"a": 1.0, "b": math.nan, "c": math.inf}) == {"a": 1.0, "b": None, "c": None}
+
+
+def test_compare_trains_in_parallel_workers_like_one_by_one(data_root, tmp_path):
+    # --jobs 2: the same runs, trained in spawned worker processes, give the same records as in-process ones
+    from examples.rvsepp import compare
+
+    common = ["--root", str(data_root), "--preset", "smoke", "--seeds", "0", "--losses", "sum", "tempered-0.02",
+              "--epsilons", "--steps", "3", "--eval-steps", "3", "--log-every", "1"]  # fmt: skip
+    compare.main(["--out", str(tmp_path / "serial"), *common])
+    threads = str(torch.get_num_threads())  # the same intra-op threads: the same float sums on a CPU
+    compare.main(["--out", str(tmp_path / "pool"), "--jobs", "2", "--threads", threads, *common])
+    for name in ("sum_seed0", "tempered-0.02_seed0"):
+        serial, pool = (json.loads((tmp_path / kind / "runs" / name / "results.json").read_text())
+                        for kind in ("serial", "pool"))  # fmt: skip
+        assert serial.pop("step_seconds") > 0 and pool.pop("step_seconds") > 0
+        assert serial == pool
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(tmp_path / "bad"), "--jobs", "0", *common])
+
+
+def test_compare_reports_failed_runs_by_name_and_goes_on(data_root, tmp_path, monkeypatch):
+    from examples.rvsepp import compare
+
+    def broken(args):
+        if args.loss == "hn":
+            raise SystemExit("non-finite loss (nan) at epoch 0, step 1: stopping.")
+        return real(args)
+
+    real = compare.train_module.train
+    monkeypatch.setattr(compare.train_module, "train", broken)
+    with pytest.raises(SystemExit, match=r"hn_seed0: non-finite loss") as error:
+        compare.main(["--out", str(tmp_path), "--root", str(data_root), "--preset", "smoke", "--seeds", "0",
+                      "--losses", "hn", "sum", "--steps", "2", "--eval-steps", "2"])  # fmt: skip
+    assert "sum_seed0" not in str(error.value) and (tmp_path / "runs" / "sum_seed0" / "results.json").is_file()
+
+
+def study_row(loss: str, seed: int, r1: float, step: float, epsilon: float = math.nan) -> dict:
+    return {"loss": loss, "seed": float(seed), "epsilon": epsilon, "test_mean_r1": r1, "steps_to_10x_chance": step}
+
+
+def test_study_choice_and_verdict_follow_the_protocol():
+    from examples.rvsepp import study
+
+    def rows(values: dict[str, tuple[float, float]]) -> list[dict]:
+        return [study_row(loss, s, r1, step, 0.01 if loss == "selhn" else math.nan)
+                for loss, (r1, step) in values.items() for s in range(2)]  # fmt: skip
+
+    base = {"sum": (78.0, 30.0), "warmup": (81.0, 30.0), "selhn": (75.0, 200.0)}
+    calibrated = rows({**base, "a": (80.5, 30.0), "b": (83.0, 30.0), "c": (90.0, 30.0)})
+    stall = rows({**base, "a": (0, 40.0), "b": (0, 45.0), "c": (0, 50.0)})
+    stall[-1]["steps_to_10x_chance"] = math.inf  # c never gets there on one seed: W1 fails for c
+    choice = study.choose(calibrated, stall, ["a", "b", "c"])
+    assert choice["chosen"] == "b" and "W1 and W2" in choice["why"]  # a: W2 holds (80.5 >= 80) but b's R@1 is higher
+    table = {c["loss"]: c for c in choice["candidates"]}
+    assert table["c"]["W1"] is False and table["c"]["W2"] is True and table["a"]["W2"] is True
+    # no candidate meets W2: the best R@1 among those meeting W1; none meets W1: the earliest on stall
+    calibrated = rows({**base, "a": (70.0, 30.0), "b": (60.0, 30.0)})
+    assert study.choose(calibrated, rows({**base, "a": (0, 40.0), "b": (0, 40.0)}), ["a", "b"])["chosen"] == "a"
+    late = rows({**base, "a": (0, 300.0), "b": (0, 250.0)})
+    choice = study.choose(calibrated, late, ["a", "b"])
+    assert choice["chosen"] == "b" and "no candidate met W1" in choice["why"]
+    # the verdict needs W1 and W2 on the held-out seeds and the step criterion on the stall-only setting
+    held_calibrated, held_stall = rows({**base, "b": (83.0, 30.0)}), rows({**base, "b": (0, 40.0)})
+    assert study.verdict("b", held_calibrated, held_stall, rows({**base, "b": (0, 40.0)}))["wins"] is True
+    assert study.verdict("b", held_calibrated, held_stall, rows({**base, "b": (0, 46.0)}))["wins"] is False
+    assert study.verdict("b", rows({**base, "b": (79.0, 30.0)}), held_stall, held_stall)["wins"] is False

@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     folders = plan(args)
     tasks = [(folder, train_argv(folder, loss, seed, eps, args)) for (loss, eps, seed), folder in folders.items()]
-    if tasks and args.jobs > 1:
+    if tasks:  # once, before any worker starts (and for the tables, if every run was trained elsewhere)
         prepare_data(tasks[0][1])
     failed = train_all(tasks, args.jobs, args.threads)
     if failed:
