@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +101,6 @@ def test_sigterm_saves_and_resume_continues(data_root, tmp_path):
     for line in process.stdout:  # wait until training is under way
         if line.startswith("epoch 0:"):
             break
-    time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 128 + signal.SIGTERM, output
@@ -118,15 +116,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp
     before = (tmp_path / "last.pth").read_bytes()
     real = train_module.compute_loss
 
-    def poisoned(*args, **kwargs):
-        loss, scores = real(*args, **kwargs)
-        return loss * float("nan"), scores
+    def poisoned(*args, **kwargs):  # the 5th step's loss (the 2nd after the resume) is NaN
+        loss = real(*args, **kwargs)
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 2 else loss
 
+    calls: list[int] = []
     monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    # read on the next logging step (every 10) or checkpoint, not at once: no device sync per step
     with pytest.raises(
-        SystemExit, match=r"non-finite loss \(nan\) at epoch 0, step 3: stopping. The last good checkpoint is"
+        SystemExit,
+        match=r"non-finite loss \(nan\) at training step 5 \(epoch 0\): stopping. The last good checkpoint is",
     ):
         run([*common, "--resume"])
+    assert len(calls) == 7  # stopped at step 10, the first logging step after the bad one
     assert (tmp_path / "last.pth").read_bytes() == before
 
 

@@ -58,7 +58,6 @@ from examples.rvsepp.evaluate import encode, evaluate_embeddings, format_table, 
 from examples.rvsepp.model import RVSEPP
 from examples.rvsepp.rules import RULES, rule_loss
 from examples.rvsepp.vocab import Vocabulary
-from selhn import functional as F
 from selhn.diagnostics import TrainingMonitor
 
 CPU_MODEL: dict[str, Any] = {"embed_size": 256, "word_dim": 128, "synthetic_regions": 12, "synthetic_dim": 256}
@@ -253,23 +252,47 @@ def loss_for_step(args: argparse.Namespace, epoch: int) -> tuple[str, str]:
     return name, reduction
 
 
-def compute_loss(name: str, reduction: str, args: argparse.Namespace, img: torch.Tensor, txt: torch.Tensor,
-                 ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The loss and the (local) score matrix the diagnostic reads."""
+def make_criterion(args: argparse.Namespace) -> torch.nn.Module | None:
+    """The loss module of ``--loss``, built as the README tells users to build it (None for a
+    candidate of the rule study, a function over the score matrix in rules.py). ``warmup`` is
+    VSE-infinity's switchable ``ContrastiveLoss``; :func:`set_epoch` flips it."""
+    _, reduction = loss_for_step(args, 0)
+    if args.loss == "selhn":
+        return selhn.SelHNLoss(args.margin, args.epsilon, reduction=reduction)
+    if args.loss == "hn":
+        return selhn.MaxViolationLoss(args.margin, reduction=reduction)
+    if args.loss == "sum":
+        return selhn.SumHingeLoss(args.margin, reduction=reduction)
+    if args.loss == "warmup":
+        return selhn.ContrastiveLoss(args.margin, max_violation=False, reduction=reduction)
+    return None
+
+
+def set_epoch(criterion: torch.nn.Module | None, args: argparse.Namespace, epoch: int) -> None:
+    """VSE-infinity's loop: hard negatives from epoch ``--warmup-epochs`` on (a no-op for every
+    loss but the switchable one)."""
+    if criterion is None:
+        return
+    if epoch >= args.warmup_epochs:
+        criterion.max_violation_on()  # type: ignore[operator]
+    else:
+        criterion.max_violation_off()  # type: ignore[operator]
+
+
+def compute_loss(criterion: torch.nn.Module | None, name: str, reduction: str, args: argparse.Namespace,
+                 img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The training loss of a batch: the module over the embeddings (the one-line swap), the
+    global-batch loss with ``--global-negatives`` under DDP, or a study candidate over the scores."""
+    ids_or_none = ids if args.mask_duplicates else None
     if args.global_negatives and dist.is_available() and dist.is_initialized():
-        loss = selhn.distributed.global_loss(
-            img, txt, name, args.margin, args.epsilon, ids=ids if args.mask_duplicates else None, reduction=reduction
-        )
-        return loss, (img.detach() @ txt.detach().t())
-    scores = img @ txt.t()
-    mask = ids.unsqueeze(0) == ids.unsqueeze(1) if (args.mask_duplicates and ids is not None) else None
-    if name == "selhn":
-        return F.selhn_loss(scores, args.margin, args.epsilon, mask=mask, reduction=reduction), scores
-    if name == "hn":
-        return F.max_violation_loss(scores, args.margin, mask=mask, reduction=reduction), scores
-    if name in RULES:
-        return rule_loss(name, scores, args.margin, args.epsilon, mask=mask, reduction=reduction), scores
-    return F.sum_hinge_loss(scores, args.margin, mask=mask, reduction=reduction), scores
+        return selhn.distributed.global_loss(
+            img, txt, name, args.margin, args.epsilon, ids=ids_or_none, reduction=reduction,
+        )  # fmt: skip
+    if criterion is not None:
+        loss: torch.Tensor = criterion(img, txt, ids=ids_or_none)
+        return loss
+    mask = ids.unsqueeze(0) == ids.unsqueeze(1) if ids_or_none is not None else None
+    return rule_loss(name, img @ txt.t(), args.margin, args.epsilon, mask=mask, reduction=reduction)
 
 
 def load_data(args: argparse.Namespace) -> tuple[Vocabulary, PrecompDataset, PrecompDataset, PrecompDataset]:
@@ -513,6 +536,9 @@ class Run:
         )
         self.writer = make_writer(args, self.out)
         self.step_times: list[float] = []
+        self.criterion = make_criterion(args)
+        self.device_step = torch.tensor(float(self.state["global_step"]), device=self.device)
+        self.first_bad = torch.full((2,), math.nan, device=self.device)  # (step, loss) of the first non-finite loss
 
     def resume(self) -> None:
         try:
@@ -539,7 +565,18 @@ class Run:
             "vocab": self.vocab.signature(), "model_config": self.model.config, "rng": rng_state(),
         }  # fmt: skip
 
+    def check_finite(self) -> None:
+        """Stop at a non-finite loss, before any checkpoint holds what followed it."""
+        step, value = self.first_bad.tolist()
+        if not math.isnan(step):
+            last = self.last_path if self.last_path.exists() else "not written yet"
+            raise SystemExit(
+                f"non-finite loss ({value}) at training step {int(step)} (epoch {self.state['epoch']}): stopping. "
+                f"The last good checkpoint is {last}."
+            )
+
     def save_last(self) -> None:
+        self.check_finite()
         if is_main():
             atomic_save(self.checkpoint(), self.last_path)
             write_steps(self.out / "steps.csv", self.earlier_steps, self.monitor)
@@ -552,16 +589,18 @@ class Run:
                 batch["regions"].to(device), batch["region_lengths"].to(device),
                 batch["tokens"].to(device), batch["token_lengths"].to(device),
             )  # fmt: skip
-        loss, scores = compute_loss(name, reduction, args, img.float(), txt.float(), batch["image_id"].to(device))
-        if not torch.isfinite(loss):
-            last = self.last_path if self.last_path.exists() else "not written yet"
-            raise SystemExit(
-                f"non-finite loss ({loss.item()}) at epoch {self.state['epoch']}, step {self.state['step_in_epoch']}: "
-                f"stopping. The last good checkpoint is {last}."
-            )
+        img, txt = img.float(), txt.float()
+        loss = compute_loss(self.criterion, name, reduction, args, img, txt, batch["image_id"].to(device))
+        # the first non-finite loss, kept on the device (no sync per step); read on logging steps
+        # and before every checkpoint, so that a non-finite loss never reaches one
+        self.device_step += 1
+        fresh = ~torch.isfinite(loss.detach()) & torch.isnan(self.first_bad[0])
+        self.first_bad = torch.where(fresh, torch.stack([self.device_step, loss.detach().float()]), self.first_bad)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        logged = self.monitor.step(scores, loss)
+        logged = self.monitor.step(img.detach() @ txt.detach().t(), loss)
+        if logged is not None:
+            self.check_finite()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
         self.optimizer.step()
         self.state["step_in_epoch"] += 1
@@ -586,6 +625,7 @@ class Run:
                   f"{dev['t2i_r1']:.1f})", flush=True)  # fmt: skip
             if dev["rsum"] > self.state["best_rsum"]:
                 self.state["best_rsum"] = dev["rsum"]
+                self.check_finite()
                 atomic_save(self.checkpoint(), self.best_path)
         self.save_last()
         barrier()
@@ -600,6 +640,7 @@ class Run:
             self.train_set.epoch = epoch
             self.sampler.set_epoch(epoch, start=state["step_in_epoch"])
             name, reduction = loss_for_step(args, epoch)
+            set_epoch(self.criterion, args, epoch)
             self.ddp_model.train()
             progress = progress_bar(self.loader, f"epoch {epoch} ({name})", disable=not is_main())
             for batch in progress:
