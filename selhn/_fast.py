@@ -34,11 +34,12 @@ dense path is always taken, with no data-dependent branch.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final, Literal
 
 import torch
 from torch import Tensor
@@ -73,9 +74,20 @@ SPARSE_FRACTION = 1 / 32
 GPU_LOW_RANK_FRACTION = 1 / 512
 GPU_SPARSE_FRACTION = 1 / 512
 
-HARD, SELHN, SUM = "hard", "selhn", "sum"
-#: Public loss names (as in the diagnostics and the distributed loss) -> modes of this module.
-MODES = {"selhn": SELHN, "hn": HARD, "sum": SUM}
+#: The losses, one vocabulary inside and out (the diagnostics' and the distributed loss's
+#: ``loss=`` names): max violation, SelHN, the sum of hinges.
+Mode = Literal["hn", "selhn", "sum"]
+HARD: Final[Mode] = "hn"
+SELHN: Final[Mode] = "selhn"
+SUM: Final[Mode] = "sum"
+MODES: tuple[Mode, ...] = (SELHN, HARD, SUM)
+
+
+def as_mode(name: str) -> Mode:
+    """``name`` as a :data:`Mode` (callers check it against :data:`MODES` with a clear message first)."""
+    if name not in MODES:
+        raise ValueError(f"loss must be one of {', '.join(map(repr, MODES))}; got {name!r}")
+    return name
 
 
 # --------------------------------------------------------------------------- kernels
@@ -100,18 +112,20 @@ def _dense_grad(scores: Tensor, threshold: Tensor, k_row: Tensor, k_col: Tensor)
 
 
 _compiled: dict[str, Callable[..., Any]] = {}
-_compile_failed = False
+#: The kernels whose compiled twin failed where the eager one worked (each is logged once).
+_compile_failed: set[str] = set()
 
 
 def _kernel(name: str, eager: Callable[..., Any], batch: int) -> Callable[..., Any]:
     """The compiled twin of ``eager`` when it pays off and works, else ``eager`` itself.
 
     Eager also while autograd records (a backward called with ``create_graph=True``): a
-    compiled kernel's own backward cannot be differentiated again.
+    compiled kernel's own backward cannot be differentiated again. A failure counts as the
+    compiler's, and switches that kernel (only) to eager for the process, only when the eager
+    kernel then succeeds on the same arguments; an out-of-memory error is never one.
     """
-    global _compile_failed
     if (
-        _compile_failed
+        name in _compile_failed
         or batch < COMPILE_MIN_BATCH
         or os.environ.get("SELHN_COMPILE", "1") == "0"
         or torch.compiler.is_compiling()
@@ -123,13 +137,15 @@ def _kernel(name: str, eager: Callable[..., Any], batch: int) -> Callable[..., A
     compiled = _compiled[name]
 
     def guarded(*args: Any) -> Any:
-        global _compile_failed
         try:
             return compiled(*args)
+        except torch.OutOfMemoryError:
+            raise  # the eager kernel needs the memory too: not the compiler's failure
         except Exception as error:  # a missing C++ compiler, an unsupported backend, ...
-            _compile_failed = True
-            logger.warning("selhn: compiled loss kernels unavailable (%s); using eager PyTorch", error)
-            return eager(*args)
+            result = eager(*args)  # raises if the arguments, not the compiler, were the problem
+            _compile_failed.add(name)
+            logger.warning("selhn: compiled loss kernel %r unavailable (%s); using eager PyTorch", name, error)
+            return result
 
     return guarded
 
@@ -178,24 +194,30 @@ class _State:
 
 def pair_form_fractions(device: torch.device) -> tuple[float, float]:
     """The (low-rank, sparse) thresholds that apply on ``device``."""
+    forced = _forced_fractions.get()
+    if forced is not None:
+        return forced
     if device.type == "cpu":
         return LOW_RANK_FRACTION, SPARSE_FRACTION
     return GPU_LOW_RANK_FRACTION, GPU_SPARSE_FRACTION
+
+
+#: Thresholds forced by :func:`forced_pair_form_fractions` in this thread / task, if any.
+_forced_fractions: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "selhn_forced_pair_form_fractions", default=None
+)
 
 
 @contextlib.contextmanager
 def forced_pair_form_fractions(low_rank: float, sparse: float) -> Iterator[None]:
     """Use these (low-rank, sparse) thresholds on every device inside the block: 1.0 forces a
     form wherever it is allowed, 0.0 switches it off (the tests and benchmarks force forms).
-    Not thread-safe: it sets module globals."""
-    names = ("LOW_RANK_FRACTION", "SPARSE_FRACTION", "GPU_LOW_RANK_FRACTION", "GPU_SPARSE_FRACTION")
-    module = globals()
-    saved = [module[name] for name in names]
-    module.update(zip(names, (low_rank, sparse, low_rank, sparse), strict=True))
+    A context variable, not module state: other threads and tasks keep their thresholds."""
+    token = _forced_fractions.set((float(low_rank), float(sparse)))
     try:
         yield
     finally:
-        module.update(zip(names, saved, strict=True))
+        _forced_fractions.reset(token)
 
 
 def _low_rank_or_sparse(inactive: float, n_active: float, n_pairs: int, device: torch.device) -> bool | None:
@@ -261,7 +283,7 @@ def _forward(
     mask: Tensor | None,
     margin: float,
     epsilon: float,
-    mode: str,
+    mode: Mode,
     mean: bool,
     for_embeddings: bool,
 ) -> tuple[Tensor, _State]:
@@ -498,7 +520,7 @@ class ScoreLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: str, mean: bool
+        ctx: Any, scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, mean: bool
     ) -> Tensor:
         work = scores.clone(memory_format=torch.contiguous_format)  # never overwrite the caller's scores
         losses, state = _forward(work, mask, margin, epsilon, mode, mean, for_embeddings=False)
@@ -524,7 +546,7 @@ class EmbeddingLoss(torch.autograd.Function):
         mask: Tensor | None,
         margin: float,
         epsilon: float,
-        mode: str,
+        mode: Mode,
         mean: bool,
     ) -> Tensor:
         scores = img @ txt.t()
@@ -571,7 +593,7 @@ class RowLoss(torch.autograd.Function):
         excluded: Tensor | None,
         margin: float,
         epsilon: float,
-        mode: str,
+        mode: Mode,
         mean: bool,
     ) -> Tensor:
         scores = anchors @ candidates.t()

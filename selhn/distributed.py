@@ -194,7 +194,7 @@ def global_loss(
     mask = ids_to_mask(ids, local, img_emb.device)  # validates ids
     if not is_distributed():  # the plain single-process loss, through the modules' own path
         per_anchor = F._per_anchor_from_embeddings(
-            img_emb, txt_emb, margin, epsilon, mask, _fast.MODES[loss], loss == "selhn" and mean
+            img_emb, txt_emb, margin, epsilon, mask, _fast.as_mode(loss), loss == "selhn" and mean
         )
         return F._reduce(per_anchor, reduction)
 
@@ -209,7 +209,7 @@ def global_loss(
         local_ids = torch.as_tensor(ids, device=img.device)
         all_ids = _gather_ids(local_ids)
         excluded = local_ids.unsqueeze(1) == all_ids.unsqueeze(0)
-    mode, mean = _fast.MODES[loss], loss == "selhn" and mean
+    mode, mean = _fast.as_mode(loss), loss == "selhn" and mean
 
     def anchor_losses(anchors: Tensor, candidates: Tensor) -> Tensor:
         """Local anchors against the global candidates, with the lean backward of selhn._fast;

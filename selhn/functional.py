@@ -47,15 +47,17 @@ def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
     return per_anchor
 
 
-def _per_anchor(scores: Tensor, margin: float, epsilon: float, mask: Tensor | None, mode: str, mean: bool) -> Tensor:
-    """Per-anchor losses (2, B) of a score matrix (modes: ``"hard"``, ``"selhn"``, ``"sum"``)."""
+def _per_anchor(
+    scores: Tensor, margin: float, epsilon: float, mask: Tensor | None, mode: _fast.Mode, mean: bool
+) -> Tensor:
+    """Per-anchor losses (2, B) of a score matrix (modes: :data:`selhn._fast.MODES`)."""
     scores = scores.to(sel.compute_dtype(scores.dtype))
     losses: Tensor = _fast.ScoreLoss.apply(scores, mask, margin, epsilon, mode, mean)  # type: ignore[no-untyped-call]
     return losses
 
 
 def _per_anchor_from_embeddings(
-    img_emb: Tensor, txt_emb: Tensor, margin: float, epsilon: float, mask: Tensor | None, mode: str, mean: bool
+    img_emb: Tensor, txt_emb: Tensor, margin: float, epsilon: float, mask: Tensor | None, mode: _fast.Mode, mean: bool
 ) -> Tensor:
     """Per-anchor losses (2, B) of ``img_emb @ txt_emb.T``, scored in float32 or wider outside
     autocast, with the lean gather/scatter backward of :mod:`selhn._fast` (used by the modules)."""

@@ -40,7 +40,7 @@ class _TripletLoss(nn.Module):
         self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
 
     def _loss(
-        self, img_emb: Tensor, txt_emb: Tensor, ids: Any, mode: str, epsilon: float = 0.0, mean: bool = False
+        self, img_emb: Tensor, txt_emb: Tensor, ids: Any, mode: _fast.Mode, epsilon: float = 0.0, mean: bool = False
     ) -> Tensor:
         check_embeddings(img_emb, txt_emb)
         mask = ids_to_mask(ids, img_emb.shape[0], img_emb.device)

@@ -328,14 +328,42 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
 
     monkeypatch.setattr(_fast, "COMPILE_MIN_BATCH", 1)
     monkeypatch.setattr(_fast, "_compiled", {})
-    monkeypatch.setattr(_fast, "_compile_failed", False)
+    monkeypatch.setattr(_fast, "_compile_failed", set())
     monkeypatch.setattr(torch, "compile", broken)
     scores = torch.rand(5, 5, dtype=torch.float64)
     with caplog.at_level("WARNING", logger="selhn._fast"):
         got = F.sum_hinge_loss(scores, reduction="none")
     torch.testing.assert_close(got, reference_loss(scores, "sum", "none"))
-    assert "compiled loss kernels unavailable" in caplog.text
-    assert _fast._compile_failed
+    assert "compiled loss kernel 'hinge_sums' unavailable" in caplog.text
+    assert _fast._compile_failed == {"hinge_sums"}  # that kernel only
+
+
+def test_an_out_of_memory_error_is_not_taken_for_a_compile_failure(monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        def fail(*a):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        return fail
+
+    monkeypatch.setattr(_fast, "COMPILE_MIN_BATCH", 1)
+    monkeypatch.setattr(_fast, "_compiled", {})
+    monkeypatch.setattr(_fast, "_compile_failed", set())
+    monkeypatch.setattr(torch, "compile", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        F.sum_hinge_loss(torch.rand(5, 5), reduction="none")
+    assert not _fast._compile_failed  # the compiled kernels stay on for the next call
+
+
+def test_forced_pair_forms_stay_in_their_thread():
+    import threading
+
+    seen = []
+    with _fast.forced_pair_form_fractions(1.0, 0.0):
+        thread = threading.Thread(target=lambda: seen.append(_fast.pair_form_fractions(torch.device("cpu"))))
+        thread.start()
+        thread.join()
+        assert _fast.pair_form_fractions(torch.device("cpu")) == (1.0, 0.0)
+    assert seen == [(_fast.LOW_RANK_FRACTION, _fast.SPARSE_FRACTION)]
 
 
 def saved_sizes(fn) -> list[int]:
@@ -426,7 +454,7 @@ def row_loss_matches_reference(loss, img, txt, offset, local, ids, epsilon, mean
     ):
         anchors, candidates = own[rows].clone().requires_grad_(), other.clone().requires_grad_()
         excluded = None if mask is None else (mask if direction == 0 else mask.T)[rows]
-        mode, selhn_mean = _fast.MODES[loss], loss == "selhn" and mean
+        mode, selhn_mean = loss, loss == "selhn" and mean
         out = _fast.RowLoss.apply(anchors, candidates, positive, excluded, 0.2, epsilon, mode, selhn_mean)
         torch.testing.assert_close(out, expected[direction].detach())
         (out * cotangent[direction]).sum().backward()
@@ -510,7 +538,7 @@ def test_torch_compile_fullgraph_matches_eager(loss):
     compiled_function = torch.compile(function, fullgraph=True)
     torch.testing.assert_close(compiled_function(scores), function(scores))
     # the distributed loss's rectangular Function (all rows dense under compile)
-    mode, positive = _fast.MODES[loss], torch.arange(3, 9)
+    mode, positive = loss, torch.arange(3, 9)
     excluded = torch.zeros(6, 12, dtype=torch.bool)
     excluded[0, 1] = True
 
@@ -622,7 +650,7 @@ def test_row_loss_is_twice_differentiable(loss, form):
     u, w, ids = twice_differentiable_batch()
     unit = torch.nn.functional.normalize
     excluded = (ids[:, None] == ids[None, :])[1:4]
-    mode = _fast.MODES[loss]
+    mode = loss
 
     def rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = _fast.RowLoss.apply(
