@@ -499,6 +499,45 @@ def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tu
     return d_img, d_txt
 
 
+# --------------------------------------------------------------------------- the internal API
+# (what selhn.functional, selhn.losses, selhn.distributed and selhn.diagnostics call)
+def forward_state(
+    scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, mean: bool
+) -> tuple[Tensor, _State]:
+    """Per-anchor losses (2, B) and the state backward reads, of a score matrix the call may
+    overwrite (the diagnostic's analytic gradients read the state)."""
+    return _forward(scores, mask, margin, epsilon, mode, mean, for_embeddings=False)
+
+
+def score_losses(scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, mean: bool) -> Tensor:
+    """Per-anchor losses (2, B) of a score matrix, computed in float32 or wider."""
+    scores = scores.to(sel.compute_dtype(scores.dtype))
+    losses: Tensor = ScoreLoss.apply(scores, mask, margin, epsilon, mode, mean)  # type: ignore[no-untyped-call]
+    return losses
+
+
+def embedding_losses(
+    img: Tensor, txt: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, mean: bool
+) -> Tensor:
+    """Per-anchor losses (2, B) of ``img @ txt.T``, scored in float32 or wider outside
+    autocast, with the lean gather/scatter backward (the modules, the distributed loss)."""
+    dtype = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)
+    with torch.autocast(device_type=img.device.type, enabled=False):
+        losses: Tensor = EmbeddingLoss.apply(  # type: ignore[no-untyped-call]
+            img.to(dtype), txt.to(dtype), mask, margin, epsilon, mode, mean
+        )
+    return losses
+
+
+def reduce(per_anchor: Tensor, reduction: str) -> Tensor:
+    """Reduce (2, B) per-anchor losses: ``"mean"``, ``"sum"`` or ``"none"`` (unchanged)."""
+    if reduction == "mean":
+        return per_anchor.mean()
+    if reduction == "sum":
+        return per_anchor.sum()
+    return per_anchor
+
+
 # --------------------------------------------------------------------------- Functions
 def _save(ctx: Any, state: _State, *tensors: Tensor) -> None:
     ctx.state_fields = [name for name in _State.FIELDS if getattr(state, name) is not None]

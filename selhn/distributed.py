@@ -31,7 +31,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from selhn import _fast
-from selhn import functional as F
 from selhn._validation import (
     FALLBACKS,
     REDUCTIONS,
@@ -193,10 +192,10 @@ def global_loss(
     local = img_emb.shape[0]
     mask = ids_to_mask(ids, local, img_emb.device)  # validates ids
     if not is_distributed():  # the plain single-process loss, through the modules' own path
-        per_anchor = F._per_anchor_from_embeddings(
-            img_emb, txt_emb, margin, epsilon, mask, _fast.as_mode(loss), loss == "selhn" and mean
+        per_anchor = _fast.embedding_losses(
+            img_emb, txt_emb, mask, margin, epsilon, _fast.as_mode(loss), loss == "selhn" and mean
         )
-        return F._reduce(per_anchor, reduction)
+        return _fast.reduce(per_anchor, reduction)
 
     dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
     img, txt = img_emb.to(dtype), txt_emb.to(dtype)

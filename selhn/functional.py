@@ -1,8 +1,9 @@
 r"""Triplet losses over a score matrix (SCAN-style models, and any precomputed scores).
 
-The per-anchor computation itself lives in :mod:`selhn._fast`, shared with the modules of
-:mod:`selhn.losses` (which score embeddings with a leaner backward) and the diagnostic; the
-literal loop references in ``tests/reference.py`` judge both.
+The per-anchor computation itself lives in :mod:`selhn._fast` (its internal API:
+``score_losses``, ``embedding_losses``, ``reduce``, ``forward_state``), shared with the modules of
+:mod:`selhn.losses` (which score embeddings with a leaner backward), the distributed loss and
+the diagnostic; the literal loop references in ``tests/reference.py`` judge them all.
 
 Every function takes a (B, B) score matrix whose row ``i`` is image anchor ``i``
 (image-to-text), whose column ``j`` is caption anchor ``j`` (text-to-image) and whose
@@ -28,45 +29,12 @@ not flip on rounding) and the result is float32; other dtypes are kept.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from selhn import _fast
-from selhn import _selection as sel
 from selhn._validation import FALLBACKS, REDUCTIONS, check_choice, check_mask, check_nonnegative, check_scores
 
 __all__ = ["max_violation_loss", "selhn_loss", "sum_hinge_loss"]
-
-
-def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
-    """Reduce (2, B) per-anchor losses: ``"mean"``, ``"sum"`` or ``"none"`` (unchanged)."""
-    if reduction == "mean":
-        return per_anchor.mean()
-    if reduction == "sum":
-        return per_anchor.sum()
-    return per_anchor
-
-
-def _per_anchor(
-    scores: Tensor, margin: float, epsilon: float, mask: Tensor | None, mode: _fast.Mode, mean: bool
-) -> Tensor:
-    """Per-anchor losses (2, B) of a score matrix (modes: :data:`selhn._fast.MODES`)."""
-    scores = scores.to(sel.compute_dtype(scores.dtype))
-    losses: Tensor = _fast.ScoreLoss.apply(scores, mask, margin, epsilon, mode, mean)  # type: ignore[no-untyped-call]
-    return losses
-
-
-def _per_anchor_from_embeddings(
-    img_emb: Tensor, txt_emb: Tensor, margin: float, epsilon: float, mask: Tensor | None, mode: _fast.Mode, mean: bool
-) -> Tensor:
-    """Per-anchor losses (2, B) of ``img_emb @ txt_emb.T``, scored in float32 or wider outside
-    autocast, with the lean gather/scatter backward of :mod:`selhn._fast` (used by the modules)."""
-    dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
-    with torch.autocast(device_type=img_emb.device.type, enabled=False):
-        losses: Tensor = _fast.EmbeddingLoss.apply(  # type: ignore[no-untyped-call]
-            img_emb.to(dtype), txt_emb.to(dtype), mask, margin, epsilon, mode, mean
-        )
-    return losses
 
 
 def selhn_loss(
@@ -131,7 +99,7 @@ def selhn_loss(
     check_choice(fallback, "fallback", FALLBACKS)
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _reduce(_per_anchor(scores, margin, epsilon, mask, _fast.SELHN, fallback == "mean"), reduction)
+    return _fast.reduce(_fast.score_losses(scores, mask, margin, epsilon, _fast.SELHN, fallback == "mean"), reduction)
 
 
 def max_violation_loss(
@@ -178,7 +146,7 @@ def max_violation_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _reduce(_per_anchor(scores, margin, 0.0, mask, _fast.HARD, False), reduction)
+    return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, _fast.HARD, False), reduction)
 
 
 def sum_hinge_loss(
@@ -225,4 +193,4 @@ def sum_hinge_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _reduce(_per_anchor(scores, margin, 0.0, mask, _fast.SUM, False), reduction)
+    return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, _fast.SUM, False), reduction)

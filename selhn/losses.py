@@ -18,7 +18,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from selhn import _fast
-from selhn import functional as F
 from selhn._validation import (
     FALLBACKS,
     REDUCTIONS,
@@ -44,8 +43,8 @@ class _TripletLoss(nn.Module):
     ) -> Tensor:
         check_embeddings(img_emb, txt_emb)
         mask = ids_to_mask(ids, img_emb.shape[0], img_emb.device)
-        per_anchor = F._per_anchor_from_embeddings(img_emb, txt_emb, self.margin, epsilon, mask, mode, mean)
-        return F._reduce(per_anchor, self.reduction)
+        per_anchor = _fast.embedding_losses(img_emb, txt_emb, mask, self.margin, epsilon, mode, mean)
+        return _fast.reduce(per_anchor, self.reduction)
 
     def max_violation_on(self) -> None:
         """No-op, for drop-in use in VSE-infinity's training loop.
