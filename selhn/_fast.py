@@ -81,6 +81,9 @@ HARD: Final[Mode] = "hn"
 SELHN: Final[Mode] = "selhn"
 SUM: Final[Mode] = "sum"
 MODES: tuple[Mode, ...] = (SELHN, HARD, SUM)
+#: SelHN's fallback for a vanishing anchor: the hinges over all its negatives, averaged (the
+#: authors' code) or added. The other losses have no fallback and ignore it.
+Fallback = Literal["mean", "sum"]
 
 
 def as_mode(name: str) -> Mode:
@@ -284,10 +287,11 @@ def _forward(
     margin: float,
     epsilon: float,
     mode: Mode,
-    mean: bool,
+    fallback: Fallback,
     for_embeddings: bool,
 ) -> tuple[Tensor, _State]:
     """Per-anchor losses (2, B) from ``scores``, which this function may overwrite."""
+    mean = mode == SELHN and fallback == "mean"  # the dense terms' scale: 1/|N_a| or 1
     batch = scores.shape[0]
     if torch.compiler.is_compiling():
         # Traced, the positives are a reduction (exact: one nonzero term), not a copy of the
@@ -502,29 +506,32 @@ def embedding_grads(grad: Tensor, state: _State, img: Tensor, txt: Tensor) -> tu
 # --------------------------------------------------------------------------- the internal API
 # (what selhn.functional, selhn.losses, selhn.distributed and selhn.diagnostics call)
 def forward_state(
-    scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, mean: bool
+    scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, fallback: Fallback = "mean"
 ) -> tuple[Tensor, _State]:
     """Per-anchor losses (2, B) and the state backward reads, of a score matrix the call may
     overwrite (the diagnostic's analytic gradients read the state)."""
-    return _forward(scores, mask, margin, epsilon, mode, mean, for_embeddings=False)
+    return _forward(scores, mask, margin, epsilon, mode, fallback, for_embeddings=False)
 
 
-def score_losses(scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, mean: bool) -> Tensor:
+def score_losses(
+    scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, fallback: Fallback = "mean"
+) -> Tensor:
     """Per-anchor losses (2, B) of a score matrix, computed in float32 or wider."""
     scores = scores.to(sel.compute_dtype(scores.dtype))
-    losses: Tensor = ScoreLoss.apply(scores, mask, margin, epsilon, mode, mean)  # type: ignore[no-untyped-call]
+    losses: Tensor = ScoreLoss.apply(scores, mask, margin, epsilon, mode, fallback)  # type: ignore[no-untyped-call]
     return losses
 
 
 def embedding_losses(
-    img: Tensor, txt: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, mean: bool
-) -> Tensor:
+    img: Tensor, txt: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode,
+    fallback: Fallback = "mean",
+) -> Tensor:  # fmt: skip
     """Per-anchor losses (2, B) of ``img @ txt.T``, scored in float32 or wider outside
     autocast, with the lean gather/scatter backward (the modules, the distributed loss)."""
     dtype = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)
     with torch.autocast(device_type=img.device.type, enabled=False):
         losses: Tensor = EmbeddingLoss.apply(  # type: ignore[no-untyped-call]
-            img.to(dtype), txt.to(dtype), mask, margin, epsilon, mode, mean
+            img.to(dtype), txt.to(dtype), mask, margin, epsilon, mode, fallback
         )
     return losses
 
@@ -559,10 +566,10 @@ class ScoreLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, mean: bool
+        ctx: Any, scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, fallback: Fallback
     ) -> Tensor:
         work = scores.clone(memory_format=torch.contiguous_format)  # never overwrite the caller's scores
-        losses, state = _forward(work, mask, margin, epsilon, mode, mean, for_embeddings=False)
+        losses, state = _forward(work, mask, margin, epsilon, mode, fallback, for_embeddings=False)
         _save(ctx, state)
         ctx.batch = scores.shape[0]
         return losses
@@ -586,10 +593,10 @@ class EmbeddingLoss(torch.autograd.Function):
         margin: float,
         epsilon: float,
         mode: Mode,
-        mean: bool,
+        fallback: Fallback,
     ) -> Tensor:
         scores = img @ txt.t()
-        losses, state = _forward(scores, mask, margin, epsilon, mode, mean, for_embeddings=True)
+        losses, state = _forward(scores, mask, margin, epsilon, mode, fallback, for_embeddings=True)
         _save(ctx, state, img, txt)
         return losses
 
@@ -633,9 +640,10 @@ class RowLoss(torch.autograd.Function):
         margin: float,
         epsilon: float,
         mode: Mode,
-        mean: bool,
+        fallback: Fallback,
     ) -> Tensor:
         scores = anchors @ candidates.t()
+        mean = mode == SELHN and fallback == "mean"  # the dense rows' scale: 1/|N_a| or 1
         n_anchors, n_candidates = scores.shape
         rows = torch.arange(n_anchors, device=scores.device)
         positives = scores[rows, positive]
@@ -664,20 +672,20 @@ class RowLoss(torch.autograd.Function):
         # Dense rows. Eager SelHN forms only its fallback rows (one device read); the sum of
         # hinges, and SelHN under torch.compile, form every row (a non-dense row's hinges get
         # the coefficient dense_coef = 0 and its sum is not selected).
-        fallback: Tensor | None = None
+        fallback_rows: Tensor | None = None
         if mode == SELHN and not torch.compiler.is_compiling():
             n_dense = int(dense.sum())
-            fallback = None if n_dense == n_anchors else dense.nonzero().squeeze(1)
-        if fallback is None:
+            fallback_rows = None if n_dense == n_anchors else dense.nonzero().squeeze(1)
+        if fallback_rows is None:
             arg = scores.sub_(threshold.unsqueeze(1))
             active = arg > 0
             sums = arg.clamp_(min=0).sum(dim=1)
             counts = active.sum(dim=1, dtype=scores.dtype)
         else:
-            arg = scores.index_select(0, fallback).sub_(threshold.index_select(0, fallback).unsqueeze(1))
+            arg = scores.index_select(0, fallback_rows).sub_(threshold.index_select(0, fallback_rows).unsqueeze(1))
             active = arg > 0
-            sums = zero.index_copy(0, fallback, arg.clamp_(min=0).sum(dim=1))
-            counts = zero.index_copy(0, fallback, active.sum(dim=1, dtype=scores.dtype))
+            sums = zero.index_copy(0, fallback_rows, arg.clamp_(min=0).sum(dim=1))
+            counts = zero.index_copy(0, fallback_rows, active.sum(dim=1, dtype=scores.dtype))
         scale: Tensor | float = 1.0
         if mean and excluded is None:
             scale = 1.0 / max(n_candidates - 1, 1)
@@ -690,7 +698,7 @@ class RowLoss(torch.autograd.Function):
         if hard_coef is not None:
             positive_coef += hard_coef
         pairs, low_rank = None, None
-        if fallback is None and not torch.compiler.is_compiling():
+        if fallback_rows is None and not torch.compiler.is_compiling():
             # every row dense: nearly all hinges active (cold start) or hardly any (late training)?
             n_active = int(counts.sum())
             low_rank = _low_rank_or_sparse(
@@ -701,15 +709,33 @@ class RowLoss(torch.autograd.Function):
                 active = active[:0]
         ctx.low_rank = bool(low_rank)
         ctx.save_for_backward(
-            anchors, candidates, positive, hard_index, hard_coef, fallback, active, dense_coef, positive_coef, pairs
+            anchors,
+            candidates,
+            positive,
+            hard_index,
+            hard_coef,
+            fallback_rows,
+            active,
+            dense_coef,
+            positive_coef,
+            pairs,
         )
         return torch.where(dense, sums * scale, hard_loss)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        anchors, candidates, positive, hard_index, hard_coef, fallback, active, dense_coef, positive_coef, pairs = (
-            ctx.saved_tensors
-        )
+        (
+            anchors,
+            candidates,
+            positive,
+            hard_index,
+            hard_coef,
+            fallback_rows,
+            active,
+            dense_coef,
+            positive_coef,
+            pairs,
+        ) = ctx.saved_tensors
         grad = grad.contiguous()
         rows = torch.arange(anchors.shape[0], device=grad.device)
         # sparse entries (anchor a, candidate c, w) of dL/dS: the positives and the hard terms
@@ -730,14 +756,14 @@ class RowLoss(torch.autograd.Function):
             d_anchors.addmm_(k.unsqueeze(1), candidates.sum(dim=0, keepdim=True))
             d_candidates.addmm_(torch.ones_like(candidates[:, :1]), k.unsqueeze(0) @ anchors)
         if active.numel() and k is not None:  # the dense rows: k_a at each active hinge of anchor a
-            if fallback is None:
+            if fallback_rows is None:
                 block = torch.where(active, k.unsqueeze(1), 0.0)
                 d_anchors.addmm_(block, candidates)
                 d_candidates.addmm_(block.t(), anchors)
             else:
-                block = torch.where(active, k.index_select(0, fallback).unsqueeze(1), 0.0)
-                d_anchors.index_add_(0, fallback, block @ candidates)
-                d_candidates.addmm_(block.t(), anchors.index_select(0, fallback))
+                block = torch.where(active, k.index_select(0, fallback_rows).unsqueeze(1), 0.0)
+                d_anchors.index_add_(0, fallback_rows, block @ candidates)
+                d_candidates.addmm_(block.t(), anchors.index_select(0, fallback_rows))
         return (
             d_anchors if ctx.needs_input_grad[0] else None,
             d_candidates if ctx.needs_input_grad[1] else None,

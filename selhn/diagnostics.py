@@ -311,8 +311,9 @@ def gradient_norms(
     img = img_emb.detach().to(dtype)
     txt = txt_emb.detach().to(dtype)
     with torch.no_grad():
-        mean = loss == "selhn" and fallback == "mean"  # the fallback option is SelHN's alone
-        _, state = _fast.forward_state(img @ txt.t(), mask, margin, epsilon, _fast.as_mode(loss), mean)
+        _, state = _fast.forward_state(
+            img @ txt.t(), mask, margin, epsilon, _fast.as_mode(loss), "mean" if fallback == "mean" else "sum"
+        )
         ones = torch.ones(2, batch, dtype=dtype, device=img.device)
         d_img, d_txt = _fast.embedding_grads(ones, state, img, txt)
         anchor_img = torch.zeros_like(img)

@@ -188,13 +188,11 @@ def global_loss(
     check_choice(reduction, "reduction", tuple(r for r in REDUCTIONS if r != "none"))
     margin = check_nonnegative(margin, "margin")
     epsilon = check_nonnegative(epsilon, "epsilon")
-    mean = fallback == "mean"
+    fallback_: _fast.Fallback = "mean" if fallback == "mean" else "sum"
     local = img_emb.shape[0]
     mask = ids_to_mask(ids, local, img_emb.device)  # validates ids
     if not is_distributed():  # the plain single-process loss, through the modules' own path
-        per_anchor = _fast.embedding_losses(
-            img_emb, txt_emb, mask, margin, epsilon, _fast.as_mode(loss), loss == "selhn" and mean
-        )
+        per_anchor = _fast.embedding_losses(img_emb, txt_emb, mask, margin, epsilon, _fast.as_mode(loss), fallback_)
         return _fast.reduce(per_anchor, reduction)
 
     dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
@@ -208,14 +206,14 @@ def global_loss(
         local_ids = torch.as_tensor(ids, device=img.device)
         all_ids = _gather_ids(local_ids)
         excluded = local_ids.unsqueeze(1) == all_ids.unsqueeze(0)
-    mode, mean = _fast.as_mode(loss), loss == "selhn" and mean
+    mode = _fast.as_mode(loss)
 
     def anchor_losses(anchors: Tensor, candidates: Tensor) -> Tensor:
         """Local anchors against the global candidates, with the lean backward of selhn._fast;
         scored in float32 or wider under autocast too, as the modules score."""
         with torch.autocast(device_type=anchors.device.type, enabled=False):
             losses: Tensor = _fast.RowLoss.apply(  # type: ignore[no-untyped-call]
-                anchors, candidates, positive, excluded, margin, epsilon, mode, mean
+                anchors, candidates, positive, excluded, margin, epsilon, mode, fallback_
             )
         return losses
 

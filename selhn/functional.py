@@ -99,7 +99,10 @@ def selhn_loss(
     check_choice(fallback, "fallback", FALLBACKS)
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _fast.reduce(_fast.score_losses(scores, mask, margin, epsilon, _fast.SELHN, fallback == "mean"), reduction)
+    return _fast.reduce(
+        _fast.score_losses(scores, mask, margin, epsilon, _fast.SELHN, "mean" if fallback == "mean" else "sum"),
+        reduction,
+    )
 
 
 def max_violation_loss(
@@ -146,7 +149,7 @@ def max_violation_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, _fast.HARD, False), reduction)
+    return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, _fast.HARD), reduction)
 
 
 def sum_hinge_loss(
@@ -193,4 +196,4 @@ def sum_hinge_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, _fast.SUM, False), reduction)
+    return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, _fast.SUM), reduction)

@@ -39,11 +39,17 @@ class _TripletLoss(nn.Module):
         self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
 
     def _loss(
-        self, img_emb: Tensor, txt_emb: Tensor, ids: Any, mode: _fast.Mode, epsilon: float = 0.0, mean: bool = False
+        self,
+        img_emb: Tensor,
+        txt_emb: Tensor,
+        ids: Any,
+        mode: _fast.Mode,
+        epsilon: float = 0.0,
+        fallback: _fast.Fallback = "mean",
     ) -> Tensor:
         check_embeddings(img_emb, txt_emb)
         mask = ids_to_mask(ids, img_emb.shape[0], img_emb.device)
-        per_anchor = _fast.embedding_losses(img_emb, txt_emb, mask, self.margin, epsilon, mode, mean)
+        per_anchor = _fast.embedding_losses(img_emb, txt_emb, mask, self.margin, epsilon, mode, fallback)
         return _fast.reduce(per_anchor, self.reduction)
 
     def max_violation_on(self) -> None:
@@ -116,7 +122,9 @@ class SelHNLoss(_TripletLoss):
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        return self._loss(img_emb, txt_emb, ids, _fast.SELHN, self.epsilon, self.fallback == "mean")
+        return self._loss(
+            img_emb, txt_emb, ids, _fast.SELHN, self.epsilon, "mean" if self.fallback == "mean" else "sum"
+        )
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, epsilon={self.epsilon}, fallback={self.fallback!r}, reduction={self.reduction!r}"

@@ -122,7 +122,7 @@ def test_row_loss_on_cuda_matches_cpu(loss, fractions, pair):
         with _fast.forced_pair_form_fractions(*fractions):
             value = _fast.RowLoss.apply(
                 anchors, candidates, torch.arange(1, img.shape[0], device=device), excluded.to(device),
-                0.2, 10.0, loss, True,  # epsilon 10: every SelHN anchor falls back
+                0.2, 10.0, loss, "mean",  # epsilon 10: every SelHN anchor falls back
             )  # fmt: skip
         (value * torch.arange(local, device=device)).sum().backward()
         results.append((value.cpu(), anchors.grad.cpu(), candidates.grad.cpu()))

@@ -454,8 +454,9 @@ def row_loss_matches_reference(loss, img, txt, offset, local, ids, epsilon, mean
     ):
         anchors, candidates = own[rows].clone().requires_grad_(), other.clone().requires_grad_()
         excluded = None if mask is None else (mask if direction == 0 else mask.T)[rows]
-        mode, selhn_mean = loss, loss == "selhn" and mean
-        out = _fast.RowLoss.apply(anchors, candidates, positive, excluded, 0.2, epsilon, mode, selhn_mean)
+        out = _fast.RowLoss.apply(
+            anchors, candidates, positive, excluded, 0.2, epsilon, loss, "mean" if mean else "sum"
+        )
         torch.testing.assert_close(out, expected[direction].detach())
         (out * cotangent[direction]).sum().backward()
         d_own[rows] += anchors.grad
@@ -493,7 +494,7 @@ def test_row_loss_mixed_batch_forms_only_the_fallback_rows():
     assert 0 < n_fallback < 7
     row_loss_matches_reference("selhn", img, txt, 1, 7, None, 0.05, True)
     anchors, candidates = img[1:8].clone().requires_grad_(), txt.clone().requires_grad_()
-    value = _fast.RowLoss.apply(anchors, candidates, torch.arange(1, 8), None, 0.2, 0.05, _fast.SELHN, True)
+    value = _fast.RowLoss.apply(anchors, candidates, torch.arange(1, 8), None, 0.2, 0.05, _fast.SELHN, "mean")
     saved = [t for t in value.grad_fn.saved_tensors if t is not None]
     assert [t.shape for t in saved if t.dim() == 2 and t.dtype == torch.bool] == [(n_fallback, 12)]
     assert not any(t.dim() == 2 and t.is_floating_point() and t.shape[0] == 7 and t.shape[1] == 12 for t in saved)
@@ -543,7 +544,7 @@ def test_torch_compile_fullgraph_matches_eager(loss):
     excluded[0, 1] = True
 
     def rows(anchors, candidates):
-        return _fast.RowLoss.apply(anchors, candidates, positive, excluded, 0.2, 0.01, mode, True)
+        return _fast.RowLoss.apply(anchors, candidates, positive, excluded, 0.2, 0.01, mode, "mean")
 
     results = []
     for fn in (rows, torch.compile(rows, fullgraph=True)):
@@ -654,7 +655,7 @@ def test_row_loss_is_twice_differentiable(loss, form):
 
     def rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = _fast.RowLoss.apply(
-            unit(a, dim=1)[1:4], unit(b, dim=1), torch.arange(1, 4), excluded, 0.2, 0.3, mode, loss == "selhn"
+            unit(a, dim=1)[1:4], unit(b, dim=1), torch.arange(1, 4), excluded, 0.2, 0.3, mode, "mean"
         )
         return out
 
