@@ -672,20 +672,20 @@ class RowLoss(torch.autograd.Function):
         # Dense rows. Eager SelHN forms only its fallback rows (one device read); the sum of
         # hinges, and SelHN under torch.compile, form every row (a non-dense row's hinges get
         # the coefficient dense_coef = 0 and its sum is not selected).
-        fallback_rows: Tensor | None = None
+        subset: Tensor | None = None  # the fallback rows, when only some rows are dense (None: every row)
         if mode == SELHN and not torch.compiler.is_compiling():
             n_dense = int(dense.sum())
-            fallback_rows = None if n_dense == n_anchors else dense.nonzero().squeeze(1)
-        if fallback_rows is None:
+            subset = None if n_dense == n_anchors else dense.nonzero().squeeze(1)
+        if subset is None:
             arg = scores.sub_(threshold.unsqueeze(1))
             active = arg > 0
             sums = arg.clamp_(min=0).sum(dim=1)
             counts = active.sum(dim=1, dtype=scores.dtype)
         else:
-            arg = scores.index_select(0, fallback_rows).sub_(threshold.index_select(0, fallback_rows).unsqueeze(1))
+            arg = scores.index_select(0, subset).sub_(threshold.index_select(0, subset).unsqueeze(1))
             active = arg > 0
-            sums = zero.index_copy(0, fallback_rows, arg.clamp_(min=0).sum(dim=1))
-            counts = zero.index_copy(0, fallback_rows, active.sum(dim=1, dtype=scores.dtype))
+            sums = zero.index_copy(0, subset, arg.clamp_(min=0).sum(dim=1))
+            counts = zero.index_copy(0, subset, active.sum(dim=1, dtype=scores.dtype))
         scale: Tensor | float = 1.0
         if mean and excluded is None:
             scale = 1.0 / max(n_candidates - 1, 1)
@@ -698,7 +698,7 @@ class RowLoss(torch.autograd.Function):
         if hard_coef is not None:
             positive_coef += hard_coef
         pairs, low_rank = None, None
-        if fallback_rows is None and not torch.compiler.is_compiling():
+        if subset is None and not torch.compiler.is_compiling():
             # every row dense: nearly all hinges active (cold start) or hardly any (late training)?
             n_active = int(counts.sum())
             low_rank = _low_rank_or_sparse(
@@ -709,33 +709,15 @@ class RowLoss(torch.autograd.Function):
                 active = active[:0]
         ctx.low_rank = bool(low_rank)
         ctx.save_for_backward(
-            anchors,
-            candidates,
-            positive,
-            hard_index,
-            hard_coef,
-            fallback_rows,
-            active,
-            dense_coef,
-            positive_coef,
-            pairs,
+            anchors, candidates, positive, hard_index, hard_coef, subset, active, dense_coef, positive_coef, pairs
         )
         return torch.where(dense, sums * scale, hard_loss)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (
-            anchors,
-            candidates,
-            positive,
-            hard_index,
-            hard_coef,
-            fallback_rows,
-            active,
-            dense_coef,
-            positive_coef,
-            pairs,
-        ) = ctx.saved_tensors
+        anchors, candidates, positive, hard_index, hard_coef, subset, active, dense_coef, positive_coef, pairs = (
+            ctx.saved_tensors
+        )
         grad = grad.contiguous()
         rows = torch.arange(anchors.shape[0], device=grad.device)
         # sparse entries (anchor a, candidate c, w) of dL/dS: the positives and the hard terms
@@ -756,14 +738,14 @@ class RowLoss(torch.autograd.Function):
             d_anchors.addmm_(k.unsqueeze(1), candidates.sum(dim=0, keepdim=True))
             d_candidates.addmm_(torch.ones_like(candidates[:, :1]), k.unsqueeze(0) @ anchors)
         if active.numel() and k is not None:  # the dense rows: k_a at each active hinge of anchor a
-            if fallback_rows is None:
+            if subset is None:
                 block = torch.where(active, k.unsqueeze(1), 0.0)
                 d_anchors.addmm_(block, candidates)
                 d_candidates.addmm_(block.t(), anchors)
             else:
-                block = torch.where(active, k.index_select(0, fallback_rows).unsqueeze(1), 0.0)
-                d_anchors.index_add_(0, fallback_rows, block @ candidates)
-                d_candidates.addmm_(block.t(), anchors.index_select(0, fallback_rows))
+                block = torch.where(active, k.index_select(0, subset).unsqueeze(1), 0.0)
+                d_anchors.index_add_(0, subset, block @ candidates)
+                d_candidates.addmm_(block.t(), anchors.index_select(0, subset))
         return (
             d_anchors if ctx.needs_input_grad[0] else None,
             d_candidates if ctx.needs_input_grad[1] else None,
