@@ -28,8 +28,9 @@ table of the best dev checkpoint; wall time per step.
 Finished runs (a ``results.json`` in their folder) are reused; an unfinished one is
 trained again from its start. ``--jobs N`` trains N runs at once in worker processes (safe with
 CUDA; each with ``--threads`` intra-op threads). A run that fails (a non-finite loss, say) is
-reported by name once the others have run, and the command then exits with an error. The synthetic data live under ``--root`` (default
-``data/<preset>``), so presets never overwrite each other's data.
+reported by name once the others have run, and the command then exits with an error. The
+synthetic data live under ``--root`` (default ``data/<preset>``), so presets never overwrite
+each other's data.
 
 Run: ``python -m examples.rvsepp.compare --preset calibrated --seeds 0 1 2 3 4 --out
 runs/calibrated`` (see ``--help``; arguments after ``--`` go to every training run, e.g.
