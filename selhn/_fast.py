@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from selhn import _selection as sel
+from selhn._validation import FALLBACKS, Fallback
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +82,20 @@ HARD: Final[Mode] = "hn"
 SELHN: Final[Mode] = "selhn"
 SUM: Final[Mode] = "sum"
 MODES: tuple[Mode, ...] = (SELHN, HARD, SUM)
-#: SelHN's fallback for a vanishing anchor: the hinges over all its negatives, averaged (the
-#: authors' code) or added. The other losses have no fallback and ignore it.
-Fallback = Literal["mean", "sum"]
+# SelHN's fallback (selhn._validation.Fallback): the other losses have no fallback and ignore it.
 
 
 def as_mode(name: str) -> Mode:
     """``name`` as a :data:`Mode` (callers check it against :data:`MODES` with a clear message first)."""
     if name not in MODES:
         raise ValueError(f"loss must be one of {', '.join(map(repr, MODES))}; got {name!r}")
+    return name
+
+
+def as_fallback(name: str) -> Fallback:
+    """``name`` as a :data:`Fallback` (callers check it against ``FALLBACKS`` with a clear message first)."""
+    if name not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {', '.join(map(repr, FALLBACKS))}; got {name!r}")
     return name
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 REDUCTIONS = ("none", "mean", "sum")
-FALLBACKS = ("mean", "sum")
+#: SelHN's fallback for a vanishing anchor: its hinges over all its negatives, averaged (the
+#: authors' code) or added.
+Fallback = Literal["mean", "sum"]
+FALLBACKS: tuple[Fallback, ...] = ("mean", "sum")
 
 
 def check_float_tensor(value: Any, name: str) -> Tensor:

@@ -312,7 +312,7 @@ def gradient_norms(
     txt = txt_emb.detach().to(dtype)
     with torch.no_grad():
         _, state = _fast.forward_state(
-            img @ txt.t(), mask, margin, epsilon, _fast.as_mode(loss), "mean" if fallback == "mean" else "sum"
+            img @ txt.t(), mask, margin, epsilon, _fast.as_mode(loss), _fast.as_fallback(fallback)
         )
         ones = torch.ones(2, batch, dtype=dtype, device=img.device)
         d_img, d_txt = _fast.embedding_grads(ones, state, img, txt)

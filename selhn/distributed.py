@@ -188,7 +188,7 @@ def global_loss(
     check_choice(reduction, "reduction", tuple(r for r in REDUCTIONS if r != "none"))
     margin = check_nonnegative(margin, "margin")
     epsilon = check_nonnegative(epsilon, "epsilon")
-    fallback_: _fast.Fallback = "mean" if fallback == "mean" else "sum"
+    fallback_ = _fast.as_fallback(fallback)
     local = img_emb.shape[0]
     mask = ids_to_mask(ids, local, img_emb.device)  # validates ids
     if not is_distributed():  # the plain single-process loss, through the modules' own path

@@ -100,7 +100,7 @@ def selhn_loss(
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
     return _fast.reduce(
-        _fast.score_losses(scores, mask, margin, epsilon, _fast.SELHN, "mean" if fallback == "mean" else "sum"),
+        _fast.score_losses(scores, mask, margin, epsilon, _fast.SELHN, _fast.as_fallback(fallback)),
         reduction,
     )
 

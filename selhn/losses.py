@@ -21,6 +21,7 @@ from selhn import _fast
 from selhn._validation import (
     FALLBACKS,
     REDUCTIONS,
+    Fallback,
     check_choice,
     check_embeddings,
     check_nonnegative,
@@ -45,7 +46,7 @@ class _TripletLoss(nn.Module):
         ids: Any,
         mode: _fast.Mode,
         epsilon: float = 0.0,
-        fallback: _fast.Fallback = "mean",
+        fallback: Fallback = "mean",
     ) -> Tensor:
         check_embeddings(img_emb, txt_emb)
         mask = ids_to_mask(ids, img_emb.shape[0], img_emb.device)
@@ -122,9 +123,7 @@ class SelHNLoss(_TripletLoss):
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        return self._loss(
-            img_emb, txt_emb, ids, _fast.SELHN, self.epsilon, "mean" if self.fallback == "mean" else "sum"
-        )
+        return self._loss(img_emb, txt_emb, ids, _fast.SELHN, self.epsilon, _fast.as_fallback(self.fallback))
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, epsilon={self.epsilon}, fallback={self.fallback!r}, reduction={self.reduction!r}"
