@@ -17,6 +17,9 @@ import torch
 from torch import Tensor
 
 REDUCTIONS = ("none", "mean", "sum")
+#: The losses, one vocabulary inside and out: SelHN, max violation, the sum of hinges.
+Mode = Literal["selhn", "hn", "sum"]
+MODES: tuple[Mode, ...] = ("selhn", "hn", "sum")
 #: SelHN's fallback for a vanishing anchor: its hinges over all its negatives, averaged (the
 #: authors' code) or added.
 Fallback = Literal["mean", "sum"]
@@ -102,6 +105,18 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
+
+
+def as_mode(value: Any, name: str = "loss") -> Mode:
+    """Require a loss name (:data:`MODES`); return it as a :data:`Mode`."""
+    check_choice(value, name, MODES)
+    return value  # type: ignore[no-any-return]
+
+
+def as_fallback(value: Any, name: str = "fallback") -> Fallback:
+    """Require SelHN's fallback (:data:`FALLBACKS`); return it as a :data:`Fallback`."""
+    check_choice(value, name, FALLBACKS)
+    return value  # type: ignore[no-any-return]
 
 
 def check_mask(value: Any, batch: int, device: torch.device) -> Tensor | None:

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from selhn import _fast
 from selhn import _selection as sel
 from selhn._validation import (
-    check_choice,
+    as_fallback,
+    as_mode,
     check_embeddings,
     check_mask,
     check_nonnegative,
@@ -298,8 +299,7 @@ def gradient_norms(
         tensor([0.0000, 0.7071, 0.0000])
     """
     check_embeddings(img_emb, txt_emb)
-    check_choice(loss, "loss", tuple(_fast.MODES))
-    check_choice(fallback, "fallback", ("mean", "sum"))
+    mode, fallback_ = as_mode(loss), as_fallback(fallback)
     margin = check_nonnegative(margin, "margin")
     epsilon = check_nonnegative(epsilon, "epsilon")
     batch = img_emb.shape[0]
@@ -310,22 +310,7 @@ def gradient_norms(
     dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
     img = img_emb.detach().to(dtype)
     txt = txt_emb.detach().to(dtype)
-    with torch.no_grad():
-        _, state = _fast.forward_state(
-            img @ txt.t(), mask, margin, epsilon, _fast.as_mode(loss), _fast.as_fallback(fallback)
-        )
-        ones = torch.ones(2, batch, dtype=dtype, device=img.device)
-        d_img, d_txt = _fast.embedding_grads(ones, state, img, txt)
-        anchor_img = torch.zeros_like(img)
-        anchor_txt = torch.zeros_like(txt)
-        if state.hard_coef is not None and state.hard_index is not None:
-            anchor_img += state.hard_coef[0].unsqueeze(1) * (txt.index_select(0, state.hard_index[0]) - txt)
-            anchor_txt += state.hard_coef[1].unsqueeze(1) * (img.index_select(0, state.hard_index[1]) - img)
-        if state.scores is not None and state.threshold is not None and state.dense_coef is not None:
-            rows = (state.scores > state.threshold.unsqueeze(1)).to(dtype)
-            cols = (state.scores > state.threshold.unsqueeze(0)).to(dtype)
-            anchor_img += state.dense_coef[0].unsqueeze(1) * (rows @ txt - rows.sum(1, keepdim=True) * txt)
-            anchor_txt += state.dense_coef[1].unsqueeze(1) * (cols.t() @ img - cols.sum(0).unsqueeze(1) * img)
+    d_img, d_txt, anchor_img, anchor_txt = _fast.embedding_gradients(img, txt, mask, margin, epsilon, mode, fallback_)
     return GradientNorms(
         image=_through_normalisation(d_img, img, img_norms).norm(dim=1),
         text=_through_normalisation(d_txt, txt, txt_norms).norm(dim=1),

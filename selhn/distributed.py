@@ -1,25 +1,20 @@
 r"""Negatives across GPUs: the triplet losses over the global batch, with torch.distributed.
 
 With DistributedDataParallel every ITM code base mines negatives inside each rank's local
-batch. :func:`global_loss` mines them in the global batch instead: each rank gathers the other
-ranks' embeddings (an autograd-aware all-gather), scores its *local* anchors against the
-*global* candidates (local images x global captions for image anchors, local captions x
-global images for caption anchors, each positive at its global offset), so the memory per
-rank grows with :math:`B_\text{local} \times B_\text{global}`, not :math:`B_\text{global}^2`.
-The two rectangular score matrices go through ``selhn._fast.RowLoss``, with the lean
-backward of the modules: the scores are freed after the forward pass and only indices, flags
-and the fallback anchors' active-hinge masks are kept.
+batch. :func:`global_loss` mines them in the global batch: it scores this rank's images
+against every rank's captions and its captions against every rank's images (each positive at
+its global offset), so the memory per rank grows with :math:`B_\text{local} \times
+B_\text{global}`, not :math:`B_\text{global}^2`. Both rectangles go through the modules' own
+autograd Function (``selhn._fast.EmbeddingLoss``), which all-gathers in forward and
+reduce-scatters in backward, and keeps only what the modules keep in between.
 
-Equivalence: the value returned on every rank is exactly the loss a single process computes
-on the concatenated global batch (same reduction). Its gradient is :math:`W` times the
-gradient of this rank's share of that loss (:math:`W` = world size): the all-gather's
-backward sums every rank's contribution into the owner's embeddings, and DDP then averages
-the parameter gradients over the :math:`W` ranks, so after ``backward()`` the parameters hold
-exactly the single-process gradient. Ranks may hold different batch sizes (a last, smaller
-batch): sizes are exchanged first and the gather pads and unpads.
-
-Without an initialised process group (or with world size 1) :func:`global_loss` is the
-plain single-process loss.
+Equivalence: the value returned on every rank is exactly the loss of one process on the
+concatenated batch (same reduction); its gradient is :math:`W` (world size) times that of
+this rank's share: the gather's adjoint sums every rank's contribution into the owner's
+embeddings, and DDP averages the parameter gradients over the :math:`W` ranks, so after
+``backward()`` they hold exactly the single-process gradient. Ranks may hold different batch
+sizes (a last, smaller batch). Without a process group of more than one rank,
+:func:`global_loss` is the plain single-process loss.
 """
 
 from __future__ import annotations
@@ -32,15 +27,16 @@ from torch import Tensor
 
 from selhn import _fast
 from selhn._validation import (
-    FALLBACKS,
     REDUCTIONS,
+    as_fallback,
+    as_mode,
     check_choice,
     check_embeddings,
     check_nonnegative,
     ids_to_mask,
 )
 
-__all__ = ["gather", "global_loss", "is_distributed"]
+__all__ = ["global_loss", "is_distributed"]
 
 
 def is_distributed() -> bool:
@@ -54,86 +50,57 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _sizes(local: int, device: torch.device) -> list[int]:
-    size = torch.tensor([local], device=device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    return [int(s) for s in sizes]
-
-
-def gather(tensor: Tensor) -> tuple[Tensor, int]:
-    """Concatenate ``tensor`` (B_r, ...) from every rank, with gradient; also return this
-    rank's row offset in the result. Ranks may have different B_r.
-
-    Example:
-        >>> import torch
-        >>> from selhn.distributed import gather
-        >>> gather(torch.ones(2, 3))[0].shape   # no process group: the tensor itself
-        torch.Size([2, 3])
-    """
-    if not is_distributed():
-        return tensor, 0
-    sizes = _sizes(tensor.shape[0], tensor.device)
-    largest = max(sizes)
-    padded = (
-        torch.cat([tensor, tensor.new_zeros(largest - tensor.shape[0], *tensor.shape[1:])])
-        if tensor.shape[0] < largest
-        else tensor
-    )
-    parts = _GatherRows.apply(padded).split(largest)  # type: ignore[no-untyped-call]
-    rank = dist.get_rank()
-    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sum(sizes[:rank])
-
-
 # torch 2.13 renamed the single-tensor collectives and deprecated the old names; torch < 2.13 has the old ones only
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-class _GatherRows(torch.autograd.Function):
-    """Every rank's (R, ...) tensor, stacked along dim 0 in rank order, with gradient.
+class _Ranks:
+    """This rank's rows in the global batch and the loss's collectives (``_fast.Ranks``). Sizes
+    may differ by rank (exchanged once; tensors are padded to the largest). :meth:`scatter`,
+    the gather's adjoint, sums over ranks the gradient at this rank's rows: a reduce-scatter
+    on NCCL, an all-reduce and a slice on backends without one (gloo)."""
 
-    Written on the public collectives (``torch.distributed.nn.functional.all_gather`` is
-    deprecated from torch 2.13 on), under their torch 2.13 names where they exist.
-    Backward: each rank's loss sends a gradient to every rank's rows, so this rank's rows
-    get the sum over ranks of the gradient at its slice: a reduce-scatter on NCCL, an
-    all-reduce and a slice on backends without one (gloo). Second derivatives are refused:
-    autograd cannot record the collectives.
-    """
+    def __init__(self, local: int, device: torch.device) -> None:
+        size = torch.tensor([local], device=device)
+        sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, size)
+        self.sizes = [int(s) for s in sizes]
+        self.rank = dist.get_rank()
+        self.offset = sum(self.sizes[: self.rank])
+        self.largest = max(self.sizes)
 
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor) -> Tensor:
-        out = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
-        _all_gather_single(out, tensor.contiguous())
-        return out
+    def _padded(self, tensor: Tensor) -> Tensor:
+        missing = self.largest - tensor.shape[0]
+        return torch.cat([tensor, tensor.new_zeros(missing, *tensor.shape[1:])]) if missing else tensor.contiguous()
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
+    def rows(self, tensor: Tensor) -> Tensor:
+        """Every rank's rows of ``tensor`` (B_r, ...), in rank order: one all-gather."""
+        out = tensor.new_empty((len(self.sizes) * self.largest, *tensor.shape[1:]))
+        _all_gather_single(out, self._padded(tensor))
+        return torch.cat([part[:size] for part, size in zip(torch.split(out, self.largest), self.sizes, strict=True)])
+
+    def gather(self, img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
+        both = self.rows(torch.cat([img, txt], dim=1))
+        return both[:, : img.shape[1]], both[:, img.shape[1] :]
+
+    def scatter(self, d_img: Tensor, d_txt: Tensor) -> tuple[Tensor, Tensor]:
         if torch.is_grad_enabled():  # create_graph=True: the collectives below are not recorded
             raise RuntimeError(
                 "selhn.distributed: second derivatives across ranks are not supported (backward was called "
                 "with create_graph=True, e.g. for a gradient penalty). Use the loss modules or selhn.functional "
                 "on the local batch for a penalty term: they are twice differentiable."
             )
-        grad = grad.contiguous()
-        rows = grad.shape[0] // dist.get_world_size()
+        both = torch.cat([d_img, d_txt], dim=1)
+        padded = torch.cat([self._padded(part) for part in torch.split(both, self.sizes)])
         if dist.get_backend() == dist.Backend.NCCL:
-            local = grad.new_empty((rows, *grad.shape[1:]))
-            _reduce_scatter_single(local, grad)
-            return local
-        total = grad.clone()
-        dist.all_reduce(total)
-        start = dist.get_rank() * rows
-        return total[start : start + rows]
-
-
-def _gather_ids(ids: Tensor) -> Tensor:
-    sizes = _sizes(ids.shape[0], ids.device)
-    largest = max(sizes)
-    padded = torch.cat([ids, ids.new_zeros(largest - ids.shape[0])])
-    parts = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+            local = padded.new_empty((self.largest, *both.shape[1:]))
+            _reduce_scatter_single(local, padded)
+        else:
+            dist.all_reduce(padded)
+            local = padded[self.rank * self.largest : (self.rank + 1) * self.largest]
+        local = local[: self.sizes[self.rank]]
+        return local[:, : d_img.shape[1]], local[:, d_img.shape[1] :]
 
 
 def global_loss(
@@ -183,43 +150,22 @@ def global_loss(
         True
     """
     check_embeddings(img_emb, txt_emb)
-    check_choice(loss, "loss", tuple(_fast.MODES))
-    check_choice(fallback, "fallback", FALLBACKS)
+    mode, fallback_ = as_mode(loss), as_fallback(fallback)
     check_choice(reduction, "reduction", tuple(r for r in REDUCTIONS if r != "none"))
     margin = check_nonnegative(margin, "margin")
     epsilon = check_nonnegative(epsilon, "epsilon")
-    fallback_ = _fast.as_fallback(fallback)
     local = img_emb.shape[0]
     mask = ids_to_mask(ids, local, img_emb.device)  # validates ids
     if not is_distributed():  # the plain single-process loss, through the modules' own path
-        per_anchor = _fast.embedding_losses(img_emb, txt_emb, mask, margin, epsilon, _fast.as_mode(loss), fallback_)
+        per_anchor = _fast.embedding_losses(img_emb, txt_emb, mask, margin, epsilon, mode, fallback_)
         return _fast.reduce(per_anchor, reduction)
 
-    dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
-    img, txt = img_emb.to(dtype), txt_emb.to(dtype)
-    all_img, offset = gather(img)
-    all_txt, _ = gather(txt)
-    total = all_img.shape[0]
-    positive = torch.arange(offset, offset + local, device=img.device)
-    excluded = None
-    if ids is not None:
-        local_ids = torch.as_tensor(ids, device=img.device)
-        all_ids = _gather_ids(local_ids)
-        excluded = local_ids.unsqueeze(1) == all_ids.unsqueeze(0)
-    mode = _fast.as_mode(loss)
-
-    def anchor_losses(anchors: Tensor, candidates: Tensor) -> Tensor:
-        """Local anchors against the global candidates, with the lean backward of selhn._fast;
-        scored in float32 or wider under autocast too, as the modules score."""
-        with torch.autocast(device_type=anchors.device.type, enabled=False):
-            losses: Tensor = _fast.RowLoss.apply(  # type: ignore[no-untyped-call]
-                anchors, candidates, positive, excluded, margin, epsilon, mode, fallback_
-            )
-        return losses
-
-    share = anchor_losses(img, all_txt).sum() + anchor_losses(txt, all_img).sum()
+    ranks = _Ranks(local, img_emb.device)
+    own_ids = None if ids is None else torch.as_tensor(ids, device=img_emb.device)
+    excluded = None if own_ids is None else own_ids.unsqueeze(1) == ranks.rows(own_ids).unsqueeze(0)
+    share = _fast.embedding_losses(img_emb, txt_emb, excluded, margin, epsilon, mode, fallback_, ranks).sum()
     if reduction == "mean":
-        share = share / (2 * total)
+        share = share / (2 * sum(ranks.sizes))
     value = share.detach().clone()
     dist.all_reduce(value)
     world = dist.get_world_size()

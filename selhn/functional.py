@@ -32,7 +32,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from selhn import _fast
-from selhn._validation import FALLBACKS, REDUCTIONS, check_choice, check_mask, check_nonnegative, check_scores
+from selhn._validation import REDUCTIONS, as_fallback, check_choice, check_mask, check_nonnegative, check_scores
 
 __all__ = ["max_violation_loss", "selhn_loss", "sum_hinge_loss"]
 
@@ -96,11 +96,11 @@ def selhn_loss(
     check_scores(scores)
     margin = check_nonnegative(margin, "margin")
     epsilon = check_nonnegative(epsilon, "epsilon")
-    check_choice(fallback, "fallback", FALLBACKS)
+    fallback_ = as_fallback(fallback)
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
     return _fast.reduce(
-        _fast.score_losses(scores, mask, margin, epsilon, _fast.SELHN, _fast.as_fallback(fallback)),
+        _fast.score_losses(scores, mask, margin, epsilon, "selhn", fallback_),
         reduction,
     )
 
@@ -149,7 +149,7 @@ def max_violation_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, _fast.HARD), reduction)
+    return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, "hn"), reduction)
 
 
 def sum_hinge_loss(
@@ -196,4 +196,4 @@ def sum_hinge_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, _fast.SUM), reduction)
+    return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, "sum"), reduction)

@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from selhn import _fast
 from selhn._validation import (
-    FALLBACKS,
     REDUCTIONS,
     Fallback,
+    Mode,
+    as_fallback,
     check_choice,
     check_embeddings,
     check_nonnegative,
@@ -44,7 +45,7 @@ class _TripletLoss(nn.Module):
         img_emb: Tensor,
         txt_emb: Tensor,
         ids: Any,
-        mode: _fast.Mode,
+        mode: Mode,
         epsilon: float = 0.0,
         fallback: Fallback = "mean",
     ) -> Tensor:
@@ -119,11 +120,11 @@ class SelHNLoss(_TripletLoss):
     ) -> None:
         super().__init__(margin, reduction)
         self.epsilon = check_nonnegative(epsilon, "epsilon")
-        self.fallback = check_choice(fallback, "fallback", FALLBACKS)
+        self.fallback: Fallback = as_fallback(fallback)
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        return self._loss(img_emb, txt_emb, ids, _fast.SELHN, self.epsilon, _fast.as_fallback(self.fallback))
+        return self._loss(img_emb, txt_emb, ids, "selhn", self.epsilon, self.fallback)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, epsilon={self.epsilon}, fallback={self.fallback!r}, reduction={self.reduction!r}"
@@ -167,7 +168,7 @@ class MaxViolationLoss(_TripletLoss):
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        return self._loss(img_emb, txt_emb, ids, _fast.HARD)
+        return self._loss(img_emb, txt_emb, ids, "hn")
 
 
 class SumHingeLoss(_TripletLoss):
@@ -204,7 +205,7 @@ class SumHingeLoss(_TripletLoss):
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        return self._loss(img_emb, txt_emb, ids, _fast.SUM)
+        return self._loss(img_emb, txt_emb, ids, "sum")
 
 
 class ContrastiveLoss(_TripletLoss):
@@ -262,7 +263,7 @@ class ContrastiveLoss(_TripletLoss):
 
     def forward(self, im: Tensor, s: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        return self._loss(im, s, ids, _fast.HARD if self.max_violation else _fast.SUM)
+        return self._loss(im, s, ids, "hn" if self.max_violation else "sum")
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, max_violation={self.max_violation}, reduction={self.reduction!r}"

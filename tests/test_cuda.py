@@ -11,6 +11,7 @@ from selhn import _fast, _selection
 from selhn import functional as F
 from selhn.testing import batch_sizes, embedding_pairs, half_dtypes, score_matrices
 from tests.reference import reference_loss
+from tests.simulated_rank import rank_losses
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -110,21 +111,17 @@ def test_torch_compile_on_cuda():
 @settings(max_examples=10)
 @given(pair=embedding_pairs(batch_sizes(2, 12)))
 def test_row_loss_on_cuda_matches_cpu(loss, fractions, pair):
-    """The distributed loss's rectangular Function: local anchors 1.. against all candidates."""
+    """The distributed loss's rectangles: rank rows 1.. against the whole batch, in both directions."""
     img, txt = pair
     local = img.shape[0] - 1
     excluded = torch.zeros(local, img.shape[0], dtype=torch.bool)
     excluded[0, -1] = True
     results = []
     for device in ("cpu", "cuda"):
-        anchors = img[1:].clone().to(device).requires_grad_()
-        candidates = txt.clone().to(device).requires_grad_()
-        with _fast.forced_pair_form_fractions(*fractions):
-            value = _fast.RowLoss.apply(
-                anchors, candidates, torch.arange(1, img.shape[0], device=device), excluded.to(device),
-                0.2, 10.0, loss, "mean",  # epsilon 10: every SelHN anchor falls back
-            )  # fmt: skip
-        (value * torch.arange(local, device=device)).sum().backward()
-        results.append((value.cpu(), anchors.grad.cpu(), candidates.grad.cpu()))
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b)
+        a, b = img.clone().to(device).requires_grad_(), txt.clone().to(device).requires_grad_()
+        with _fast.forced_pair_form_fractions(*fractions):  # epsilon 10: every SelHN anchor falls back
+            value, rank = rank_losses(a, b, 1, local, excluded.to(device), 10.0, loss, "mean")
+        (value * torch.arange(2 * local, device=device).view(2, local)).sum().backward()
+        results.append((value.cpu(), a.grad.cpu(), b.grad.cpu(), *(g.cpu() for g in rank.grads)))
+    for x, y in zip(*results, strict=True):
+        torch.testing.assert_close(x, y)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import selhn
+from selhn import _fast
 from selhn import distributed as D
 from selhn import functional as F
 
@@ -184,16 +185,23 @@ def test_pipeline_under_torchrun_with_global_negatives(tmp_path):
 
 def test_gather_refuses_second_derivatives_by_name(tmp_path):
     """create_graph=True through the cross-rank gather would drop the other ranks' terms
-    silently: it is refused with a message that says what to use instead."""
+    silently: it is refused with a message that says what to use instead. (A one-rank group,
+    driven through the collectives global_loss uses with more ranks.)"""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         warnings.simplefilter("error", FutureWarning)  # no deprecated collective on the way
-        x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-        gathered = D._GatherRows.apply(x)
-        torch.testing.assert_close(gathered, x)
-        (first,) = torch.autograd.grad(gathered.pow(2).sum(), x)  # first order: fine
-        torch.testing.assert_close(first, 2 * x)
+        unit = torch.nn.functional.normalize
+        img = unit(torch.randn(3, 4, dtype=torch.float64), dim=1).requires_grad_()
+        txt = unit(torch.randn(3, 4, dtype=torch.float64), dim=1).requires_grad_()
+        ranks = D._Ranks(3, img.device)
+        assert (ranks.offset, ranks.sizes) == (0, [3])
+        value = _fast.embedding_losses(img, txt, None, 0.2, 0.5, "selhn", "mean", ranks).sum()
+        expected = selhn.SelHNLoss(0.2, 0.5, reduction="sum")(img, txt)
+        torch.testing.assert_close(value, expected)
+        first = torch.autograd.grad(value, (img, txt), retain_graph=True)  # first order: fine
+        for got, want in zip(first, torch.autograd.grad(expected, (img, txt)), strict=True):
+            torch.testing.assert_close(got, want)
         with pytest.raises(RuntimeError, match="second derivatives across ranks are not supported"):
-            torch.autograd.grad(D._GatherRows.apply(x).pow(2).sum(), x, create_graph=True)
+            torch.autograd.grad(value, img, create_graph=True)
     finally:
         dist.destroy_process_group()

@@ -21,6 +21,7 @@ from selhn import _fast, _selection
 from selhn import functional as F
 from selhn.testing import batch_sizes, embedding_pairs, score_matrices
 from tests.reference import reference_fallback_flags, reference_loss, reference_per_anchor
+from tests.simulated_rank import OneRank, rank_losses
 
 MODULES = {
     "selhn": lambda: selhn.SelHNLoss(0.2, 0.05, reduction="sum"),
@@ -61,14 +62,31 @@ def mixed_batch(size: int, n_duplicates: int) -> tuple[torch.Tensor, torch.Tenso
     return unit(img, dim=1), unit(txt, dim=1)
 
 
-@pytest.mark.parametrize(("n_duplicates", "restricted"), [(2, True), (9, True), (12, False)])
-def test_mixed_batches_take_the_dense_path_only_where_needed(monkeypatch, n_duplicates, restricted):
-    calls = []
-    original = _fast._fallback_block
-    monkeypatch.setattr(_fast, "_fallback_block", lambda *a: calls.append(1) or original(*a))
+def spy_forms(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the form each side of each forward pass keeps for backward."""
+    chosen: list[str] = []
+    original = _fast._side
+
+    def spy(*args):
+        loss, side = original(*args)
+        chosen.append(side.form)
+        return loss, side
+
+    monkeypatch.setattr(_fast, "_side", spy)
+    return chosen
+
+
+@pytest.mark.parametrize("n_duplicates", [2, 6, 9, 12])
+def test_mixed_batches_take_the_dense_path_only_where_needed(monkeypatch, n_duplicates):
+    """A side without vanishing anchors keeps no dense terms, one with at most half of them
+    only their rows, one with more the full form."""
+    chosen = spy_forms(monkeypatch)
     img, txt = mixed_batch(12, n_duplicates)
-    module_matches_reference("selhn", img, txt)
-    assert bool(calls) == restricted
+    with _fast.forced_pair_form_fractions(*FORMS["dense"]):
+        module_matches_reference("selhn", img, txt)
+    n_fallback = [sum(side) for side in reference_fallback_flags(img @ txt.T, 0.05)]
+    assert chosen == ["none" if n == 0 else "rows" if 2 * n <= 12 else "full" for n in n_fallback]
+    assert "rows" in chosen or n_duplicates > 6
 
 
 # (low-rank, sparse) thresholds for forced_pair_form_fractions: every dense state in the
@@ -81,8 +99,9 @@ def test_pair_form_thresholds_follow_the_device():
     gpu = (_fast.GPU_LOW_RANK_FRACTION, _fast.GPU_SPARSE_FRACTION)
     assert _fast.pair_form_fractions(torch.device("meta")) == gpu  # every device but the CPU
     assert gpu < (_fast.LOW_RANK_FRACTION, _fast.SPARSE_FRACTION)  # a gather pays less on a GPU
-    n_pairs = 512 * 512
+    n_pairs = 512 * 512  # one side's: the thresholds count both sides, so a side holds half
     assert _fast._low_rank_or_sparse(n_pairs / 64, n_pairs, n_pairs, torch.device("cpu")) is True
+    assert _fast._low_rank_or_sparse(n_pairs / 63, n_pairs, n_pairs, torch.device("cpu")) is None
     assert _fast._low_rank_or_sparse(n_pairs / 64, n_pairs, n_pairs, torch.device("meta")) is None
     assert _fast._low_rank_or_sparse(n_pairs, n_pairs / 64, n_pairs, torch.device("cpu")) is False
     with _fast.forced_pair_form_fractions(1.0, 0.0):
@@ -102,20 +121,6 @@ def test_module_paths_match_reference(loss, form, pair, ids, data):
         module_matches_reference(loss, img, txt, None if id_tensor is None else torch.tensor(id_tensor))
 
 
-def spy_pair_form(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
-    """Record the form each forward pass chooses for its dense terms."""
-    chosen: list[str | None] = []
-    original = _fast._pair_form_
-
-    def spy(state, *args):
-        taken = original(state, *args)
-        chosen.append(None if not taken else "low rank" if state.off_row is not None else "sparse")
-        return taken
-
-    monkeypatch.setattr(_fast, "_pair_form_", spy)
-    return chosen
-
-
 @pytest.mark.parametrize("loss", ["selhn", "sum"])
 @pytest.mark.parametrize("ids", [False, True])
 def test_low_rank_form_is_chosen_when_nearly_every_hinge_is_active(monkeypatch, loss, ids):
@@ -126,10 +131,11 @@ def test_low_rank_form_is_chosen_when_nearly_every_hinge_is_active(monkeypatch, 
     txt = txt.clone()
     txt[:3] = -txt[:3]  # three captions far from every image: some inactive hinges
     id_tensor = torch.arange(size) // 2 if ids else None  # two captions per image: excluded pairs
-    monkeypatch.setattr(_fast, "LOW_RANK_FRACTION", 0.25)  # up to 400 inactive pairs: 3 per row here, + ids
-    chosen = spy_pair_form(monkeypatch)
+    # up to 400 inactive pairs per side: 3 per row here, + the positives, + ids
+    monkeypatch.setattr(_fast, "LOW_RANK_FRACTION", 0.5)
+    chosen = spy_forms(monkeypatch)
     module_matches_reference(loss, img, txt, id_tensor)
-    assert chosen == ["low rank"]
+    assert chosen == ["low_rank", "low_rank"]
     sizes = saved_sizes(lambda: MODULES[loss]()(img.clone().requires_grad_(), txt.clone().requires_grad_(), id_tensor))
     assert max(sizes) < size * size
 
@@ -148,10 +154,10 @@ def test_sparse_form_is_chosen_when_few_hinges_are_active(monkeypatch, loss, ids
     txt = base + 1e-3 * torch.randn(size, 32, generator=generator, dtype=torch.float64)
     img, txt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
     id_tensor = torch.arange(size) % (size // 2) if ids else None  # excludes pairs (i, i + 20), not twins
-    monkeypatch.setattr(_fast, "SPARSE_FRACTION", 1 / 16)  # up to 100 active pairs; 80 here
-    chosen = spy_pair_form(monkeypatch)
+    monkeypatch.setattr(_fast, "SPARSE_FRACTION", 1 / 16)  # up to 50 active pairs per side; 40 here
+    chosen = spy_forms(monkeypatch)
     module_matches_reference(loss, img, txt, id_tensor)
-    assert chosen == ["sparse"]
+    assert chosen == ["sparse", "sparse"]
     sizes = saved_sizes(lambda: MODULES[loss]()(img.clone().requires_grad_(), txt.clone().requires_grad_(), id_tensor))
     assert max(sizes) < size * size
 
@@ -436,33 +442,26 @@ def test_functional_form_never_modifies_the_callers_scores():
 
 
 def row_loss_matches_reference(loss, img, txt, offset, local, ids, epsilon, mean, generator_seed=0):
-    """RowLoss over local anchors [offset, offset + local) against the global candidates, in
-    both directions, equals those anchors' losses in the loop reference over the global batch,
-    in values and in the gradients of a random weighting of them."""
+    """One rank's anchors [offset, offset + local) against the global candidates, in both
+    directions, equal those anchors' losses in the loop reference over the global batch, in
+    values and in the global gradients of a random weighting of them."""
     mask = None if ids is None else ids[:, None] == ids[None, :]
     kwargs = {"epsilon": epsilon, "fallback": "mean" if mean else "sum"} if loss == "selhn" else {}
     ref_img, ref_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
     per = reference_per_anchor(ref_img @ ref_txt.T, loss, mask=mask, **kwargs)
     rows = slice(offset, offset + local)
     cotangent = torch.randn(2, local, generator=torch.Generator().manual_seed(generator_seed), dtype=img.dtype)
-    expected = [torch.stack(per[d][rows]) if local else img.new_zeros(0) for d in (0, 1)]
-    sum((e * c).sum() for e, c in zip(expected, cotangent, strict=True)).backward()
-    positive = torch.arange(offset, offset + local)
-    got_img, got_txt = torch.zeros_like(img), torch.zeros_like(txt)
-    for direction, (own, other, d_own, d_other) in enumerate(
-        ((img, txt, got_img, got_txt), (txt, img, got_txt, got_img))
-    ):
-        anchors, candidates = own[rows].clone().requires_grad_(), other.clone().requires_grad_()
-        excluded = None if mask is None else (mask if direction == 0 else mask.T)[rows]
-        out = _fast.RowLoss.apply(
-            anchors, candidates, positive, excluded, 0.2, epsilon, loss, "mean" if mean else "sum"
-        )
-        torch.testing.assert_close(out, expected[direction].detach())
-        (out * cotangent[direction]).sum().backward()
-        d_own[rows] += anchors.grad
-        d_other += candidates.grad
-    torch.testing.assert_close(got_img, ref_img.grad)
-    torch.testing.assert_close(got_txt, ref_txt.grad)
+    expected = torch.stack([torch.stack(per[d][rows]) for d in (0, 1)])
+    (expected * cotangent).sum().backward()
+    excluded = None if mask is None else mask[rows]  # local ids against the global ids: both sides'
+    got_img, got_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    out, ranks = rank_losses(got_img, got_txt, offset, local, excluded, epsilon, loss, "mean" if mean else "sum")
+    torch.testing.assert_close(out, expected.detach())
+    (out * cotangent).sum().backward()
+    torch.testing.assert_close(ranks.grads[0], ref_img.grad)  # every rank's rows, before the scatter
+    torch.testing.assert_close(ranks.grads[1], ref_txt.grad)
+    torch.testing.assert_close(got_img.grad[rows], ref_img.grad[rows])
+    assert not got_img.grad[:offset].any() and not got_txt.grad[offset + local :].any()
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))  # taken when every row is dense
@@ -491,10 +490,11 @@ def test_row_loss_mixed_batch_forms_only_the_fallback_rows():
     """A few vanishing anchors: only their rows are formed, and saved as a boolean mask."""
     img, txt = mixed_batch(12, 3)  # a few image anchors among 0-3 fall back
     n_fallback = sum(reference_fallback_flags(img @ txt.T, 0.05)[0][1:8])
-    assert 0 < n_fallback < 7
+    assert 0 < n_fallback <= 3
     row_loss_matches_reference("selhn", img, txt, 1, 7, None, 0.05, True)
-    anchors, candidates = img[1:8].clone().requires_grad_(), txt.clone().requires_grad_()
-    value = _fast.RowLoss.apply(anchors, candidates, torch.arange(1, 8), None, 0.2, 0.05, _fast.SELHN, "mean")
+    value, _ = rank_losses(
+        img.clone().requires_grad_(), txt.clone().requires_grad_(), 1, 7, None, 0.05, "selhn", "mean"
+    )
     saved = [t for t in value.grad_fn.saved_tensors if t is not None]
     assert [t.shape for t in saved if t.dim() == 2 and t.dtype == torch.bool] == [(n_fallback, 12)]
     assert not any(t.dim() == 2 and t.is_floating_point() and t.shape[0] == 7 and t.shape[1] == 12 for t in saved)
@@ -538,19 +538,18 @@ def test_torch_compile_fullgraph_matches_eager(loss):
     function = {"selhn": F.selhn_loss, "hn": F.max_violation_loss, "sum": F.sum_hinge_loss}[loss]
     compiled_function = torch.compile(function, fullgraph=True)
     torch.testing.assert_close(compiled_function(scores), function(scores))
-    # the distributed loss's rectangular Function (all rows dense under compile)
-    mode, positive = loss, torch.arange(3, 9)
+    # the distributed loss's rectangles (every side in the full form under compile)
     excluded = torch.zeros(6, 12, dtype=torch.bool)
     excluded[0, 1] = True
 
-    def rows(anchors, candidates):
-        return _fast.RowLoss.apply(anchors, candidates, positive, excluded, 0.2, 0.01, mode, "mean")
+    def rows(a, b):
+        return rank_losses(a, b, 3, 6, excluded, 0.01, loss, "mean", record=False)[0]
 
     results = []
     for fn in (rows, torch.compile(rows, fullgraph=True)):
-        a, b = img[3:9].clone().requires_grad_(), txt.clone().requires_grad_()
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
         value = fn(a, b)
-        (value * torch.arange(6.0)).sum().backward()
+        (value * torch.arange(12.0).view(2, 6)).sum().backward()
         results.append((value, a.grad, b.grad))
     for eager, comp in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(comp, eager)
@@ -570,7 +569,7 @@ def test_distributed_benchmark_script_smoke():
     command = [sys.executable, str(script), "--local", "8", "--candidates", "24", "--dim", "16", "--rounds", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
     for loss in ("SelHN random", "SelHN collapsed", "max violation", "sum of hinges"):
-        assert f"{loss}: RowLoss" in result.stdout and f"{loss}: autograd" in result.stdout
+        assert f"{loss}: EmbeddingLoss" in result.stdout and f"{loss}: autograd" in result.stdout
     assert "median of 2 rounds" in result.stdout
 
 
@@ -647,20 +646,19 @@ def test_a_gradient_penalty_through_a_module_equals_the_functional_form(loss):
 
 @pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("loss", sorted(MODULES))
-def test_row_loss_is_twice_differentiable(loss, form):
+def test_row_loss_gradients_pass_gradcheck(loss, form):
     u, w, ids = twice_differentiable_batch()
     unit = torch.nn.functional.normalize
+    # (first order only: the distributed loss refuses create_graph, see test_distributed)
     excluded = (ids[:, None] == ids[None, :])[1:4]
-    mode = loss
+    img_all, txt_all = unit(u, dim=1), unit(w, dim=1)  # the other ranks' rows: constants here
 
     def rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = _fast.RowLoss.apply(
-            unit(a, dim=1)[1:4], unit(b, dim=1), torch.arange(1, 4), excluded, 0.2, 0.3, mode, "mean"
-        )
-        return out
+        ranks = OneRank(img_all, txt_all, 1, 3)
+        return _fast.embedding_losses(unit(a, dim=1), unit(b, dim=1), excluded, 0.2, 0.3, loss, "mean", ranks)
 
     with _fast.forced_pair_form_fractions(*FORMS[form]):
-        assert torch.autograd.gradgradcheck(rows, (u.requires_grad_(), w.requires_grad_()))
+        assert torch.autograd.gradcheck(rows, (u[1:4].clone().requires_grad_(), w[1:4].clone().requires_grad_()))
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
