@@ -25,16 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from selhn import _fast
-from selhn._validation import (
-    REDUCTIONS,
-    as_fallback,
-    as_mode,
-    check_choice,
-    check_embeddings,
-    check_nonnegative,
-    ids_to_mask,
-)
+from selhn import _fast, _validation
 
 __all__ = ["global_loss", "is_distributed"]
 
@@ -62,13 +53,10 @@ class _Ranks:
     on NCCL, an all-reduce and a slice on backends without one (gloo)."""
 
     def __init__(self, local: int, device: torch.device) -> None:
-        size = torch.tensor([local], device=device)
-        sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, size)
-        self.sizes = [int(s) for s in sizes]
-        self.rank = dist.get_rank()
-        self.offset = sum(self.sizes[: self.rank])
-        self.largest = max(self.sizes)
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, torch.tensor([local], device=device))
+        self.sizes, self.rank = [int(size) for size in sizes], dist.get_rank()
+        self.offset, self.largest = sum(self.sizes[: self.rank]), max(self.sizes)
 
     def _padded(self, tensor: Tensor) -> Tensor:
         missing = self.largest - tensor.shape[0]
@@ -149,23 +137,21 @@ def global_loss(
         >>> torch.allclose(global_loss(img, txt, "hn"), selhn.MaxViolationLoss()(img, txt))
         True
     """
-    check_embeddings(img_emb, txt_emb)
-    mode, fallback_ = as_mode(loss), as_fallback(fallback)
-    check_choice(reduction, "reduction", tuple(r for r in REDUCTIONS if r != "none"))
-    margin = check_nonnegative(margin, "margin")
-    epsilon = check_nonnegative(epsilon, "epsilon")
+    _validation.check_embeddings(img_emb, txt_emb)
+    mode, fallback_ = _validation.as_mode(loss), _validation.as_fallback(fallback)
+    _validation.check_choice(reduction, "reduction", tuple(r for r in _validation.REDUCTIONS if r != "none"))
+    margin = _validation.check_nonnegative(margin, "margin")
+    epsilon = _validation.check_nonnegative(epsilon, "epsilon")
     local = img_emb.shape[0]
-    mask = ids_to_mask(ids, local, img_emb.device)  # validates ids
+    mask = _validation.ids_to_mask(ids, local, img_emb.device)  # validates ids
     if not is_distributed():  # the plain single-process loss, through the modules' own path
-        per_anchor = _fast.embedding_losses(img_emb, txt_emb, mask, margin, epsilon, mode, fallback_)
-        return _fast.reduce(per_anchor, reduction)
+        return _fast.reduce(_fast.embedding_losses(img_emb, txt_emb, mask, margin, epsilon, mode, fallback_), reduction)
 
     ranks = _Ranks(local, img_emb.device)
     own_ids = None if ids is None else torch.as_tensor(ids, device=img_emb.device)
     excluded = None if own_ids is None else own_ids.unsqueeze(1) == ranks.rows(own_ids).unsqueeze(0)
     share = _fast.embedding_losses(img_emb, txt_emb, excluded, margin, epsilon, mode, fallback_, ranks).sum()
-    if reduction == "mean":
-        share = share / (2 * sum(ranks.sizes))
+    share = share / (2 * sum(ranks.sizes)) if reduction == "mean" else share
     value = share.detach().clone()
     dist.all_reduce(value)
     world = dist.get_world_size()

@@ -1,9 +1,10 @@
 r"""Triplet losses over a score matrix (SCAN-style models, and any precomputed scores).
 
-The per-anchor computation itself lives in :mod:`selhn._fast` (its internal API:
-``score_losses``, ``embedding_losses``, ``reduce``, ``forward_state``), shared with the modules of
-:mod:`selhn.losses` (which score embeddings with a leaner backward), the distributed loss and
-the diagnostic; the literal loop references in ``tests/reference.py`` judge them all.
+The per-anchor computation itself lives once, in :mod:`selhn._fast` (one core over anchors x
+candidates; its internal API: ``score_losses``, ``embedding_losses``, ``embedding_gradients``,
+``reduce``), shared with the modules of :mod:`selhn.losses` (which score embeddings with a
+leaner backward), the distributed loss and the diagnostic; the literal loop references in
+``tests/reference.py`` judge them all.
 
 Every function takes a (B, B) score matrix whose row ``i`` is image anchor ``i``
 (image-to-text), whose column ``j`` is caption anchor ``j`` (text-to-image) and whose
