@@ -3,7 +3,7 @@
 #   1. the test suite's CUDA tests and the loss tests;
 #   2. the loss benchmark at B = 4096 and 16384, fp32 and bf16;
 #   2b. the low-rank and sparse forms against the dense form (their thresholds come from a CPU);
-#   2c. the distributed loss's per-rank share (RowLoss) against plain autograd;
+#   2c. the distributed loss's per-rank share (EmbeddingLoss) against plain autograd;
 #   3. a Flickr30K-size synthetic set (29,000 / 1,014 / 1,000 images, 36 x 2048 regions);
 #   4. training throughput (images/s) with AMP, --loss selhn and --loss hn side by side;
 #   5. evaluation of a 5,000 x 25,000 problem;
