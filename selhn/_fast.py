@@ -281,7 +281,7 @@ def _entries(grad: Tensor, sides: list[Side], offset: int) -> tuple[Tensor, Tens
     """The sparse entries (i, j, w) of the gradient over the global (image, caption) pairs:
     the positives (pair ``offset + a`` for both sides' anchor ``a``), then each side's hard terms
     and low-rank / sparse pairs. Side 0's anchors are images, side 1's captions."""
-    anchor = torch.arange(grad.shape[1], device=grad.device) + offset
+    anchor = torch.arange(offset, offset + grad.shape[1], device=grad.device)
     positive = torch.zeros_like(grad[0])
     rows, cols, weights = [anchor], [anchor], [positive]
     for s, (side, g) in enumerate(zip(sides, grad, strict=True)):
@@ -318,8 +318,8 @@ def _sparse_rows(out_rows: Tensor, in_rows: Tensor, weights: Tensor, source: Ten
     (on a CPU each fresh one costs page faults comparable to the arithmetic)."""
     order = torch.argsort(out_rows, stable=True)
     starts = torch.searchsorted(out_rows.index_select(0, order), rows)  # where each row's entries start
-    weights = weights.index_select(0, order)
-    return torch.nn.functional.embedding_bag(in_rows[order], source, starts, mode="sum", per_sample_weights=weights)
+    in_rows, weights = in_rows.index_select(0, order), weights.index_select(0, order)
+    return torch.nn.functional.embedding_bag(in_rows, source, starts, mode="sum", per_sample_weights=weights)
 
 
 def _embedding_grads(
