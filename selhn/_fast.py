@@ -1,13 +1,13 @@
 """The one core of the three triplet losses: per-anchor losses over anchors x candidates.
 
-A *side* is one direction's anchors: the rows (``along=1``) or the columns (``along=0``) of a
-score matrix, each with one positive candidate. The square batch is the rows and the columns
-of one S; the distributed loss is a rank's images against every rank's captions and its
-captions against every rank's images, two rectangles. :func:`_side` computes a side's losses
-with the semantics of :mod:`selhn._selection` (the tests' loop references judge it) and what
-its backward needs. Two autograd Functions use it: :class:`ScoreLoss` over a score matrix
-(:mod:`selhn.functional`), :class:`EmbeddingLoss` over embeddings (the modules, the
-distributed loss, whose collectives run inside it, and the diagnostic).
+A *side* is one direction's anchors: the rows (``along=1``) or columns (``along=0``) of a score
+matrix, each with one positive candidate. The square batch is the rows and columns of one S;
+the distributed loss a rank's images against every rank's captions and its captions against
+every rank's images, two rectangles. :func:`_side` computes a side's losses with the semantics
+of :mod:`selhn._selection` (the tests' loop references judge it) and what its backward needs.
+Two autograd Functions use it: :class:`ScoreLoss` over a score matrix (:mod:`selhn.functional`),
+:class:`EmbeddingLoss` over embeddings (the modules, the distributed loss, whose collectives run
+inside it, and the diagnostic).
 
 A hard anchor's gradient touches one positive and one negative: O(B) entries, one weighted
 gather of embedding rows per set. A side's dense anchors (SelHN's fallback, the sum of hinges)
@@ -84,9 +84,8 @@ _forced_fractions: contextvars.ContextVar[tuple[float, float] | None] = contextv
 
 @contextlib.contextmanager
 def forced_pair_form_fractions(low_rank: float, sparse: float) -> Iterator[None]:
-    """Use these (low-rank, sparse) thresholds on every device inside the block: 1.0 forces a
-    form wherever it is allowed, 0.0 switches it off (the tests and benchmarks force forms).
-    A context variable, not module state: other threads and tasks keep their thresholds."""
+    """Use these (low-rank, sparse) thresholds on every device in the block: 1.0 forces a form where
+    allowed, 0.0 switches it off. A context variable: other threads and tasks keep theirs."""
     token = _forced_fractions.set((float(low_rank), float(sparse)))
     try:
         yield
@@ -95,8 +94,8 @@ def forced_pair_form_fractions(low_rank: float, sparse: float) -> Iterator[None]
 
 
 def _low_rank_or_sparse(inactive: float, n_active: float, n_pairs: int, device: torch.device) -> bool | None:
-    """True (low rank), False (sparse) or None (neither) for a side's dense anchors with these
-    inactive and active hinge counts among its ``n_pairs`` (the thresholds count both sides)."""
+    """True (low rank), False (sparse) or None for a side's dense anchors with these inactive and
+    active hinges among its ``n_pairs`` (the thresholds count both sides)."""
     low_rank, sparse = pair_form_fractions(device)
     if low_rank > 0 and inactive <= low_rank * n_pairs / 2:
         return True
@@ -105,8 +104,8 @@ def _low_rank_or_sparse(inactive: float, n_active: float, n_pairs: int, device: 
 
 # --------------------------------------------------------------------------- kernels
 def _hinge_sums(scores: Tensor, threshold: Tensor, alongs: tuple[int, ...]) -> list[tuple[Tensor, Tensor]]:
-    """Per anchor of each side on ``scores`` (one pass; the square matrix's two sides share their
-    thresholds): the sum of its hinges ``relu(s - threshold)`` and how many are active."""
+    """Per anchor of each side on ``scores``, in one pass (a square matrix's sides share their
+    thresholds): the sum of its hinges ``relu(s - threshold)``, how many are active."""
     out = []
     for along in alongs:
         t = threshold.unsqueeze(along)
@@ -126,10 +125,9 @@ _compile_failed: set[str] = set()
 
 
 def _kernel(name: str, eager: Callable[..., Any], size: int, lean: bool) -> Callable[..., Any]:
-    """The compiled twin of ``eager`` when it pays off and works, else ``eager``: also under an
-    outer ``torch.compile`` (``lean`` False) and while autograd records (``create_graph``). A
-    failure switches that kernel (only) to eager, only when eager then succeeds on the same
-    arguments; an out-of-memory error is never taken for one."""
+    """The compiled twin of ``eager`` when it pays off and works, else ``eager`` (also under an outer
+    ``torch.compile`` and while autograd records). A failure switches that kernel (only) to eager,
+    only when eager then succeeds on the same arguments; never an out-of-memory error."""
     off = os.environ.get("SELHN_COMPILE", "1") == "0" or torch.is_grad_enabled() or name in _compile_failed
     if off or not lean or size < COMPILE_MIN_BATCH:
         return eager
@@ -336,12 +334,14 @@ def _embedding_grads(
         every_row = torch.arange(img_all.shape[0], device=img.device)
         d_img = _sparse_rows(i, j, w.to(img.dtype), txt_all, every_row)
         d_txt = _sparse_rows(j, i, w.to(img.dtype), img_all, every_row)
-        for m, scores in enumerate(matrices):  # matrix m's rows are side m's anchors
-            if scores is not None and (full := _full_blocks(grad, sides, layout, m, scores, lean)) is not None:
-                own, other, d_own, d_other = ((img, txt_all, d_img, d_txt), (txt, img_all, d_txt, d_img))[m]
-                d_own.narrow(0, offset, own.shape[0]).addmm_(full.to(own.dtype), other)
-                d_other.addmm_(full.t().to(own.dtype), own)
     roles = ((img, txt_all, d_img, d_txt), (txt, img_all, d_txt, d_img))  # own, other, d_own, d_other
+    for m, scores in enumerate(matrices if layout != SQUARE else []):  # matrix m's rows: side m's anchors
+        if scores is not None and (full := _full_blocks(grad, sides, layout, m, scores, lean)) is not None:
+            own, other, d_own, d_other = roles[m]
+            d_own.narrow(0, offset, own.shape[0]).addmm_(full.to(own.dtype), other)
+            d_other.addmm_(full.t().to(own.dtype), own)
+    if not any(side.form in ("rows", "low_rank") for side in sides):
+        return d_img, d_txt
     ones, size = img_all.new_ones(img_all.shape[0]), img_all.shape[0]
     for side, g, (own, other, d_own, d_other) in zip(sides, grad, roles, strict=True):
         if side.form == "rows" and side.dense_coef is not None:
