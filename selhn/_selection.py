@@ -144,11 +144,3 @@ def fill_excluded_(scores: Tensor, mask: Tensor | None) -> Tensor:
         scores.masked_fill_(mask, float("-inf"))
     scores.diagonal().fill_(float("-inf"))
     return scores
-
-
-def negative_counts(batch: int, mask: Tensor | None, device: torch.device) -> Tensor:
-    """(2, B) number of negatives of each image anchor (row 0) and caption anchor (row 1)."""
-    if mask is None:
-        return torch.full((2, batch), batch - 1, dtype=torch.long, device=device)
-    off_diagonal = mask & ~torch.eye(batch, dtype=torch.bool, device=device)
-    return (batch - 1) - torch.stack([off_diagonal.sum(dim=1), off_diagonal.sum(dim=0)])
