@@ -691,3 +691,13 @@ def test_a_minus_inf_positive_gives_inf_not_nan(loss, form):
     function = {"selhn": F.selhn_loss, "hn": F.max_violation_loss, "sum": F.sum_hinge_loss}[loss]
     with _fast.forced_pair_form_fractions(*FORMS[form]):
         torch.testing.assert_close(function(scores, reduction="none", **kwargs), expected)
+
+
+def test_versions_benchmark_script_smoke():
+    """The side-by-side comparison with another checkout, here against this one itself."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "benchmarks" / "bench_versions.py"), "--other", str(root)]
+    command += ["--sizes", "16", "--dim", "8", "--rounds", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    for case in ("MaxViolationLoss", "SelHNLoss steady", "SelHNLoss cold", "SumHingeLoss", "SumHinge, dense"):
+        assert re.search(rf"{case} +this [0-9.]+x  other [0-9.]+x  this/other [0-9.]+", result.stdout), case
