@@ -171,8 +171,8 @@ class Options(NamedTuple):
 
 
 def _side(
-    scores: Tensor, along: int, positive: Tensor, positives: Tensor, hinge_sums: Callable[[], tuple[Tensor, Tensor]],
-    scale: Tensor | float, opt: Options,
+    scores: Tensor, along: int, positive: Tensor, positives: Tensor,
+    hinge_sums: Callable[[Tensor], tuple[Tensor, Tensor]], scale: Tensor | float, opt: Options,
 ) -> tuple[Tensor, Side]:  # fmt: skip
     """Losses (L,) of the anchors along dimension ``1 - along`` of ``scores`` (non-negatives at
     ``-inf``; anchor ``a``'s positive is candidate ``positive[a]``), given their positive scores,
@@ -209,7 +209,7 @@ def _side(
         counts = zero.index_copy(0, subset, active.sum(dim=1, dtype=dtype))
         form, data = "rows", (subset, active)
     else:
-        sums, n_active = hinge_sums()
+        sums, n_active = hinge_sums(threshold)
         # a -inf positive makes its threshold -inf, and -inf - (-inf) is NaN at its excluded
         # cells: its hinge sum is +inf when it has negatives (each hinge is), else 0
         sums = torch.where(torch.isneginf(threshold), torch.where(n_active > 0, math.inf, 0.0), sums)
@@ -254,11 +254,11 @@ def _forward(
         matrices[k].scatter_(along, positive.unsqueeze(along), float("-inf"))
     sums: dict[int, dict[int, tuple[Tensor, Tensor]]] = {}  # per matrix, its sides' hinge sums: one pass
 
-    def hinge_sums(k: int, along: int) -> tuple[Tensor, Tensor]:
+    def hinge_sums(k: int, along: int, threshold: Tensor) -> tuple[Tensor, Tensor]:  # (a matrix's sides: one threshold)
         if k not in sums:
             alongs = tuple(a for m, a in layout if m == k)
             kernel = _kernel("hinge_sums", _hinge_sums, n_anchors, opt.lean)
-            sums[k] = dict(zip(alongs, kernel(matrices[k], positives[k] - opt.margin, alongs), strict=True))
+            sums[k] = dict(zip(alongs, kernel(matrices[k], threshold, alongs), strict=True))
         return sums[k][along]
 
     results = []
@@ -326,7 +326,7 @@ def _embedding_grads(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """dL/d(global images), dL/d(global captions), (G, D), from the (2, L) cotangent ``grad``."""
     (img, txt), (img_all, txt_all) = local, everyone
-    if layout == SQUARE and matrices[0] is not None:  # a full side: dL/dS is formed anyway, then two matmuls
+    if layout == SQUARE and matrices[0] is not None and any(side.form == "full" for side in sides):  # dL/dS anyway
         d_scores = _score_grad(grad, sides, matrices[0], lean)
         d_img, d_txt = d_scores @ txt, d_scores.t() @ img
     else:  # the sparse entries as one weighted gather per set, then the rectangles' full blocks
