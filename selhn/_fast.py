@@ -3,8 +3,8 @@
 A *side* is one direction's anchors: the rows (``along=1``) or columns (``along=0``) of a score
 matrix, each with one positive candidate. The square batch is the rows and columns of one S;
 the distributed loss a rank's images against every rank's captions and its captions against
-every rank's images, two rectangles. :func:`_side` computes a side's losses with the semantics
-of :mod:`selhn._selection` (the tests' loop references judge it) and what its backward needs.
+every rank's images, two rectangles. :func:`_forward` computes both sides' losses, stacked (2, L),
+with the semantics of :mod:`selhn._selection` (the tests' loop references judge it), and a form per side.
 Two autograd Functions use it: :class:`ScoreLoss` over a score matrix (:mod:`selhn.functional`),
 :class:`EmbeddingLoss` over embeddings (the modules, the distributed loss, whose collectives run
 inside it, and the diagnostic).
@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from selhn import _selection as sel
@@ -105,11 +106,11 @@ def _low_rank_or_sparse(inactive: float, n_active: float, n_pairs: int, device: 
 # --------------------------------------------------------------------------- kernels
 def _hinge_sums(scores: Tensor, threshold: Tensor, alongs: tuple[int, ...]) -> list[tuple[Tensor, Tensor]]:
     """Per anchor of each side on ``scores``, in one pass (a square matrix's sides share their
-    thresholds): the sum of its hinges ``relu(s - threshold)``, how many are active."""
+    thresholds): the sum of its hinges ``relu(s - threshold)``, how many are active (as a float)."""
     out = []
     for along in alongs:
         t = threshold.unsqueeze(along)
-        out.append((torch.relu(scores - t).sum(dim=along), (scores > t).sum(dim=along)))
+        out.append((torch.relu(scores - t).sum(dim=along), (scores > t).sum(dim=along, dtype=scores.dtype)))
     return out
 
 
@@ -128,10 +129,13 @@ def _kernel(name: str, eager: Callable[..., Any], size: int, lean: bool) -> Call
     """The compiled twin of ``eager`` when it pays off and works, else ``eager`` (also under an outer
     ``torch.compile`` and while autograd records). A failure switches that kernel (only) to eager,
     only when eager then succeeds on the same arguments; never an out-of-memory error."""
-    off = os.environ.get("SELHN_COMPILE", "1") == "0" or torch.is_grad_enabled() or name in _compile_failed
-    if off or not lean or size < COMPILE_MIN_BATCH:
+    if not lean or size < COMPILE_MIN_BATCH or torch.is_grad_enabled() or name in _compile_failed:
         return eager
-    compiled = _compiled[name] if name in _compiled else _compiled.setdefault(name, torch.compile(eager, dynamic=True))
+    if os.environ.get("SELHN_COMPILE", "1") == "0":
+        return eager
+    if name in _compiled:
+        return _compiled[name]
+    compiled = torch.compile(eager, dynamic=True)
 
     def guarded(*args: Any) -> Any:
         try:
@@ -144,19 +148,20 @@ def _kernel(name: str, eager: Callable[..., Any], size: int, lean: bool) -> Call
             logger.warning("selhn: compiled loss kernel %r unavailable (%s); using eager PyTorch", name, error)
             return result
 
-    return guarded
+    return _compiled.setdefault(name, guarded)
 
 
-# --------------------------------------------------------------------------- one side
-class Side(NamedTuple):
-    """What one side's backward needs; ``form`` says what ``data`` holds (module docs)."""
+# --------------------------------------------------------------------------- both sides
+class State(NamedTuple):
+    """What backward needs of both sides (row 0: the image anchors, row 1: the caption anchors);
+    ``forms[s]`` says what ``data[s]`` holds (module docs)."""
 
-    hard_index: Tensor | None  # (L,) hardest negative's candidate, where hard terms exist
-    hard_coef: Tensor | None  # (L,) 1 where the hard hinge is used and active
-    dense_coef: Tensor | None  # (L,) weight of each active hinge of a dense anchor, else 0
-    positive_coef: Tensor  # (L,) what each anchor puts on its positive, negated
-    form: Form
-    data: tuple[Tensor, ...]  # full: (threshold,); rows: (subset, active); low_rank / sparse: (pairs,)
+    hard_index: Tensor | None  # (2, L) hardest negative's candidate, where hard terms exist
+    hard_coef: Tensor | None  # (2, L) 1 where the hard hinge is used and active
+    dense_coef: Tensor | None  # (2, L) weight of each active hinge of a dense anchor, else 0
+    positive_coef: Tensor  # (2, L) what each anchor puts on its positive, negated
+    forms: tuple[Form, ...]
+    data: tuple[tuple[Tensor, ...], ...]  # full: (threshold,); rows: (subset, active); low_rank / sparse: (pairs,)
 
 
 class Options(NamedTuple):
@@ -170,71 +175,6 @@ class Options(NamedTuple):
     embeddings: bool
 
 
-def _side(
-    scores: Tensor, along: int, positive: Tensor, positives: Tensor,
-    hinge_sums: Callable[[Tensor], tuple[Tensor, Tensor]], scale: Tensor | float, opt: Options,
-) -> tuple[Tensor, Side]:  # fmt: skip
-    """Losses (L,) of the anchors along dimension ``1 - along`` of ``scores`` (non-negatives at
-    ``-inf``; anchor ``a``'s positive is candidate ``positive[a]``), given their positive scores,
-    their hinge sums (on demand) and their dense terms' scale (1/|N_a| or 1)."""
-    n_anchors, n_candidates, dtype = positives.shape[0], scores.shape[along], scores.dtype
-    hard_index = hard_coef = None
-    if opt.mode == "sum":
-        dense = torch.ones(n_anchors, dtype=torch.bool, device=scores.device)
-        hard_loss = scores.new_zeros(n_anchors)
-    else:
-        hardest, hard_index = sel.max_along(scores, along)
-        hard_loss = sel.hinge(positives, hardest, opt.margin)
-        hard_coef = coef = (hard_loss > 0).to(dtype)
-        if opt.mode == "hn":
-            return hard_loss, Side(hard_index, coef, None, coef, "none", ())
-        dense = sel.vanishing(sel.gap(positives, hardest), opt.epsilon)
-        coef.masked_fill_(dense, 0.0)
-    threshold = positives - opt.margin  # hinge(s) = relu(s - threshold)
-    n_dense = int(dense.sum()) if (opt.lean and opt.mode == "selhn") else n_anchors  # eager SelHN: one read
-    if n_dense == 0:  # (an empty side of the sum of hinges has no coefficient: zeros)
-        return hard_loss, Side(hard_index, hard_coef, None, hard_loss if hard_coef is None else hard_coef, "none", ())
-    if opt.lean and n_dense == n_anchors:
-        hard_index = hard_coef = None  # every anchor falls back (a cold start)
-    dense_coef = dense.to(dtype) * scale
-    form: Form = "full"
-    data: tuple[Tensor, ...] = (threshold,)
-    if opt.embeddings and opt.lean and 2 * n_dense <= n_anchors:  # only the fallback anchors' hinges
-        subset = dense.nonzero().squeeze(1)
-        rows = scores.index_select(1 - along, subset)
-        arg = (rows if along == 1 else rows.t()) - threshold.index_select(0, subset).unsqueeze(1)
-        active = arg > 0
-        zero = scores.new_zeros(n_anchors)
-        sums = zero.index_copy(0, subset, arg.clamp_(min=0).sum(dim=1))
-        counts = zero.index_copy(0, subset, active.sum(dim=1, dtype=dtype))
-        form, data = "rows", (subset, active)
-    else:
-        sums, n_active = hinge_sums(threshold)
-        # a -inf positive makes its threshold -inf, and -inf - (-inf) is NaN at its excluded
-        # cells: its hinge sum is +inf when it has negatives (each hinge is), else 0
-        sums = torch.where(torch.isneginf(threshold), torch.where(n_active > 0, math.inf, 0.0), sums)
-        counts = n_active.to(dtype)
-        if opt.embeddings and opt.lean:  # one read: the dense anchors' active hinges, hence the inactive ones
-            n_on = float(counts.sum() if n_dense == n_anchors else (counts * dense).sum())
-            inactive = n_dense * (n_candidates - 1) - n_on
-            low_rank = _low_rank_or_sparse(inactive, n_on, n_anchors * n_candidates, scores.device)
-            pairs = torch.empty(2, 0, dtype=torch.long, device=scores.device)
-            if low_rank is not None and (inactive if low_rank else n_on):  # low rank: the inactive pairs
-                t = threshold.unsqueeze(along)
-                chosen = torch.le(scores, t) if low_rank else torch.gt(scores, t)
-                if low_rank:  # excluded pairs are inactive hinges, the positive is not a hinge
-                    chosen.scatter_(along, positive.unsqueeze(along), False)
-                pairs = chosen.logical_and_(dense.unsqueeze(along)).nonzero().t()  # (row, column) of scores
-            if low_rank is not None:
-                form, data = ("low_rank" if low_rank else "sparse"), (pairs if along == 1 else pairs.flip(0),)
-    positive_coef = counts * dense_coef
-    if hard_coef is not None:
-        positive_coef = positive_coef + hard_coef
-    loss = torch.where(dense, sums * scale, hard_loss)
-    return loss, Side(hard_index, hard_coef, dense_coef, positive_coef, form, data)
-
-
-# --------------------------------------------------------------------------- both sides
 #: (score matrix, along) of each side: the square batch shares one matrix, the ranks have two.
 SQUARE = ((0, 1), (0, 0))
 RECTANGLES = ((0, 1), (1, 1))
@@ -242,72 +182,134 @@ RECTANGLES = ((0, 1), (1, 1))
 
 def _forward(
     matrices: list[Tensor], layout: tuple[tuple[int, int], ...], offset: int, excluded: Tensor | None, opt: Options
-) -> tuple[Tensor, list[Side]]:
-    """Losses (2, L) of both sides; overwrites the matrices' non-negatives with ``-inf``."""
-    n_anchors = matrices[0].shape[1 - layout[0][1]]
-    positive = torch.arange(offset, offset + n_anchors, device=matrices[0].device)
-    positives = {}  # per matrix (the square one's two sides share theirs: its diagonal)
-    for k, along in dict(layout).items():
-        positives[k] = matrices[k].gather(along, positive.unsqueeze(along)).squeeze(along)
+) -> tuple[Tensor, State]:
+    """Losses (2, L) of both sides; overwrites the matrices' non-negatives with ``-inf``. Side
+    ``s``'s anchors lie along dimension ``1 - along`` of ``matrices[k]``, ``(k, along) =
+    layout[s]``; anchor ``a``'s positive is candidate ``offset + a``. The per-anchor work runs
+    on both sides at once, the dense terms' form is chosen per side."""
+    n_anchors, dtype = matrices[0].shape[1 - layout[0][1]], matrices[0].dtype
+    n_candidates = matrices[0].shape[layout[0][1]]  # (every side has the same)
+    device = matrices[0].device
+    on_matrix = {}  # per matrix, its diagonal from column ``offset`` (the square one's sides share it)
+    for k, along in dict(layout).items():  # (traced: a gather, which Inductor cannot alias with the fill)
+        diagonal = matrices[k].diagonal(offset)
+        at = None if opt.lean else torch.arange(offset, offset + n_anchors, device=device).unsqueeze(along)
+        on_matrix[k] = diagonal.clone() if at is None else matrices[k].gather(along, at).squeeze(along)
         if excluded is not None:
             matrices[k].masked_fill_(excluded, float("-inf"))
-        matrices[k].scatter_(along, positive.unsqueeze(along), float("-inf"))
-    sums: dict[int, dict[int, tuple[Tensor, Tensor]]] = {}  # per matrix, its sides' hinge sums: one pass
+        diagonal.fill_(float("-inf"))
+    positives = torch.stack([on_matrix[k] for k, _ in layout])
+    hard_index = hard_coef = None
+    none: tuple[Form, ...] = ("none", "none")
+    if opt.mode == "sum":
+        dense = torch.ones(2, n_anchors, dtype=torch.bool, device=device)
+        hard_loss = positives.new_zeros(2, n_anchors)
+    else:
+        maxima = [sel.max_along(matrices[k], along) for k, along in layout]
+        hardest, hard_index = torch.stack([m for m, _ in maxima]), torch.stack([i for _, i in maxima])
+        hard_loss = sel.hinge(positives, hardest, opt.margin)
+        hard_coef = (hard_loss > 0).to(dtype)
+        if opt.mode == "hn":
+            return hard_loss, State(hard_index, hard_coef, None, hard_coef, none, ((), ()))
+        dense = sel.vanishing(sel.gap(positives, hardest), opt.epsilon)
+        hard_coef.masked_fill_(dense, 0.0)
+    n_dense = dense.sum(1).tolist() if (opt.lean and opt.mode == "selhn") else [n_anchors] * 2  # eager SelHN: one read
+    if not any(n_dense):  # (an empty batch of the sum of hinges has no coefficient: zeros)
+        positive_coef = hard_loss if hard_coef is None else hard_coef
+        return hard_loss, State(hard_index, hard_coef, None, positive_coef, none, ((), ()))
+    if opt.lean and sum(n_dense) == 2 * n_anchors:
+        hard_index = hard_coef = None  # every anchor falls back (a cold start)
+    threshold = positives - opt.margin  # hinge(s) = relu(s - threshold)
+    thresholds, zeros, fused = threshold.unbind(), positives.new_zeros(n_anchors), {}  # fused: per matrix, one pass
+    per_side: list[tuple[Tensor, Tensor, Form, tuple[Tensor, ...]]] = []  # hinge sums, active counts, form, data
+    form: Form
+    kept: tuple[Tensor, ...]
+    for s, (k, along) in enumerate(layout):
+        scores, form, kept = matrices[k], "full", (thresholds[s],)
+        if n_dense[s] == 0:
+            form, kept, sum_s, count_s = "none", (), zeros, zeros
+        elif opt.embeddings and opt.lean and 2 * n_dense[s] <= n_anchors:  # only the fallback anchors' hinges
+            subset = dense[s].nonzero().squeeze(1)
+            rows = scores.index_select(1 - along, subset)
+            arg = (rows if along == 1 else rows.t()) - thresholds[s].index_select(0, subset).unsqueeze(1)
+            active = arg > 0
+            sum_s = zeros.index_copy(0, subset, arg.clamp_(min=0).sum(dim=1))
+            count_s = zeros.index_copy(0, subset, active.sum(dim=1, dtype=dtype))
+            form, kept = "rows", (subset, active)
+        else:
+            if k not in fused:  # (a matrix's sides share one threshold)
+                alongs = tuple(a for m, a in layout if m == k)
+                kernel = _kernel("hinge_sums", _hinge_sums, n_anchors, opt.lean)
+                fused[k] = dict(zip(alongs, kernel(scores, thresholds[s], alongs), strict=True))
+            sum_s, count_s = fused[k][along]
+        per_side.append((sum_s, count_s, form, kept))
+    sums, counts, forms, data = (list(values) for values in zip(*per_side, strict=True))
+    count = torch.stack(counts)
+    if opt.embeddings and opt.lean and "full" in forms:  # one read: each side's dense anchors' active hinges
+        n_on = (count.sum(1) if sum(n_dense) == 2 * n_anchors else (count * dense).sum(1)).tolist()
+        for s, (k, along) in enumerate(layout):
+            inactive = n_dense[s] * (n_candidates - 1) - n_on[s]  # (excluded pairs count inactive)
+            low_rank = _low_rank_or_sparse(inactive, n_on[s], n_anchors * n_candidates, device)
+            if low_rank is None or forms[s] != "full":
+                continue
+            pairs = torch.empty(2, 0, dtype=torch.long, device=device)
+            if inactive if low_rank else n_on[s]:  # low rank: the inactive pairs
+                t = thresholds[s].unsqueeze(along)
+                chosen = torch.le(matrices[k], t) if low_rank else torch.gt(matrices[k], t)
+                if low_rank:  # excluded pairs are inactive hinges, the positive is not a hinge
+                    chosen.diagonal(offset).fill_(False)
+                pairs = chosen.logical_and_(dense[s].unsqueeze(along)).nonzero().t()  # (row, column) of scores
+            forms[s], data[s] = ("low_rank" if low_rank else "sparse"), (pairs if along == 1 else pairs.flip(0),)
+    # a -inf positive makes its threshold -inf, and -inf - (-inf) is NaN at its excluded cells:
+    # its hinge sum is +inf when it has negatives (each hinge is), else 0
+    total = torch.stack(sums)  # (only where a fused pass ran: the rows form reads embeddings' finite scores)
+    total = torch.where(torch.isneginf(threshold), torch.where(count > 0, math.inf, 0.0), total) if fused else total
+    scale: Tensor | float = 1.0  # the dense terms': 1/|N_a| for SelHN's mean fallback, N_a the
+    if opt.mode == "selhn" and opt.fallback == "mean":  # candidates but the positive and the excluded
+        scale = 1.0 / max(n_candidates - 1, 1)
+        if excluded is not None:
+            n = n_candidates - 1 - torch.stack([excluded.sum(a) for _, a in layout]) + excluded.diagonal(offset).long()
+            scale = 1.0 / n.clamp(min=1).to(dtype)
+    dense_coef = dense.to(dtype) * scale
+    positive_coef = count * dense_coef if hard_coef is None else torch.addcmul(hard_coef, count, dense_coef)
+    loss = torch.where(dense, total * scale, hard_loss)
+    return loss, State(hard_index, hard_coef, dense_coef, positive_coef, tuple(forms), tuple(data))
 
-    def hinge_sums(k: int, along: int, threshold: Tensor) -> tuple[Tensor, Tensor]:  # (a matrix's sides: one threshold)
-        if k not in sums:
-            alongs = tuple(a for m, a in layout if m == k)
-            kernel = _kernel("hinge_sums", _hinge_sums, n_anchors, opt.lean)
-            sums[k] = dict(zip(alongs, kernel(matrices[k], threshold, alongs), strict=True))
-        return sums[k][along]
 
-    results = []
-    for k, along in layout:
-        scale: Tensor | float = 1.0  # the dense terms': 1/|N_a| for SelHN's mean fallback, N_a the
-        if opt.mode == "selhn" and opt.fallback == "mean":  # candidates but the positive and the excluded
-            n: Tensor | int = matrices[k].shape[along] - 1
-            if excluded is not None:
-                n = n - excluded.sum(along) + excluded.gather(along, positive.unsqueeze(along)).squeeze(along).long()
-            scale = 1.0 / n.clamp(min=1).to(matrices[k].dtype) if isinstance(n, Tensor) else 1.0 / max(n, 1)
-        results.append(
-            _side(matrices[k], along, positive, positives[k], functools.partial(hinge_sums, k, along), scale, opt)
-        )
-    return torch.stack([loss for loss, _ in results]), [side for _, side in results]
-
-
-def _entries(grad: Tensor, sides: list[Side], offset: int) -> tuple[Tensor, Tensor, Tensor]:
+def _entries(grad: Tensor, state: State, anchor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The sparse entries (i, j, w) of the gradient over the global (image, caption) pairs:
-    the positives (pair ``offset + a`` for both sides' anchor ``a``), then each side's hard terms
-    and low-rank / sparse pairs. Side 0's anchors are images, side 1's captions."""
-    anchor = torch.arange(offset, offset + grad.shape[1], device=grad.device)
-    positive = torch.zeros_like(grad[0])
+    the positives (pair ``anchor[a]`` for both sides' anchor ``a``, its global index), then both
+    sides' hard terms and each side's low-rank / sparse pairs. Side 0's anchors are images."""
+    positive = (grad * state.positive_coef).sum(dim=0).neg_()
     rows, cols, weights = [anchor], [anchor], [positive]
-    for s, (side, g) in enumerate(zip(sides, grad, strict=True)):
-        positive.sub_(g * side.positive_coef)
-        a, c, w = [], [], []
-        if side.hard_index is not None and side.hard_coef is not None:
-            a, c, w = [anchor], [side.hard_index], [g * side.hard_coef]
-        if side.form in ("low_rank", "sparse") and side.dense_coef is not None:
-            (pairs,) = side.data
-            k = g * side.dense_coef
-            if side.form == "low_rank":  # its rank-one terms count the positive too
+    if state.hard_index is not None and state.hard_coef is not None:
+        rows, cols = [anchor, anchor, state.hard_index[1]], [anchor, state.hard_index[0], anchor]
+        weights.append((grad * state.hard_coef).view(-1))  # side 0's, then side 1's
+    coef = None if state.dense_coef is None else grad * state.dense_coef
+    for s, (form, data) in enumerate(zip(state.forms, state.data, strict=True)):
+        if form in ("low_rank", "sparse") and coef is not None:
+            (pairs,) = data
+            k = coef[s]
+            if form == "low_rank":  # its rank-one terms count the positive too
                 positive.sub_(k)
-            k = k.index_select(0, pairs[0])
-            a, c, w = [*a, pairs[0] + offset], [*c, pairs[1]], [*w, k.neg() if side.form == "low_rank" else k]
-        rows, cols = (rows + a, cols + c) if s == 0 else (rows + c, cols + a)
-        weights += w
+            k, a = k.index_select(0, pairs[0]), anchor.index_select(0, pairs[0])
+            rows.append(a if s == 0 else pairs[1])
+            cols.append(pairs[1] if s == 0 else a)
+            weights.append(k.neg() if form == "low_rank" else k)
     return torch.cat(rows), torch.cat(cols), torch.cat(weights)
 
 
 def _full_blocks(
-    grad: Tensor, sides: list[Side], layout: tuple[tuple[int, int], ...], matrix: int, scores: Tensor, lean: bool
+    grad: Tensor, state: State, layout: tuple[tuple[int, int], ...], matrix: int, scores: Tensor, lean: bool
 ) -> Tensor | None:
     """The coefficient matrix of the ``full`` sides on ``matrices[matrix]``, or None."""
-    full = [(side.data[0], g * side.dense_coef, along) for side, g, (k, along) in zip(sides, grad, layout, strict=True)
-            if k == matrix and side.form == "full" and side.dense_coef is not None]  # fmt: skip
-    if not full:
+    full = [
+        s for s, (form, (k, _)) in enumerate(zip(state.forms, layout, strict=True)) if (k, form) == (matrix, "full")
+    ]
+    if not full or state.dense_coef is None:
         return None
-    return _kernel("blocks", _blocks, scores.shape[0], lean)(scores, *zip(*full, strict=True))  # type: ignore[no-any-return]
+    coef, kernel = grad * state.dense_coef, _kernel("blocks", _blocks, scores.shape[0], lean)
+    return kernel(scores, [state.data[s][0] for s in full], [coef[s] for s in full], [layout[s][1] for s in full])  # type: ignore[no-any-return]
 
 
 def _sparse_rows(out_rows: Tensor, in_rows: Tensor, weights: Tensor, source: Tensor, rows: Tensor) -> Tensor:
@@ -317,44 +319,42 @@ def _sparse_rows(out_rows: Tensor, in_rows: Tensor, weights: Tensor, source: Ten
     order = torch.argsort(out_rows, stable=True)
     starts = torch.searchsorted(out_rows.index_select(0, order), rows)  # where each row's entries start
     in_rows, weights = in_rows.index_select(0, order), weights.index_select(0, order)
-    return torch.nn.functional.embedding_bag(in_rows, source, starts, mode="sum", per_sample_weights=weights)
+    return F.embedding_bag(in_rows, source, starts, mode="sum", per_sample_weights=weights)
 
 
 def _embedding_grads(
-    grad: Tensor, sides: list[Side], layout: tuple[tuple[int, int], ...], matrices: Sequence[Tensor | None],
+    grad: Tensor, state: State, layout: tuple[tuple[int, int], ...], matrices: Sequence[Tensor | None],
     offset: int, local: tuple[Tensor, Tensor], everyone: tuple[Tensor, Tensor], lean: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """dL/d(global images), dL/d(global captions), (G, D), from the (2, L) cotangent ``grad``."""
     (img, txt), (img_all, txt_all) = local, everyone
-    if layout == SQUARE and matrices[0] is not None and any(side.form == "full" for side in sides):  # dL/dS anyway
-        d_scores = _score_grad(grad, sides, matrices[0], lean)
+    coef = None if state.dense_coef is None else grad * state.dense_coef  # (before the parallel kernels)
+    if layout == SQUARE and matrices[0] is not None and "full" in state.forms:  # dL/dS anyway
+        d_scores = _score_grad(grad, state, matrices[0], lean)
         d_img, d_txt = d_scores @ txt, d_scores.t() @ img
     else:  # the sparse entries as one weighted gather per set, then the rectangles' full blocks
-        i, j, w = _entries(grad, sides, offset)
         every_row = torch.arange(img_all.shape[0], device=img.device)
-        d_img = _sparse_rows(i, j, w.to(img.dtype), txt_all, every_row)
-        d_txt = _sparse_rows(j, i, w.to(img.dtype), img_all, every_row)
+        i, j, w = _entries(grad, state, every_row.narrow(0, offset, img.shape[0]))
+        d_img, d_txt = _sparse_rows(i, j, w, txt_all, every_row), _sparse_rows(j, i, w, img_all, every_row)
     roles = ((img, txt_all, d_img, d_txt), (txt, img_all, d_txt, d_img))  # own, other, d_own, d_other
     for m, scores in enumerate(matrices if layout != SQUARE else []):  # matrix m's rows: side m's anchors
-        if scores is not None and (full := _full_blocks(grad, sides, layout, m, scores, lean)) is not None:
+        if scores is not None and (full := _full_blocks(grad, state, layout, m, scores, lean)) is not None:
             own, other, d_own, d_other = roles[m]
-            d_own.narrow(0, offset, own.shape[0]).addmm_(full.to(own.dtype), other)
-            d_other.addmm_(full.t().to(own.dtype), own)
-    if not any(side.form in ("rows", "low_rank") for side in sides):
+            d_own.narrow(0, offset, own.shape[0]).addmm_(full, other)
+            d_other.addmm_(full.t(), own)
+    if coef is None or not any(form in ("rows", "low_rank") for form in state.forms):
         return d_img, d_txt
-    ones, size = img_all.new_ones(img_all.shape[0]), img_all.shape[0]
-    for side, g, (own, other, d_own, d_other) in zip(sides, grad, roles, strict=True):
-        if side.form == "rows" and side.dense_coef is not None:
-            subset, active = side.data
-            block = torch.where(active, (g * side.dense_coef).index_select(0, subset).unsqueeze(1), 0.0)
-            d_own.index_add_(0, subset + offset, block.to(own.dtype) @ other)
-            d_other.addmm_(block.t().to(own.dtype), own.index_select(0, subset))
-    k = [  # a low-rank side's coefficients over its whole set (0 off this rank's rows), else None
-        torch.nn.functional.pad((g * side.dense_coef).to(img.dtype), (offset, size - offset - img.shape[0]))
-        if side.form == "low_rank" and side.dense_coef is not None
-        else None
-        for side, g in zip(sides, grad, strict=True)
-    ]
+    for s, (form, data, (own, other, d_own, d_other)) in enumerate(zip(state.forms, state.data, roles, strict=True)):
+        if form == "rows":
+            subset, active = data
+            block = torch.where(active, coef[s].index_select(0, subset).unsqueeze(1), 0.0)
+            d_own.index_add_(0, subset + offset if offset else subset, block @ other)
+            d_other.addmm_(block.t(), own.index_select(0, subset))
+    if "low_rank" not in (forms := state.forms):
+        return d_img, d_txt
+    size = img_all.shape[0]  # (pad: 0 off this rank's rows)
+    pad, ones = (offset, size - offset - img.shape[0]), img_all.new_ones(size)
+    k = [(F.pad(coef[s], pad) if any(pad) else coef[s]) if form == "low_rank" else None for s, form in enumerate(forms)]
     for s, (d, other) in enumerate(((d_img, txt_all), (d_txt, img_all))):  # every pair counted active: set s
         terms = [(c, r) for c, r in ((k[s], ones), (ones, k[1 - s])) if c is not None and r is not None]
         if terms:  # gets k_a sum_c other_c from its own side, sum_c k'_c other_c from the other one
@@ -362,12 +362,12 @@ def _embedding_grads(
     return d_img, d_txt
 
 
-def _score_grad(grad: Tensor, sides: list[Side], scores: Tensor | None, lean: bool) -> Tensor:
+def _score_grad(grad: Tensor, state: State, scores: Tensor | None, lean: bool) -> Tensor:
     """dL/dS (B, B) of a square matrix's two sides: their full blocks, plus the sparse entries."""
     size = grad.shape[1]
-    if scores is None or (out := _full_blocks(grad, sides, SQUARE, 0, scores, lean)) is None:
+    if scores is None or (out := _full_blocks(grad, state, SQUARE, 0, scores, lean)) is None:
         out = grad.new_zeros(size, size)
-    i, j, w = _entries(grad, sides, 0)
+    i, j, w = _entries(grad, state, torch.arange(size, device=grad.device))
     if lean:  # in place on the fresh coefficient matrix: no second B x B buffer
         out.view(-1).index_put_((i * size + j,), w.to(out.dtype), accumulate=True)
         return out
@@ -376,20 +376,20 @@ def _score_grad(grad: Tensor, sides: list[Side], scores: Tensor | None, lean: bo
 
 
 # --------------------------------------------------------------------------- Functions
-def _save(ctx: Any, sides: list[Side], matrices: list[Tensor], *tensors: Tensor | None) -> None:
-    """Save ``tensors``, the matrices a ``full`` side reads (None for the others), the sides."""
-    full = {k for side, (k, _) in zip(sides, ctx.layout, strict=True) if side.form == "full"}
+def _save(ctx: Any, state: State, matrices: list[Tensor], *tensors: Tensor | None) -> None:
+    """Save ``tensors``, the matrices a ``full`` side reads (None for the others), the state."""
+    full = {k for form, (k, _) in zip(state.forms, ctx.layout, strict=True) if form == "full"}
     tensors += tuple(m if k in full else None for k, m in enumerate(matrices))
-    ctx.forms, ctx.n_inputs = [(side.form, len(side.data)) for side in sides], len(tensors)
-    ctx.save_for_backward(*tensors, *(t for side in sides for t in (*side[:4], *side.data)))
+    ctx.forms, ctx.sizes, ctx.n_inputs = state.forms, [len(d) for d in state.data], len(tensors)
+    ctx.save_for_backward(*tensors, *state[:4], *(t for d in state.data for t in d))
 
 
-def _load(ctx: Any) -> tuple[tuple[Tensor, ...], list[Side]]:
-    saved, sides, at = ctx.saved_tensors, [], ctx.n_inputs
-    for form, n in ctx.forms:
-        sides.append(Side(saved[at], saved[at + 1], saved[at + 2], saved[at + 3], form, saved[at + 4 : at + 4 + n]))
-        at += 4 + n
-    return saved[: ctx.n_inputs], sides
+def _load(ctx: Any) -> tuple[tuple[Tensor, ...], State]:
+    saved, at, data = ctx.saved_tensors, ctx.n_inputs + 4, []
+    for n in ctx.sizes:
+        data.append(saved[at : at + n])
+        at += n
+    return saved[: ctx.n_inputs], State._make((*saved[ctx.n_inputs : ctx.n_inputs + 4], ctx.forms, tuple(data)))
 
 
 class ScoreLoss(torch.autograd.Function):
@@ -402,14 +402,14 @@ class ScoreLoss(torch.autograd.Function):
         ctx.lean = not torch.compiler.is_compiling()
         work = scores.clone(memory_format=torch.contiguous_format)  # never overwrite the caller's scores
         ctx.layout = SQUARE
-        losses, sides = _forward([work], SQUARE, 0, mask, Options(mode, margin, epsilon, fallback, ctx.lean, False))
-        _save(ctx, sides, [work])
+        losses, state = _forward([work], SQUARE, 0, mask, Options(mode, margin, epsilon, fallback, ctx.lean, False))
+        _save(ctx, state, [work])
         return losses
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
-        (scores,), sides = _load(ctx)
-        return _score_grad(grad.contiguous(), sides, scores, ctx.lean), None, None, None, None, None
+        (scores,), state = _load(ctx)
+        return _score_grad(grad.contiguous(), state, scores, ctx.lean), None, None, None, None, None
 
 
 class EmbeddingLoss(torch.autograd.Function):
@@ -427,19 +427,19 @@ class EmbeddingLoss(torch.autograd.Function):
         else:
             (img_all, txt_all), offset, layout = ranks.gather(img, txt), ranks.offset, RECTANGLES
             matrices = [img @ txt_all.t(), txt @ img_all.t()]
-        losses, sides = _forward(
+        losses, state = _forward(
             matrices, layout, offset, excluded, Options(mode, margin, epsilon, fallback, ctx.lean, True)
         )
         ctx.layout, ctx.offset = layout, offset
-        _save(ctx, sides, matrices, img, txt, *((None, None) if ranks is None else (img_all, txt_all)))
+        _save(ctx, state, matrices, img, txt, *((None, None) if ranks is None else (img_all, txt_all)))
         return losses
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (img, txt, img_all, txt_all, *matrices), sides = _load(ctx)
+        (img, txt, img_all, txt_all, *matrices), state = _load(ctx)
         everyone = (img, txt) if ctx.ranks is None else (img_all, txt_all)
         d_img, d_txt = _embedding_grads(
-            grad.contiguous(), sides, ctx.layout, matrices, ctx.offset, (img, txt), everyone, ctx.lean
+            grad.contiguous(), state, ctx.layout, matrices, ctx.offset, (img, txt), everyone, ctx.lean
         )
         if ctx.ranks is not None:
             d_img, d_txt = ctx.ranks.scatter(d_img, d_txt)
@@ -479,9 +479,9 @@ def embedding_gradients(
     img, txt = img.detach(), txt.detach()  # (the diagnostic upcasts them)
     with torch.no_grad():
         matrices = [img @ txt.t()]
-        _, sides = _forward(matrices, SQUARE, 0, mask, Options(mode, margin, epsilon, fallback, True, True))
+        _, state = _forward(matrices, SQUARE, 0, mask, Options(mode, margin, epsilon, fallback, True, True))
         alone = torch.eye(2, dtype=img.dtype, device=img.device).unsqueeze(2).expand(2, 2, img.shape[0])
-        own = [_embedding_grads(g, sides, SQUARE, matrices, 0, (img, txt), (img, txt), True) for g in alone]
+        own = [_embedding_grads(g, state, SQUARE, matrices, 0, (img, txt), (img, txt), True) for g in alone]
     (img_anchor, txt_from_images), (img_from_captions, txt_anchor) = own  # side s alone: its anchors' own
     return img_anchor + img_from_captions, txt_from_images + txt_anchor, img_anchor, txt_anchor
 

@@ -65,14 +65,14 @@ def mixed_batch(size: int, n_duplicates: int) -> tuple[torch.Tensor, torch.Tenso
 def spy_forms(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record the form each side of each forward pass keeps for backward."""
     chosen: list[str] = []
-    original = _fast._side
+    original = _fast._forward
 
     def spy(*args):
-        loss, side = original(*args)
-        chosen.append(side.form)
-        return loss, side
+        loss, state = original(*args)
+        chosen.extend(state.forms)
+        return loss, state
 
-    monkeypatch.setattr(_fast, "_side", spy)
+    monkeypatch.setattr(_fast, "_forward", spy)
     return chosen
 
 
