@@ -230,9 +230,8 @@ def _forward(
             form, kept, sum_s, count_s = "none", (), zeros, zeros
         elif opt.embeddings and opt.lean and 2 * n_dense[s] <= n_anchors:  # only the fallback anchors' hinges
             subset = dense[s].nonzero().squeeze(1)
-            rows = scores.index_select(1 - along, subset)
-            arg = (rows if along == 1 else rows.t()) - thresholds[s].index_select(0, subset).unsqueeze(1)
-            active = arg > 0
+            arg = (scores if along == 1 else scores.t()).index_select(0, subset)  # their hinges' arguments:
+            active = arg.sub_(thresholds[s].index_select(0, subset).unsqueeze(1)) > 0  # one buffer per side
             sum_s = zeros.index_copy(0, subset, arg.clamp_(min=0).sum(dim=1))
             count_s = zeros.index_copy(0, subset, active.sum(dim=1, dtype=dtype))
             form, kept = "rows", (subset, active)
@@ -259,6 +258,7 @@ def _forward(
                 if low_rank:  # excluded pairs are inactive hinges, the positive is not a hinge
                     chosen.diagonal(offset).fill_(False)
                 pairs = chosen.logical_and_(dense[s].unsqueeze(along)).nonzero().t()  # (row, column) of scores
+                del chosen  # (before the other side's: one B x B mask at a time)
             forms[s], data[s] = ("low_rank" if low_rank else "sparse"), (pairs if along == 1 else pairs.flip(0),)
     # a -inf positive makes its threshold -inf, and -inf - (-inf) is NaN at its excluded cells:
     # its hinge sum is +inf when it has negatives (each hinge is), else 0
