@@ -534,10 +534,15 @@ def test_torch_compile_fullgraph_matches_eager(loss):
         results.append((value, a.grad, b.grad))
     for eager, comp in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(comp, eager)
-    scores = (img @ txt.T).requires_grad_()
     function = {"selhn": F.selhn_loss, "hn": F.max_violation_loss, "sum": F.sum_hinge_loss}[loss]
-    compiled_function = torch.compile(function, fullgraph=True)
-    torch.testing.assert_close(compiled_function(scores), function(scores))
+    results = []
+    for fn in (function, torch.compile(function, fullgraph=True)):  # values and dL/dS
+        scores = (img @ txt.T).requires_grad_()
+        value = fn(scores)
+        value.backward()
+        results.append((value, scores.grad))
+    for eager, comp in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(comp, eager)
     # the distributed loss's rectangles (every side in the full form under compile)
     excluded = torch.zeros(6, 12, dtype=torch.bool)
     excluded[0, 1] = True
