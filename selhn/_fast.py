@@ -276,16 +276,15 @@ def _forward(
     return loss, State(hard_index, hard_coef, dense_coef, positive_coef, tuple(forms), tuple(data))
 
 
-def _entries(grad: Tensor, state: State, anchor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _entries(grad: Tensor, coef: Tensor | None, state: State, anchor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The sparse entries (i, j, w) of the gradient over the global (image, caption) pairs:
     the positives (pair ``anchor[a]`` for both sides' anchor ``a``, its global index), then both
-    sides' hard terms and each side's low-rank / sparse pairs. Side 0's anchors are images."""
+    sides' hard terms and each side's low-rank / sparse pairs (``coef``: grad x dense_coef). Side 0: images."""
     positive = (grad * state.positive_coef).sum(dim=0).neg_()
     rows, cols, weights = [anchor], [anchor], [positive]
     if state.hard_index is not None and state.hard_coef is not None:
         rows, cols = [anchor, anchor, state.hard_index[1]], [anchor, state.hard_index[0], anchor]
         weights.append((grad * state.hard_coef).view(-1))  # side 0's, then side 1's
-    coef = None if state.dense_coef is None else grad * state.dense_coef
     for s, (form, data) in enumerate(zip(state.forms, state.data, strict=True)):
         if form in ("low_rank", "sparse") and coef is not None:
             (pairs,) = data
@@ -300,15 +299,15 @@ def _entries(grad: Tensor, state: State, anchor: Tensor) -> tuple[Tensor, Tensor
 
 
 def _full_blocks(
-    grad: Tensor, state: State, layout: tuple[tuple[int, int], ...], matrix: int, scores: Tensor, lean: bool
+    coef: Tensor | None, state: State, layout: tuple[tuple[int, int], ...], matrix: int, scores: Tensor, lean: bool
 ) -> Tensor | None:
     """The coefficient matrix of the ``full`` sides on ``matrices[matrix]``, or None."""
     full = [
         s for s, (form, (k, _)) in enumerate(zip(state.forms, layout, strict=True)) if (k, form) == (matrix, "full")
     ]
-    if not full or state.dense_coef is None:
+    if not full or coef is None:
         return None
-    coef, kernel = grad * state.dense_coef, _kernel("blocks", _blocks, scores.shape[0], lean)
+    kernel = _kernel("blocks", _blocks, scores.shape[0], lean)
     return kernel(scores, [state.data[s][0] for s in full], [coef[s] for s in full], [layout[s][1] for s in full])  # type: ignore[no-any-return]
 
 
@@ -330,15 +329,15 @@ def _embedding_grads(
     (img, txt), (img_all, txt_all) = local, everyone
     coef = None if state.dense_coef is None else grad * state.dense_coef  # (before the parallel kernels)
     if layout == SQUARE and matrices[0] is not None and "full" in state.forms:  # dL/dS anyway
-        d_scores = _score_grad(grad, state, matrices[0], lean)
+        d_scores = _score_grad(grad, coef, state, matrices[0], lean)
         d_img, d_txt = d_scores @ txt, d_scores.t() @ img
     else:  # the sparse entries as one weighted gather per set, then the rectangles' full blocks
         every_row = torch.arange(img_all.shape[0], device=img.device)
-        i, j, w = _entries(grad, state, every_row.narrow(0, offset, img.shape[0]))
+        i, j, w = _entries(grad, coef, state, every_row.narrow(0, offset, img.shape[0]))
         d_img, d_txt = _sparse_rows(i, j, w, txt_all, every_row), _sparse_rows(j, i, w, img_all, every_row)
     roles = ((img, txt_all, d_img, d_txt), (txt, img_all, d_txt, d_img))  # own, other, d_own, d_other
     for m, scores in enumerate(matrices if layout != SQUARE else []):  # matrix m's rows: side m's anchors
-        if scores is not None and (full := _full_blocks(grad, state, layout, m, scores, lean)) is not None:
+        if scores is not None and (full := _full_blocks(coef, state, layout, m, scores, lean)) is not None:
             own, other, d_own, d_other = roles[m]
             d_own.narrow(0, offset, own.shape[0]).addmm_(full, other)
             d_other.addmm_(full.t(), own)
@@ -362,12 +361,12 @@ def _embedding_grads(
     return d_img, d_txt
 
 
-def _score_grad(grad: Tensor, state: State, scores: Tensor | None, lean: bool) -> Tensor:
+def _score_grad(grad: Tensor, coef: Tensor | None, state: State, scores: Tensor | None, lean: bool) -> Tensor:
     """dL/dS (B, B) of a square matrix's two sides: their full blocks, plus the sparse entries."""
     size = grad.shape[1]
-    if scores is None or (out := _full_blocks(grad, state, SQUARE, 0, scores, lean)) is None:
+    if scores is None or (out := _full_blocks(coef, state, SQUARE, 0, scores, lean)) is None:
         out = grad.new_zeros(size, size)
-    i, j, w = _entries(grad, state, torch.arange(size, device=grad.device))
+    i, j, w = _entries(grad, coef, state, torch.arange(size, device=grad.device))
     if lean:  # in place on the fresh coefficient matrix: no second B x B buffer
         out.view(-1).index_put_((i * size + j,), w.to(out.dtype), accumulate=True)
         return out
@@ -385,11 +384,9 @@ def _save(ctx: Any, state: State, matrices: list[Tensor], *tensors: Tensor | Non
 
 
 def _load(ctx: Any) -> tuple[tuple[Tensor, ...], State]:
-    saved, at, data = ctx.saved_tensors, ctx.n_inputs + 4, []
-    for n in ctx.sizes:
-        data.append(saved[at : at + n])
-        at += n
-    return saved[: ctx.n_inputs], State._make((*saved[ctx.n_inputs : ctx.n_inputs + 4], ctx.forms, tuple(data)))
+    saved, n, sizes = ctx.saved_tensors, ctx.n_inputs, ctx.sizes
+    data = tuple(saved[n + 4 + sum(sizes[:s]) :][: sizes[s]] for s in range(len(sizes)))  # each side's data
+    return saved[:n], State._make((*saved[n : n + 4], ctx.forms, data))
 
 
 class ScoreLoss(torch.autograd.Function):
@@ -409,7 +406,9 @@ class ScoreLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
         (scores,), state = _load(ctx)
-        return _score_grad(grad.contiguous(), state, scores, ctx.lean), None, None, None, None, None
+        grad = grad.contiguous()
+        coef = None if state.dense_coef is None else grad * state.dense_coef
+        return _score_grad(grad, coef, state, scores, ctx.lean), None, None, None, None, None
 
 
 class EmbeddingLoss(torch.autograd.Function):
