@@ -85,7 +85,10 @@ def check_nonnegative(value: Any, name: str) -> float:
         raise TypeError(
             f"{name} must be a real number (int, float or a numpy scalar), got {type(value).__name__}{hint}"
         )
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range, such as 10**400
+        raise ValueError(f"{name} must be a finite number >= 0, got an integer too large for a float") from None
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {number}")
     return number
@@ -140,6 +143,15 @@ def ids_to_mask(value: Any, batch: int, device: torch.device) -> Tensor | None:
 
     ``ids`` may be ``None``, a 1-D integer tensor or a sequence of ints of length B.
     """
+    ids = ids_as_tensor(value, batch)
+    if ids is None:
+        return None
+    ids = ids.to(device)
+    return ids.unsqueeze(1) == ids.unsqueeze(0)
+
+
+def ids_as_tensor(value: Any, batch: int) -> Tensor | None:
+    """Per-pair ids as a checked 1-D integer tensor of length ``batch`` (``None`` stays ``None``)."""
     if value is None:
         return None
     if isinstance(value, Tensor):
@@ -156,6 +168,12 @@ def ids_to_mask(value: Any, batch: int, device: torch.device) -> Tensor | None:
                 raise ValueError(f"ids must fit in int64, got {item}")
         ids = torch.tensor([int(item) for item in items], dtype=torch.int64)
     elif hasattr(value, "__array__") and not isinstance(value, (str, bytes)):  # a numpy array
+        kind = getattr(getattr(value, "dtype", None), "kind", "i")
+        if kind not in "iu":  # strings, objects, floats, bools: not image ids
+            raise TypeError(
+                f"ids must hold integers (one image id per pair), got an array of dtype {value.dtype}; "
+                "map other ids (strings, file names) to integers first"
+            )
         ids = torch.as_tensor(value)
     else:
         raise TypeError(f"ids must be a 1-D integer tensor, array or sequence of ints, got {type(value).__name__}")
@@ -163,5 +181,6 @@ def ids_to_mask(value: Any, batch: int, device: torch.device) -> Tensor | None:
         raise TypeError(f"ids must hold integers (one image id per pair), got dtype {ids.dtype}")
     if ids.ndim != 1 or ids.shape[0] != batch:
         raise ValueError(f"ids must have shape ({batch},), one id per pair, got {tuple(ids.shape)}")
-    ids = ids.to(device)
-    return ids.unsqueeze(1) == ids.unsqueeze(0)
+    if ids.is_meta:
+        raise ValueError("ids is a meta tensor (a shape without values): the mask needs the real ids")
+    return ids

@@ -16,6 +16,7 @@ the vanishing fraction is exactly the share of anchors for which SelHN takes its
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -59,7 +60,8 @@ GAP_QUANTILES = (0.1, 0.5, 0.9)
 @dataclass(frozen=True)
 class DirectionStats:
     """Statistics of one direction's anchors (0-d tensors, except ``gap_quantiles`` and
-    ``vanishing``). Anchors without any negative are left out of every average.
+    ``vanishing``). Anchors without any negative are left out of every average, and an
+    average over no anchors at all (a 1 x 1 batch, or every negative masked) is NaN.
 
     Attributes:
         vanishing_fraction: share of anchors with ``|gap| < epsilon`` (SelHN's fallback).
@@ -135,7 +137,8 @@ class VanishingStats:
 
 
 def _masked_mean(values: Tensor, valid: Tensor) -> Tensor:
-    return torch.where(valid, values, 0).sum() / valid.sum().clamp(min=1)
+    """The mean over the valid entries; NaN when there are none (a mean over no anchors)."""
+    return torch.where(valid, values, 0).sum() / valid.sum()
 
 
 def vanishing_stats(
@@ -181,7 +184,7 @@ def vanishing_stats(
     sel.fill_excluded_(work, mask)
     row_max, _, col_max, _ = sel.hardest_negatives(work)
     negatives = torch.isfinite(work)
-    offdiag = torch.where(negatives, work, 0).sum() / negatives.sum().clamp(min=1)
+    offdiag = _masked_mean(work, negatives)
     offdiag = torch.where(finite.all(), offdiag, math.nan)
     nan = torch.tensor(math.nan, dtype=work.dtype, device=work.device)
     parts = []
@@ -403,12 +406,14 @@ class CollapseAlarm:
 
 
 # --------------------------------------------------------------------------- the monitor
-def _parameters(source: nn.Module | Iterable[nn.Parameter]) -> list[nn.Parameter]:
+def _parameters(source: nn.Module | Iterable[nn.Parameter], name: str) -> list[nn.Parameter]:
     if isinstance(source, nn.Module):
         return list(source.parameters())
+    if isinstance(source, Tensor) or not isinstance(source, Iterable):
+        raise TypeError(f"{name} must be an nn.Module or an iterable of its parameters, got {type(source).__name__}")
     params = list(source)
     if not all(isinstance(p, Tensor) for p in params):
-        raise TypeError("encoders must be nn.Modules or iterables of parameters")
+        raise TypeError(f"{name} must be an nn.Module or an iterable of its parameters (tensors)")
     return params
 
 
@@ -466,8 +471,8 @@ class TrainingMonitor:
         log_every: int = 50,
         alarm: CollapseAlarm | bool = True,
     ) -> None:
-        self.image_params = _parameters(image_encoder)
-        self.text_params = _parameters(text_encoder)
+        self.image_params = _parameters(image_encoder, "image_encoder")
+        self.text_params = _parameters(text_encoder, "text_encoder")
         self.margin = check_nonnegative(margin, "margin")
         self.epsilon = check_nonnegative(epsilon, "epsilon")
         log_every = check_positive_int(log_every, "log_every")
@@ -486,6 +491,8 @@ class TrainingMonitor:
         if loss is not None:
             if not isinstance(loss, Tensor):
                 raise TypeError(f"loss must be a one-element torch.Tensor or None, got {type(loss).__name__}")
+            if loss.is_meta:
+                raise ValueError("loss is a meta tensor (a shape without values): the monitor records real values")
             if loss.numel() != 1:
                 raise ValueError(
                     f"loss must be the scalar training loss (one element), got shape {tuple(loss.shape)}: "
@@ -537,12 +544,25 @@ class TrainingMonitor:
         return dict(zip(self.columns, table, strict=True))
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
-        """Write the kept history as CSV, one row per step."""
+        """Write the kept history as CSV, one row per step.
+
+        The file is written whole or not at all: the rows go to a temporary file beside
+        ``path``, which then replaces it, so a full disk or a crash leaves the previous file
+        as it was (and no temporary file behind).
+        """
         history = self.history()
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(self.columns)
-            writer.writerows(zip(*(history[c] for c in self.columns), strict=True))
+        target = os.fspath(path)
+        temporary = f"{target}.tmp"
+        try:
+            with open(temporary, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(self.columns)
+                writer.writerows(zip(*(history[c] for c in self.columns), strict=True))
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+            raise
 
     def plot(self, path: str | os.PathLike[str], **others: TrainingMonitor) -> None:
         """Draw this run (and any others, by label) with :func:`plot_histories`."""

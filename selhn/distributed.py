@@ -13,12 +13,16 @@ concatenated batch (same reduction); its gradient is :math:`W` (world size) time
 this rank's share: the gather's adjoint sums every rank's contribution into the owner's
 embeddings, and DDP averages the parameter gradients over the :math:`W` ranks, so after
 ``backward()`` they hold exactly the single-process gradient. Ranks may hold different batch
-sizes (a last, smaller batch). Without a process group of more than one rank,
+sizes (a last, smaller batch), of one row at least: a rank with none, like any rank whose
+arguments fail their checks, stops every rank with a clear error, and so do ranks that
+disagree on the loss, its settings, the embedding size or dtype, or whether ids are given
+(ids of any integer dtype mix freely). Without a process group of more than one rank,
 :func:`global_loss` is the plain single-process loss.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,10 +56,12 @@ class _Ranks:
     the gather's adjoint, sums over ranks the gradient at this rank's rows: a reduce-scatter
     on NCCL, an all-reduce and a slice on backends without one (gloo)."""
 
-    def __init__(self, local: int, device: torch.device) -> None:
-        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, torch.tensor([local], device=device))
-        self.sizes, self.rank = [int(size) for size in sizes], dist.get_rank()
+    def __init__(self, local: int, device: torch.device, sizes: list[int] | None = None) -> None:
+        if sizes is None:  # (global_loss hands over the sizes its agreement check exchanged)
+            gathered = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, torch.tensor([local], device=device))
+            sizes = [int(size) for size in gathered]
+        self.sizes, self.rank = sizes, dist.get_rank()
         self.offset, self.largest = sum(self.sizes[: self.rank]), max(self.sizes)
 
     def _padded(self, tensor: Tensor) -> Tensor:
@@ -137,19 +143,28 @@ def global_loss(
         >>> torch.allclose(global_loss(img, txt, "hn"), selhn.MaxViolationLoss()(img, txt))
         True
     """
-    _validation.check_embeddings(img_emb, txt_emb)
-    mode, fallback_ = _validation.as_mode(loss), _validation.as_fallback(fallback)
-    _validation.check_choice(reduction, "reduction", tuple(r for r in _validation.REDUCTIONS if r != "none"))
-    margin = _validation.check_nonnegative(margin, "margin")
-    epsilon = _validation.check_nonnegative(epsilon, "epsilon")
-    local = img_emb.shape[0]
-    mask = _validation.ids_to_mask(ids, local, img_emb.device)  # validates ids
     if not is_distributed():  # the plain single-process loss, through the modules' own path
+        checked = _checked(img_emb, txt_emb, loss, margin, epsilon, fallback, ids, reduction)
+        mode, fallback_, margin, epsilon, mask = checked
         return _fast.reduce(_fast.embedding_losses(img_emb, txt_emb, mask, margin, epsilon, mode, fallback_), reduction)
 
-    ranks = _Ranks(local, img_emb.device)
-    own_ids = None if ids is None else torch.as_tensor(ids, device=img_emb.device)
-    excluded = None if own_ids is None else own_ids.unsqueeze(1) == ranks.rows(own_ids).unsqueeze(0)
+    # Every rank checks its own arguments, then all ranks compare them in one exchange: a rank
+    # whose input is refused, or ranks that disagree, stop every rank with a clear error
+    # (a rank that raised alone would leave the others waiting in a collective until a timeout).
+    problem: Exception | None = None
+    try:
+        checked = _checked(img_emb, txt_emb, loss, margin, epsilon, fallback, ids, reduction)
+        mode, fallback_, margin, epsilon, _ = checked
+    except (TypeError, ValueError) as error:
+        problem = error
+    sizes = _agree(_signature(img_emb, loss, margin, epsilon, fallback, ids, reduction, problem is None), problem)
+    local = img_emb.shape[0]
+    ranks = _Ranks(local, img_emb.device, sizes)
+    excluded = None
+    own_ids = _validation.ids_as_tensor(ids, local)
+    if own_ids is not None:  # gathered as int64 whatever each rank's integer dtype (uint64 wraps, equality holds)
+        own_ids = own_ids.to(img_emb.device, torch.int64)
+        excluded = own_ids.unsqueeze(1) == ranks.rows(own_ids).unsqueeze(0)
     share = _fast.embedding_losses(img_emb, txt_emb, excluded, margin, epsilon, mode, fallback_, ranks).sum()
     share = share / (2 * sum(ranks.sizes)) if reduction == "mean" else share
     value = share.detach().clone()
@@ -157,3 +172,96 @@ def global_loss(
     world = dist.get_world_size()
     # the value of the global loss, with the gradient of W x this rank's share (see module docs)
     return world * share + (value - world * share).detach()
+
+
+def _checked(
+    img_emb: Any, txt_emb: Any, loss: Any, margin: Any, epsilon: Any, fallback: Any, ids: Any, reduction: Any
+) -> tuple[_validation.Mode, _validation.Fallback, float, float, Tensor | None]:
+    """This rank's arguments, checked (the errors name the argument)."""
+    _validation.check_embeddings(img_emb, txt_emb)
+    mode, fallback_ = _validation.as_mode(loss), _validation.as_fallback(fallback)
+    _validation.check_choice(reduction, "reduction", tuple(r for r in _validation.REDUCTIONS if r != "none"))
+    margin = _validation.check_nonnegative(margin, "margin")
+    epsilon = _validation.check_nonnegative(epsilon, "epsilon")
+    mask = _validation.ids_to_mask(ids, img_emb.shape[0], img_emb.device)
+    return mode, fallback_, margin, epsilon, mask
+
+
+#: What every rank must agree on, in the order of :func:`_signature`'s vector (after a flag
+#: that says whether the rank's own arguments passed their checks, and its number of rows).
+_AGREED = ("embedding size", "embedding dtype", "ids given", "loss", "margin", "epsilon", "fallback", "reduction")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _code(value: Any, choices: tuple[Any, ...]) -> float:
+    """The index of ``value`` among ``choices`` (-1 when it is not one of them)."""
+    return float(choices.index(value)) if any(value is c or value == c for c in choices) else -1.0
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
+
+
+def _signature(
+    img_emb: Any, loss: Any, margin: Any, epsilon: Any, fallback: Any, ids: Any, reduction: Any, ok: bool
+) -> list[float]:
+    """This rank's call as numbers (read even from arguments that failed their checks)."""
+    shape = tuple(img_emb.shape) if isinstance(img_emb, Tensor) else ()
+    dtype = img_emb.dtype if isinstance(img_emb, Tensor) else None
+    return [
+        1.0 if ok else 0.0,
+        float(shape[0]) if len(shape) == 2 else -1.0,
+        float(shape[1]) if len(shape) == 2 else -1.0,
+        _code(dtype, _DTYPES),
+        0.0 if ids is None else 1.0,
+        _code(loss, _validation.MODES),
+        _number(margin),
+        _number(epsilon),
+        _code(fallback, _validation.FALLBACKS),
+        _code(reduction, _validation.REDUCTIONS),
+    ]
+
+
+def _agree(signature: list[float], problem: Exception | None) -> list[int]:
+    """Exchange every rank's signature; raise on every rank if any rank's arguments failed
+    their checks or the ranks disagree; else return every rank's number of rows."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor(signature, dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    table = torch.stack(gathered).cpu().tolist()
+    refused = [rank for rank, row in enumerate(table) if row[0] != 1.0]
+    if problem is not None:
+        raise problem
+    if refused:
+        raise ValueError(
+            f"selhn.distributed.global_loss: rank(s) {refused} refused their arguments (their own error says why), "
+            "so every rank stops here"
+        )
+    for column, name in enumerate(_AGREED, start=2):
+        values = [row[column] for row in table]
+        if any(not (v == values[0] or (math.isnan(v) and math.isnan(values[0]))) for v in values):
+            per_rank = ", ".join(f"rank {rank}: {_readable(name, value)}" for rank, value in enumerate(values))
+            raise ValueError(
+                f"selhn.distributed.global_loss: the ranks disagree on the {name} ({per_rank}); "
+                "every rank must call it with the same loss, margin, epsilon, fallback, reduction, embedding size and "
+                "dtype, and with ids on every rank or on none"
+            )
+    return [int(row[1]) for row in table]
+
+
+def _readable(name: str, value: float) -> str:
+    """A signature entry as the argument it came from."""
+    choices: dict[str, tuple[Any, ...]] = {
+        "embedding dtype": _DTYPES,
+        "loss": _validation.MODES,
+        "fallback": _validation.FALLBACKS,
+        "reduction": _validation.REDUCTIONS,
+        "ids given": ("no", "yes"),
+    }
+    if name in choices:
+        return str(choices[name][int(value)])
+    return f"{int(value)}" if name == "embedding size" else f"{value:g}"

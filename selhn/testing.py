@@ -340,14 +340,26 @@ def assert_finite_gradients(
 
 
 def assert_no_vanishing(loss: LossOverEmbeddings, *, min_ratio: float = 0.1, max_examples: int = 25) -> None:
-    """Check that ``loss`` keeps its gradient where the hardest negatives collapse.
+    """Check that ``loss`` keeps its gradient where the hardest negatives collapse, in both directions.
 
-    On :func:`hardest_collapsed_pairs` batches, the gradient of ``loss`` with respect to the
-    image features (before L2 normalisation) is measured with the hardest negatives at two
-    distances from the positives, 1e-2 and 1e-6, everything else equal. A loss whose gradient
-    vanishes with that distance (max violation: ratio about 1e-4, from
-    :func:`selhn.diagnostics.gradient_norms`) fails; one that keeps a gradient from the other
-    negatives (SelHN, sum of hinges: ratio about 1) passes.
+    Two batches of :func:`hardest_collapsed_pairs` are built per example, everything else
+    equal but the distance of the hardest negatives from the positives (1e-2, then 1e-6):
+
+    * image anchors: the captions come in near-duplicate pairs, and the gradient with
+      respect to the image features (before L2 normalisation) is measured;
+    * caption anchors: the same batch with the roles swapped (the images are the
+      near-duplicates), and the gradient with respect to the caption features is measured.
+
+    A loss whose gradient vanishes with that distance (max violation: ratio about 1e-4,
+    from :func:`selhn.diagnostics.gradient_norms`) fails; one that keeps a gradient from the
+    other negatives (SelHN, sum of hinges: ratio about 1) passes.
+
+    When ``loss`` returns the per-anchor losses, shape (2, B) (row 0 image anchors, row 1
+    caption anchors, as ``reduction="none"`` gives), each direction is checked on its own
+    rows: a loss that takes hard negatives for one direction fails even when the other
+    direction keeps the encoders learning. Any other output is summed and checked as a whole
+    in both orientations; the terms of the two directions then share each gradient, so
+    return per-anchor losses to hold each direction to the property.
 
     Args:
         loss: a callable ``loss(img_emb, txt_emb)`` over L2-normalised embeddings.
@@ -355,12 +367,14 @@ def assert_no_vanishing(loss: LossOverEmbeddings, *, min_ratio: float = 0.1, max
         max_examples: how many batches hypothesis tries.
 
     Raises:
-        AssertionError: with the batch, the measured ratio and the max-violation ratio.
+        AssertionError: naming the direction, with the batch, the measured ratio and the
+            max-violation ratio.
 
     Example:
+        >>> from functools import partial
         >>> import selhn
         >>> from selhn.testing import assert_no_vanishing
-        >>> assert_no_vanishing(selhn.SelHNLoss(), max_examples=5)
+        >>> assert_no_vanishing(selhn.SelHNLoss(reduction="none"), max_examples=5)
         >>> try:
         ...     assert_no_vanishing(selhn.MaxViolationLoss(), max_examples=5)
         ... except AssertionError as error:
@@ -369,30 +383,52 @@ def assert_no_vanishing(loss: LossOverEmbeddings, *, min_ratio: float = 0.1, max
     """
     min_ratio = check_nonnegative(min_ratio, "min_ratio")
     max_examples = check_positive_int(max_examples, "max_examples")
+    anchors = ("image anchors", "caption anchors")
 
-    def measure(features: Tensor, txt: Tensor) -> tuple[float, float]:
+    def measure(features: Tensor, twins: Tensor, side: int) -> tuple[list[float], float]:
+        """Gradient norms with respect to ``features`` (before normalisation), the side
+        ``side`` (0: images, 1: captions) of the batch whose other side is ``twins``: one
+        per direction for a per-anchor loss, else one for the whole loss; and max
+        violation's."""
         leaf = features.clone().requires_grad_()
-        norms = leaf.norm(dim=1, keepdim=True)
-        torch.autograd.backward(loss(leaf / norms, txt).sum())
-        assert leaf.grad is not None
-        img = (features / features.norm(dim=1, keepdim=True)).detach()
-        hard = gradient_norms(img, txt, "hn", img_norms=features.norm(dim=1)).image.norm()
-        return float(leaf.grad.norm()), float(hard)
+        unit = leaf / leaf.norm(dim=1, keepdim=True)
+        img, txt = (unit, twins) if side == 0 else (twins, unit)
+        value = loss(img, txt)
+        size = features.shape[0]
+        parts = [value[0].sum(), value[1].sum()] if tuple(value.shape) == (2, size) else [value.sum()]
+        norms = []
+        for part in parts:
+            (grad,) = torch.autograd.grad(part, leaf, retain_graph=True, allow_unused=True)
+            norms.append(0.0 if grad is None else float(grad.norm()))
+        plain_img, plain_txt = (unit.detach(), twins) if side == 0 else (twins, unit.detach())
+        feature_norms = features.norm(dim=1)
+        if side == 0:
+            hard = gradient_norms(plain_img, plain_txt, "hn", img_norms=feature_norms).image.norm()
+        else:
+            hard = gradient_norms(plain_img, plain_txt, "hn", txt_norms=feature_norms).text.norm()
+        return norms, float(hard)
 
     @settings(max_examples=max_examples, deadline=None)
     @given(_SEEDS, st.integers(2, 8).map(lambda k: 2 * k), st.integers(8, 32))
     def check(seed: int, size: int, dim: int) -> None:
-        apart = measure(*_hardest_collapsed(seed, size, dim, 1e-2)[:2])
-        together = measure(*_hardest_collapsed(seed, size, dim, 1e-6)[:2])
-        ratio = together[0] / max(apart[0], 1e-300)
-        if not ratio >= min_ratio:
-            raise AssertionError(
-                f"the gradient vanishes where the hardest negatives collapse: its norm fell by a factor "
-                f"{ratio:.2e} (allowed: {min_ratio:g}) when each anchor's hardest negative moved from 1e-2 to 1e-6 "
-                f"of its positive, other negatives unchanged; max violation's ratio on this batch is "
-                f"{together[1] / max(apart[1], 1e-300):.2e}. A loss that keeps learning here must use negatives "
-                "other than the hardest one while the gap |s_pos - s_hardest| is near 0 (as SelHN does)."
-            )
+        for side in (0, 1):  # the anchors whose hardest negatives collapse: images, then captions
+            apart, hard_apart = measure(*_hardest_collapsed(seed, size, dim, 1e-2)[:2], side)
+            together, hard_together = measure(*_hardest_collapsed(seed, size, dim, 1e-6)[:2], side)
+            checked = [side] if len(apart) == 2 else [None]
+            for direction in checked:
+                index = 0 if direction is None else direction
+                ratio = together[index] / max(apart[index], 1e-300)
+                if ratio >= min_ratio:
+                    continue
+                which = "the whole loss" if direction is None else f"the {anchors[direction]}' losses"
+                raise AssertionError(
+                    f"the gradient vanishes where the hardest negatives collapse: for {which}, with the "
+                    f"{anchors[side]}' hardest negatives collapsing, its norm fell by a factor {ratio:.2e} "
+                    f"(allowed: {min_ratio:g}) when each hardest negative moved from 1e-2 to 1e-6 of its positive, "
+                    f"other negatives unchanged; max violation's ratio on this batch is "
+                    f"{hard_together / max(hard_apart, 1e-300):.2e}. A loss that keeps learning here must use "
+                    "negatives other than the hardest one while the gap |s_pos - s_hardest| is near 0 (as SelHN does)."
+                )
 
     check()
 

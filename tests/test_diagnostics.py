@@ -50,8 +50,8 @@ def test_stats_match_brute_force(scores, epsilon, data):
                 hinges.append(max(0.0, 0.2 - scores[a, a].item() + max(negs)))
                 positives.append(scores[a, a].item())
                 hardests.append(max(negs))
-        if not gaps:
-            assert part.vanishing_fraction == 0
+        if not gaps:  # a mean over no anchors
+            assert math.isnan(part.vanishing_fraction) and math.isnan(part.gap_mean)
             continue
         n = len(gaps)
         assert part.vanishing_fraction.item() == pytest.approx(sum(abs(g) < epsilon for g in gaps) / n)
@@ -95,7 +95,7 @@ def test_vanishing_fraction_is_exactly_the_share_of_fallback_anchors(scores, eps
 def test_stats_to_dict_and_edge_cases():
     stats = D.vanishing_stats(torch.tensor([[0.5]]))  # no negatives at all
     flat = stats.to_dict()
-    assert flat["i2t/vanishing_fraction"] == 0.0 and math.isnan(flat["i2t/gap_q50"])
+    assert math.isnan(flat["i2t/vanishing_fraction"]) and math.isnan(flat["i2t/gap_q50"])
     assert set(flat) >= {"i2t/vanishing_fraction", "t2i/gap_mean", "i2t/gap_q10", "offdiag_mean"}
     collapsed = D.vanishing_stats(torch.full((5, 5), 0.7, dtype=torch.bfloat16))
     assert collapsed.offdiag_mean.dtype == torch.float32 and collapsed.i2t.hard_loss_mean.item() == pytest.approx(0.2)
@@ -376,7 +376,7 @@ def test_validation():
         D.vanishing_stats(torch.ones(2, 3))
     with pytest.raises(ValueError, match="log_every must be an int >= 1"):
         D.TrainingMonitor(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), log_every=0)
-    with pytest.raises(TypeError, match="encoders must be"):
+    with pytest.raises(TypeError, match="image_encoder must be an nn.Module or an iterable of its parameters"):
         D.TrainingMonitor([1, 2], torch.nn.Linear(1, 1))
 
 
@@ -408,3 +408,62 @@ def test_non_finite_scores_never_read_as_healthy(bad):
     # masked-out pairs are not scores: an anchor without negatives is still simply left out
     healthy = D.vanishing_stats(torch.eye(3), mask=torch.ones(3, 3, dtype=torch.bool).triu())
     assert math.isfinite(float(healthy.i2t.vanishing_fraction))
+
+
+def _one_direction(image_loss, caption_loss):
+    """A per-anchor loss that takes ``image_loss``'s rule for image anchors and
+    ``caption_loss``'s for caption anchors."""
+
+    def loss(img, txt):
+        scores = img @ txt.T
+        return torch.stack([image_loss(scores, reduction="none")[0], caption_loss(scores, reduction="none")[1]])
+
+    return loss
+
+
+def test_no_vanishing_checks_each_direction_of_a_per_anchor_loss():
+    """Hard negatives for one direction fail the check, whichever direction it is, even though
+    the other direction's fallback keeps a gradient on both encoders."""
+    hard, selective = selhn.functional.max_violation_loss, selhn.functional.selhn_loss
+    assert_no_vanishing(selhn.SelHNLoss(reduction="none"), max_examples=5)
+    assert_no_vanishing(selhn.SumHingeLoss(reduction="none"), max_examples=5)
+    with pytest.raises(AssertionError, match="for the image anchors' losses"):
+        assert_no_vanishing(_one_direction(hard, selective), max_examples=5)
+    with pytest.raises(AssertionError, match="for the caption anchors' losses"):
+        assert_no_vanishing(_one_direction(selective, hard), max_examples=5)
+    # a scalar loss is checked as a whole
+    assert_no_vanishing(selhn.SelHNLoss(), max_examples=5)
+    with pytest.raises(AssertionError, match="for the whole loss, with the image anchors' hardest negatives"):
+        assert_no_vanishing(selhn.MaxViolationLoss(), max_examples=5)
+
+
+def test_statistics_over_no_anchors_are_nan():
+    """A 1 x 1 batch (or every negative masked) has no anchor with a negative: its averages
+    are NaN, not 0.0 (which read as 'no vanishing anchor, gap 0')."""
+    for stats in (D.vanishing_stats(torch.ones(1, 1)), D.vanishing_stats(torch.eye(3), mask=torch.ones(3, 3) > 0)):
+        values = stats.to_dict()
+        assert all(math.isnan(v) for k, v in values.items()), values
+    assert D.vanishing_stats(torch.eye(3)).i2t.gap_mean == 1
+
+
+def test_monitor_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failure while writing (a full disk) leaves the previous CSV intact, and no temporary file."""
+    encoder = torch.nn.Linear(2, 2)
+    monitor = D.TrainingMonitor(encoder, encoder, log_every=1)
+    monitor.step(torch.eye(3), torch.tensor(0.5))
+    path = tmp_path / "steps.csv"
+    monitor.to_csv(path)
+    before = path.read_text()
+    monitor.step(torch.eye(3), torch.tensor(0.25))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(D.csv, "writer", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        monitor.to_csv(path)
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["steps.csv"]
+    monkeypatch.undo()
+    monitor.to_csv(path)
+    assert len(path.read_text().splitlines()) == 3

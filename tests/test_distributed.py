@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import os
 import subprocess
 import sys
@@ -205,3 +206,74 @@ def test_gather_refuses_second_derivatives_by_name(tmp_path):
             torch.autograd.grad(value, img, create_graph=True)
     finally:
         dist.destroy_process_group()
+
+
+def _unit(rows: int, dim: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(rows, dim, generator=generator, dtype=torch.float64), dim=1).to(
+        dtype
+    )
+
+
+#: (name, rank 0's call, rank 1's call, what every rank's error must say); the calls map a
+#: rank's (img, txt, ids) to global_loss's arguments
+DISAGREEMENTS = [
+    ("reduction", {"reduction": "mean"}, {"reduction": "sum"}, "disagree on the reduction"),
+    ("loss", {"loss": "selhn"}, {"loss": "hn"}, "disagree on the loss"),
+    ("margin", {"margin": 0.2}, {"margin": 0.3}, "disagree on the margin"),
+    ("epsilon", {"epsilon": 0.01}, {"epsilon": 0.05}, "disagree on the epsilon"),
+    ("fallback", {"fallback": "mean"}, {"fallback": "sum"}, "disagree on the fallback"),
+    ("dim", {}, {"dim": 6}, "disagree on the embedding size"),
+    ("dtype", {}, {"dtype": torch.float32}, "disagree on the embedding dtype"),
+    ("ids on one rank", {"ids": torch.tensor([0, 1, 2])}, {}, "disagree on the ids given"),
+    ("zero rows", {}, {"rows": 0}, r"refused their arguments|at least one row"),
+    ("bad margin", {}, {"margin": -1.0}, r"refused their arguments|margin must be"),
+]
+
+
+def disagreement_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import datetime
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    messages = {}
+    for name, first, second, _ in DISAGREEMENTS:
+        call = dict(first if rank == 0 else second)
+        rows, dim, dtype = call.pop("rows", 3), call.pop("dim", 5), call.pop("dtype", torch.float64)
+        img, txt = _unit(rows, dim, rank, dtype), _unit(rows, dim, 10 + rank, dtype)
+        try:
+            D.global_loss(img, txt, **call)
+            messages[name] = "no error"
+        except ValueError as error:
+            messages[name] = str(error)
+    # ids of different integer dtypes on the ranks (int32 with int64, and uint64) mix freely
+    img, txt = _unit(3, 5, rank), _unit(3, 5, 10 + rank)
+    dtypes = (torch.int32, torch.int64) if rank == 0 else (torch.int64, torch.uint64)
+    values = []
+    for dtype in dtypes:
+        ids = torch.tensor([0, 1, 1] if rank == 0 else [2, 3, 3], dtype=dtype)
+        values.append(D.global_loss(img, txt, "hn", ids=ids).detach())
+    torch.save((messages, values), f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_ranks_that_disagree_or_refuse_their_input_stop_every_rank(tmp_path):
+    """Each case raises a clear ValueError on every rank (before, most hung until the timeout
+    or blended silently); ids of mixed integer dtypes give the single-process loss."""
+    out = str(tmp_path / "disagree")
+    mp.spawn(disagreement_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        messages, values = torch.load(f"{out}.{rank}")
+        for name, _, _, expected in DISAGREEMENTS:
+            assert re.search(expected, messages[name]), (rank, name, messages[name])
+        img = torch.cat([_unit(3, 5, 0), _unit(3, 5, 1)])
+        txt = torch.cat([_unit(3, 5, 10), _unit(3, 5, 11)])
+        ids = torch.tensor([0, 1, 1, 2, 3, 3])
+        expected_value = selhn.MaxViolationLoss()(img, txt, ids=ids)
+        for value in values:
+            torch.testing.assert_close(value, expected_value)

@@ -157,7 +157,7 @@ def test_ids_as_numpy_arrays_and_numpy_integers():
     expected = selhn.SelHNLoss()(img, txt, ids=torch.tensor([7, 7, 3, 4]))
     assert torch.equal(selhn.SelHNLoss()(img, txt, ids=np.array([7, 7, 3, 4])), expected)
     assert torch.equal(selhn.SelHNLoss()(img, txt, ids=[np.int64(7), 7, np.int32(3), 4]), expected)
-    with pytest.raises(TypeError, match="ids must hold integers .* got dtype torch.float64"):
+    with pytest.raises(TypeError, match="ids must hold integers .* got an array of dtype float64"):
         selhn.SelHNLoss()(img, txt, ids=np.array([7.0, 7.0, 3.0, 4.0]))
 
 
@@ -189,3 +189,32 @@ def test_the_testing_helpers_check_their_scalar_arguments_by_name():
         T.assert_selection_rule(F.selhn_loss, epsilon=-1)
     with pytest.raises(ValueError, match="fallback must be one of"):
         T.assert_selection_rule(F.selhn_loss, fallback="max")
+
+
+def test_hostile_library_arguments_are_refused_by_name():
+    """Round two: an integer beyond float's range, meta ids, string ids in a numpy array,
+    encoders that are not encoders, a meta loss to the monitor."""
+    import numpy as np
+
+    from selhn.diagnostics import TrainingMonitor
+
+    with pytest.raises(ValueError, match="margin must be a finite number >= 0, got an integer too large"):
+        selhn.SelHNLoss(margin=10**400)
+    with pytest.raises(ValueError, match="epsilon must be a finite number >= 0, got an integer too large"):
+        F.selhn_loss(S, epsilon=10**400)
+    img = torch.nn.functional.normalize(torch.rand(3, 4), dim=1)
+    with pytest.raises(ValueError, match="ids is a meta tensor"):
+        selhn.SelHNLoss()(img, img, ids=torch.zeros(3, dtype=torch.long, device="meta"))
+    with pytest.raises(TypeError, match=r"ids must hold integers .* got an array of dtype <U1"):
+        selhn.SelHNLoss()(img, img, ids=np.array(["a", "b", "c"]))
+    with pytest.raises(TypeError, match="ids must hold integers .* got an array of dtype float64"):
+        selhn.MaxViolationLoss()(img, img, ids=np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(
+        TypeError, match="image_encoder must be an nn.Module or an iterable of its parameters, got NoneType"
+    ):
+        TrainingMonitor(None, None)
+    encoder = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="text_encoder must be an nn.Module .* got Tensor"):
+        TrainingMonitor(encoder, torch.zeros(2))
+    with pytest.raises(ValueError, match="loss is a meta tensor"):
+        TrainingMonitor(encoder, encoder).step(torch.eye(3), torch.zeros((), device="meta"))
