@@ -29,14 +29,6 @@ SMOKE = ["--preset", "smoke", "--tensorboard", "off", "--no-eval-test"]
 SMOKE_TESTED = SMOKE[:-1]  # with the final test evaluation
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    config = synthetic.Config(train=60, dev=20, test=20, regions=6, dim=32)
-    synthetic.generate(root, "synthetic", config)
-    return root
-
-
 def run(args: list[str]) -> dict:
     return train_module.train(train_module.parse_args(args))
 

@@ -25,10 +25,12 @@ after having exceeded 50% (leaving the plateau: "0" if it never entered it, "nev
 never left it); steps until dev rsum exceeds 10x its chance level; best dev rsum; the test recall
 table of the best dev checkpoint; wall time per step.
 
-Finished runs (a ``results.json`` in their folder) are reused; an unfinished one is
-trained again from its start. ``--jobs N`` trains N runs at once in worker processes (safe with
-CUDA; each with ``--threads`` intra-op threads). A run that fails (a non-finite loss, say) is
-reported by name once the others have run, and the command then exits with an error. The
+Finished runs (a ``results.json`` in their folder) are reused when their checkpoint's
+arguments are the ones this command asks for (the command refuses, naming the flags that
+differ, otherwise); an unfinished one is trained again from its start. ``--jobs N`` trains
+N runs at once in worker processes (safe with CUDA; each with ``--threads`` intra-op
+threads). A run that fails (a non-finite loss, say) is reported by name once the others have
+run, and the command then exits with an error. The
 synthetic data live under ``--root`` (default ``data/<preset>``), so presets never overwrite
 each other's data.
 
@@ -54,6 +56,7 @@ from typing import Any
 import torch
 
 from examples.rvsepp import train as train_module
+from examples.rvsepp.evaluate import load_checkpoint
 from examples.rvsepp.rules import RULES
 
 LOSSES = ("hn", "sum", "warmup", "selhn")
@@ -98,8 +101,46 @@ def train_argv(out: Path, loss: str, seed: int, epsilon: float, args: argparse.N
     ]  # fmt: skip
 
 
+#: training arguments that do not change what a run computes (where and how it runs)
+MACHINE_ONLY = ("out", "resume", "overwrite", "tensorboard", "workers", "device")
+
+
+def reuse_mismatch(out: Path, argv: list[str]) -> str:
+    """Why the finished run in ``out`` is not the run ``argv`` asks for ('' when it is): its
+    checkpoint's arguments are compared, flag by flag, with ``argv``'s."""
+    wanted = vars(train_module.parse_args(argv))
+    try:
+        stored = load_checkpoint(out / "last.pth")["args"]
+    except ValueError as error:
+        return f"its checkpoint cannot be read ({error})"
+    differ = [
+        f"--{key.replace('_', '-')} {stored.get(key)!r} (asked: {value!r})"
+        for key, value in wanted.items()
+        if key not in MACHINE_ONLY and stored.get(key) != value
+    ]
+    return ", ".join(differ)
+
+
+def check_reusable(tasks: list[tuple[Path, list[str]]]) -> None:
+    """Refuse to report finished runs trained with other arguments than this comparison's
+    (another margin, preset, data...): their numbers would be reported as this command's."""
+    problems = []
+    for out, argv in tasks:
+        if (out / "results.json").is_file():
+            mismatch = reuse_mismatch(out, argv)
+            if mismatch:
+                problems.append(f"  {out}: {mismatch}")
+    if problems:
+        raise SystemExit(
+            "finished runs in --out were trained with other arguments than this comparison asks for:\n"
+            + "\n".join(problems)
+            + "\nchoose another --out (or delete those runs) to train them with these arguments"
+        )
+
+
 def train_if_needed(out: Path, argv: list[str]) -> None:
-    """Train one run into ``out`` unless it holds a finished one (a ``results.json``)."""
+    """Train one run into ``out`` unless it holds a finished one (a ``results.json``; see
+    :func:`check_reusable`)."""
     if (out / "results.json").is_file():
         return
     if out.exists():  # an unfinished run of this command: its records are partial, so start it again
@@ -134,6 +175,7 @@ def train_all(tasks: list[tuple[Path, list[str]]], jobs: int = 1, threads: int =
     each with ``threads`` intra-op threads. The synthetic data must exist beforehand (see
     :func:`prepare_data`), so that no two workers generate it at once. Returns one message
     per failed run (empty if all finished)."""
+    check_reusable(tasks)
     todo = [(str(out), argv) for out, argv in tasks if not (out / "results.json").is_file()]
     if jobs <= 1:
         return [message for message in map(_train_task, todo) if message]

@@ -12,8 +12,8 @@ probability 0.2: it becomes ``<mask>`` (50%), a random word (10%) or is deleted 
 The randomness of item ``i`` in epoch ``e`` comes from ``(seed, e, i)`` alone, so a run
 resumed mid-epoch draws exactly what an uninterrupted one would, whatever the workers.
 
-Captions are split on newlines alone (``\n`` or ``\r\n``; other Unicode line separators stay
-inside a caption) and cut to ``MAX_TOKENS`` tokens, start and end included, so that one
+Captions are split on newlines alone (``\n`` or ``\r\n``; a lone ``\r`` and other Unicode line
+separators stay inside a caption) and cut to ``MAX_TOKENS`` tokens, start and end included, so that one
 runaway line cannot take minutes and gigabytes per step (real captions have at most about 80
 words). An image whose regions are all zeros, or that holds a NaN or infinite feature, raises
 a :class:`DataError` that names the file and the row.
@@ -42,12 +42,21 @@ class DataError(ValueError):
 
 
 def read_captions(path: Path) -> list[str]:
-    """One caption per line; only ``\n`` (or ``\r\n``) ends a line."""
-    text = path.read_text(encoding="utf-8")
-    lines = text.replace("\r\n", "\n").split("\n")
+    """One caption per line; only ``\n`` (or ``\r\n``) ends a line: a lone ``\r`` or another
+    Unicode line separator stays inside its caption. A file that is not UTF-8 raises a
+    :class:`DataError` naming it and the line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 text ({error.reason} at byte {error.start}); save the captions as UTF-8"
+        ) from None
+    lines = text.split("\n")  # no newline translation: str.splitlines and text mode would split at a lone \r too
     if lines and lines[-1] == "":
         lines.pop()
-    return lines
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 class PrecompDataset(Dataset):
@@ -81,9 +90,17 @@ class PrecompDataset(Dataset):
                 raise FileNotFoundError(
                     f"missing split file {path} (expected the precomp layout <root>/<name>_precomp/)"
                 )
-        self.images = np.load(ims_path, mmap_mode="r")
+        try:
+            self.images = np.load(ims_path, mmap_mode="r")  # never unpickles: allow_pickle stays False
+        except (ValueError, OSError, EOFError) as error:
+            raise DataError(
+                f"{ims_path} is not a numeric .npy array of region features (an object array, or a damaged "
+                f"file): {error}"
+            ) from None
+        if self.images.dtype.kind not in "fiu":
+            raise DataError(f"{ims_path} must hold numbers (float32 features), got dtype {self.images.dtype}")
         if self.images.ndim != 3:
-            raise ValueError(f"{ims_path} must hold (N, regions, dim) features, got shape {self.images.shape}")
+            raise DataError(f"{ims_path} must hold (N, regions, dim) features, got shape {self.images.shape}")
         self.ims_path = ims_path
         self.captions = read_captions(caps_path)
         n_images, n_captions = self.images.shape[0], len(self.captions)
@@ -92,19 +109,45 @@ class PrecompDataset(Dataset):
         elif n_captions == 5 * n_images:
             self.per_image = 5
         else:
-            raise ValueError(
+            raise DataError(
                 f"{ims_path.name} has {n_images} image rows but {caps_path.name} has {n_captions} captions: "
                 "expected 5 captions per image row, or one image row per caption"
             )
         if split == "dev" and n_captions > DEV_CAPTIONS:
             self.captions = self.captions[:DEV_CAPTIONS]
         self.vocab = vocab
+        self.layout_checked = False
         self.train = train
         self.seed = seed
         self.epoch = 0
         self.region_drop = region_drop
         self.token_perturb = token_perturb
         self.tokens = [self._capped(vocab.encode(c)) for c in self.captions]
+
+    def check_evaluation_layout(self) -> None:
+        """Evaluation reads 5 captions per image. Where each caption has its own image row,
+        the 5 captions of an image must follow each other with 5 equal rows; anything else
+        would pair captions with the wrong images and give a wrong recall without a word.
+        Checked once per data set, in chunks (the features stay memory-mapped)."""
+        if self.layout_checked:
+            return
+        count = len(self.captions)
+        if count % 5:
+            raise DataError(f"{self.ims_path.parent}: {count} captions in this split, not 5 per image")
+        if self.per_image == 1:
+            chunk = 5 * 256
+            for start in range(0, count, chunk):
+                rows = np.asarray(self.images[start : min(start + chunk, count)])
+                groups = rows.reshape(-1, 5, *rows.shape[1:])
+                differ = (groups != groups[:, :1]).reshape(groups.shape[0], -1).any(axis=1)
+                if differ.any():
+                    first = start + 5 * int(np.argmax(differ))
+                    raise DataError(
+                        f"{self.ims_path}: each caption has its own image row, but rows {first}-{first + 4} differ; "
+                        "the 5 captions of an image must be consecutive, with equal rows (or store one row per "
+                        "image and 5 captions per row)"
+                    )
+        self.layout_checked = True
 
     @property
     def feature_dim(self) -> int:

@@ -30,10 +30,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from examples.rvsepp.data import PrecompDataset, collate
+from examples.rvsepp import cli
+from examples.rvsepp.data import DataError, PrecompDataset, collate
 from examples.rvsepp.model import RVSEPP
-
-METRICS = ("r1", "r5", "r10", "medr", "meanr")
 
 
 def _positions(scores: Tensor, targets: Tensor) -> Tensor:
@@ -55,6 +54,9 @@ def ranks(
     n_captions = captions[0].shape[0]
     if n_captions != per_image * n_images:
         raise ValueError(f"{n_captions} captions for {n_images} images: expected {per_image} per image")
+    for kind, embeddings in (("image", images), ("caption", captions)):
+        for model, emb in enumerate(embeddings):
+            check_finite(emb, f"{kind} embeddings" + (f" of model {model}" if len(embeddings) > 1 else ""))
     device = images[0].device
 
     def sims(rows: slice, transpose: bool) -> Tensor:
@@ -82,6 +84,18 @@ def ranks(
         s = sims(rows, transpose=True)
         t2i[rows] = _positions(s, torch.arange(rows.start, rows.stop, device=device) // per_image)
     return i2t, t2i
+
+
+def check_finite(embeddings: Tensor, what: str) -> None:
+    """Refuse NaN or infinite embeddings: compared with a NaN, every score reads neither higher
+    nor lower, so a NaN model would rank every target first and report a perfect recall."""
+    bad = ~torch.isfinite(embeddings).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"{len(rows)} of {embeddings.shape[0]} {what} are not finite (first rows: {rows[:5]}): the model's weights "
+            "hold NaN or inf, or the features overflow it; no recall can be computed from them"
+        )
 
 
 def metrics(rank: Tensor) -> dict[str, float]:
@@ -129,6 +143,7 @@ def encode(model: RVSEPP, dataset: PrecompDataset, device: torch.device, batch_s
     The image of captions ``5i..5i+4`` is the row of caption ``5i``: the same row for all five
     in the usual layout, and the first of five identical rows where each caption has its own.
     """
+    dataset.check_evaluation_layout()
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     caps, imgs = [], {}
@@ -143,7 +158,13 @@ def encode(model: RVSEPP, dataset: PrecompDataset, device: torch.device, batch_s
             if index % 5 == 0:
                 imgs[index // 5] = img[row].float()
     images = torch.stack([imgs[i] for i in sorted(imgs)])
-    return images, torch.cat(caps)
+    captions = torch.cat(caps)
+    try:
+        check_finite(images, "image embeddings")
+        check_finite(captions, "caption embeddings")
+    except ValueError as error:
+        raise DataError(f"{dataset.ims_path} and its captions: {error}") from None
+    return images, captions
 
 
 def format_table(results: dict[str, float], title: str = "") -> str:
@@ -159,16 +180,27 @@ def format_table(results: dict[str, float], title: str = "") -> str:
     return "\n".join(line for line in (title, head, "   " + row, "   " + ranks_row) if line)
 
 
-CHECKPOINT_KEYS = ("model", "model_config", "vocab", "state", "args")
+#: what every checkpoint holds, and the type of each
+CHECKPOINT_KEYS: dict[str, type] = {"model": dict, "model_config": dict, "vocab": list, "state": dict, "args": dict}
+#: what a checkpoint that a run continues from (``--resume``) holds too
+RESUME_KEYS: dict[str, type] = {"optimizer": dict, "scheduler": dict, "rng": dict}
+#: the training state's entries and their types
+STATE_KEYS: dict[str, tuple[type, ...]] = {
+    "epoch": (int,), "step_in_epoch": (int,), "global_step": (int,), "best_rsum": (int, float),
+    "pending_eval": (bool,), "eval_epoch": (int,),
+}  # fmt: skip
+MODEL_CONFIG_KEYS = ("vocab_size", "img_dim", "embed", "word_dim")
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint of examples/rvsepp/train.py, loaded with ``weights_only=True``.
+def load_checkpoint(path: str | Path, *, resumable: bool = False) -> dict:
+    """A checkpoint of examples/rvsepp/train.py, loaded with ``weights_only=True`` and checked.
 
     Checkpoints hold tensors, numbers, strings and plain containers only, so loading one
     never runs code from the file (``weights_only=False`` would unpickle anything, and a
-    crafted file could execute code). A missing, corrupt or foreign file raises a
-    ``ValueError`` that names it.
+    crafted file could execute code). A missing, corrupt or foreign file, one whose entries
+    have the wrong types, or (with ``resumable``) one that lacks what a resumed run needs,
+    such as a checkpoint of an older format, raises a ``ValueError`` that names the file and
+    the entry.
     """
     path = Path(path)
     if not path.is_file():
@@ -184,7 +216,45 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from error
     if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
         raise ValueError(f"{path} is not an RVSE++ checkpoint written by examples/rvsepp/train.py")
+    expected = {**CHECKPOINT_KEYS, **(RESUME_KEYS if resumable else {})}
+    for key, kind in expected.items():
+        if key not in checkpoint:
+            raise ValueError(
+                f"{path} has no '{key}': it was written by an older version of train.py or only for evaluation, so a "
+                "run cannot continue from it (evaluate it with examples.rvsepp.evaluate, or start a new run)"
+            )
+        if not isinstance(checkpoint[key], kind):
+            raise ValueError(f"{path}: its '{key}' is a {type(checkpoint[key]).__name__}, expected a {kind.__name__}")
+    _check_entries(path, checkpoint, resumable)
     return checkpoint
+
+
+def _check_entries(path: Path, checkpoint: dict, resumable: bool) -> None:
+    """The parts of a checkpoint that are read by name: their types."""
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in checkpoint["model"].items()):
+        raise ValueError(f"{path}: its 'model' must map parameter names to tensors")
+    config = checkpoint["model_config"]
+    for key in MODEL_CONFIG_KEYS:
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: its 'model_config' needs a positive integer '{key}', got {value!r}")
+    if not all(isinstance(word, str) for word in checkpoint["vocab"]):
+        raise ValueError(f"{path}: its 'vocab' must be a list of words (strings)")
+    state = checkpoint["state"]
+    for key, kinds in STATE_KEYS.items():
+        if key not in state and not resumable and key in ("pending_eval", "eval_epoch"):
+            continue  # read only by a resumed run
+        if key not in state or isinstance(state[key], bool) != (bool in kinds) or not isinstance(state[key], kinds):
+            got = "nothing" if key not in state else f"{type(state[key]).__name__} {state[key]!r}"
+            names = " or ".join(kind.__name__ for kind in kinds)
+            raise ValueError(
+                f"{path}: its training state needs '{key}' ({names}), got {got}"
+                + (" (a checkpoint of an older train.py cannot be resumed)" if key not in state else "")
+            )
+    if resumable and not {"python", "numpy", "torch"} <= set(checkpoint["rng"]):
+        raise ValueError(
+            f"{path}: its 'rng' lacks a generator's state (python, numpy, torch), so the run cannot resume"
+        )
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[RVSEPP, dict]:
@@ -198,32 +268,57 @@ def load_model(path: str | Path, device: torch.device) -> tuple[RVSEPP, dict]:
     return model.to(device), checkpoint
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    add = parser.add_argument
+    add("--checkpoint", action="append", required=True, help="a checkpoint of train.py; repeat for an ensemble")
+    add("--root", default="data", help="folder holding <name>_precomp")
+    add("--name", default="synthetic", help="data set: synthetic, f30k, coco, ...")
+    add("--split", default=None, help="split to evaluate (when not given: test, and testall for coco, as train.py)")
+    add("--fold5", action="store_true", help="COCO 1K: the mean over five folds of 1,000 images of the split")
+    add("--device", type=cli.device, default="auto", help="auto: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    if args.split is None:
+        args.split = cli.default_test_split(args.name)
+    return args
+
+
+def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, float]:
+    """The metrics of ``args.checkpoint`` (one model or an ensemble) on ``args.split``."""
     from examples.rvsepp.vocab import Vocabulary
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", action="append", required=True, help="repeat for an ensemble")
-    parser.add_argument("--root", default="data")
-    parser.add_argument("--name", default="synthetic")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--fold5", action="store_true", help="COCO 1K: mean over five folds of testall")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    device = cli.resolve_device(args.device)
     images, captions = [], []
     for path in args.checkpoint:
-        try:
-            model, checkpoint = load_model(path, device)
-        except ValueError as error:
-            parser.error(str(error))
+        model, checkpoint = load_model(path, device)
         vocab = Vocabulary(checkpoint["vocab"])
         dataset = PrecompDataset(args.root, args.name, args.split, vocab)
+        if len(dataset) == 0:
+            raise DataError(f"the {args.split} split of {args.name} under {args.root} is empty: nothing to evaluate")
+        if dataset.feature_dim != model.config["img_dim"]:
+            raise DataError(
+                f"{dataset.ims_path} has {dataset.feature_dim}-d region features, but {path} was trained on "
+                f"{model.config['img_dim']}-d ones"
+            )
         img, cap = encode(model, dataset, device, amp=device.type == "cuda")
         images.append(img)
         captions.append(cap)
-    results = evaluate_embeddings(images, captions, fold5=args.fold5)
+    return evaluate_embeddings(images, captions, fold5=args.fold5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        results = evaluate_checkpoints(args)
+    except (FileNotFoundError, ValueError) as error:  # DataError and a decoding error are ValueErrors
+        raise SystemExit(f"error: {error}") from None
     label = f"{args.name} {args.split}" + (" (5-fold 1K)" if args.fold5 else "")
-    print(format_table(results, label + (f", ensemble of {len(images)}" if len(images) > 1 else "")))
+    ensemble = f", ensemble of {len(args.checkpoint)}" if len(args.checkpoint) > 1 else ""
+    print(format_table(results, label + ensemble))
 
 
 if __name__ == "__main__":

@@ -398,10 +398,10 @@ def generate(root: str | Path, name: str = "synthetic", config: Config | None = 
         del images
         (folder / f"{split}_ims.npy.tmp").replace(folder / f"{split}_ims.npy")
         described = [describe(scene, rng, config.specific) for scene in scenes for _ in range(5)]
-        (folder / f"{split}_caps.txt").write_text("\n".join(text for text, _ in described) + "\n")
+        (folder / f"{split}_caps.txt").write_text("".join(text + "\n" for text, _ in described))
         content = {"scenes": scenes, "mentions": [m.to_json() for _, m in described]}
         (folder / f"{split}_content.json").write_text(json.dumps(content, separators=(",", ":")))
-        (folder / f"{split}_ids.txt").write_text("\n".join(str(i) for i in range(count)) + "\n")
+        (folder / f"{split}_ids.txt").write_text("".join(f"{i}\n" for i in range(count)))
     (folder / "config.json").write_text(json.dumps(asdict(config), indent=1))
     return folder
 

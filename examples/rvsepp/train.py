@@ -52,7 +52,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import selhn
-from examples.rvsepp import synthetic
+from examples.rvsepp import cli, synthetic
+from examples.rvsepp.cli import integer_at_least, number_at_least
 from examples.rvsepp.data import DataError, EpochSampler, PrecompDataset, collate, read_captions
 from examples.rvsepp.evaluate import encode, evaluate_embeddings, format_table, load_checkpoint
 from examples.rvsepp.model import RVSEPP
@@ -85,16 +86,40 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+SYNTHETIC_HELP = {
+    "train": "images in the train split (5 captions each)",
+    "dev": "images in the dev split",
+    "test": "images in the test split",
+    "regions": "regions per image",
+    "dim": "region feature size",
+    "shared": "scale of the component that every region shares (bottom-up-like features)",
+    "noise": "scale of the per-region noise",
+    "twins": "share of images made a confusable twin of another",
+    "seed": "seed of the generated data",
+    "specific": "share of captions that describe the whole scene",
+    "variants": "near-duplicates made of each twinned scene",
+}
+PRESET_HELP = """presets (--preset; every flag given on the command line overrides the preset's value):
+  paper             the paper's recipe on real precomputed features (the defaults shown above; a GPU)
+  cpu               the README's main job: a small synthetic set and a narrower model, minutes on 2 CPU cores
+  calibrated        the synthetic benchmark on which hard negatives are worth having, as on real data
+  calibrated-stall  the same with bottom-up-like features (a strong shared component): hard negatives
+                    stall from a cold start
+  smoke             seconds: a test of the whole pipeline"""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+        epilog=PRESET_HELP,
+        formatter_class=HelpFormatter,
         allow_abbrev=False,  # an abbreviated flag would not count as given, and the preset would win
-    )  # fmt: skip
+    )
     add = parser.add_argument
-    add("--preset", choices=sorted(PRESETS), default="paper", help="a set of defaults; explicit flags override it")
+    add("--preset", choices=sorted(PRESETS), default="paper", help="a set of defaults (see the list below)")
     add("--root", default="data", help="folder holding <name>_precomp")
     add("--name", default="synthetic", help="data set: synthetic (generated), f30k, coco, ...")
-    add("--test-split", default=None, help="evaluation split (default: test; testall for coco)")
+    add("--test-split", default=None, help="evaluation split (when not given: test, and testall for coco)")
     add("--out", default="runs/rvsepp", help="run folder: checkpoints, TensorBoard logs, CSV")
     add(
         "--loss",
@@ -103,78 +128,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the loss; the others are the candidates of the Results page's rule study (rules.py)",
     )
     add("--reduction", choices=["auto", "mean", "sum"], default="auto", help="auto: mean for selhn, sum otherwise")
-    add("--margin", type=number_at_least(0.0), default=0.2)
-    add("--epsilon", type=number_at_least(0.0), default=0.01)
+    add("--margin", type=number_at_least(0.0), default=0.2, help="triplet margin")
+    add("--epsilon", type=number_at_least(0.0), default=0.01, help="SelHN's gap threshold (the paper's 0.01)")
     add("--warmup-epochs", type=integer_at_least(0), default=1, help="epochs of sum of hinges for --loss warmup")
     add("--mask-duplicates", action="store_true", help="captions of one image are not negatives of each other")
     add("--global-negatives", action="store_true", help="with DDP: mine negatives across all ranks")
-    add("--epochs", type=integer_at_least(1), default=30)
+    add("--epochs", type=integer_at_least(1), default=30, help="epochs in all")
     add("--max-steps", type=integer_at_least(0), default=0, help="stop after this many steps in all (0: no limit)")
     add("--batch-size", type=integer_at_least(2), default=128, help="pairs per step (2 at least: one negative)")
-    add("--lr", type=number_at_least(0.0, strict=True), default=5e-4)
-    add("--lr-decay-epoch", type=integer_at_least(0), default=15)
-    add("--grad-clip", type=number_at_least(0.0, strict=True), default=2.0)
-    add("--embed-size", type=integer_at_least(1), default=1024)
-    add("--word-dim", type=integer_at_least(1), default=300)
-    add("--workers", type=integer_at_least(0), default=0)
-    add("--seed", type=int, default=0)
-    add("--device", default="auto", help="auto: cuda if available, else cpu")
+    add("--lr", type=number_at_least(0.0, strict=True), default=5e-4, help="AdamW learning rate")
+    add("--lr-decay-epoch", type=integer_at_least(0), default=15, help="the epoch at which the lr is multiplied by 0.1")
+    add("--grad-clip", type=number_at_least(0.0, strict=True), default=2.0, help="gradient-norm clipping")
+    add("--embed-size", type=integer_at_least(1), default=1024, help="joint embedding size")
+    add("--word-dim", type=integer_at_least(1), default=300, help="word embedding size")
+    add("--workers", type=integer_at_least(0), default=0, help="data loader worker processes")
+    add("--seed", type=cli.seed, default=0, help="seed of the run (0 to 2**32 - 1)")
+    add("--device", type=cli.device, default="auto", help="auto: cuda if available, else cpu")
     add("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on with CUDA)")
-    add("--log-every", type=integer_at_least(1), default=10)
+    add("--log-every", type=integer_at_least(1), default=10, help="record the monitor's values every this many steps")
     add("--eval-steps", type=integer_at_least(0), default=0, help="also evaluate dev every this many steps (0: never)")
     add("--resume", action="store_true", help="continue the run in --out from its last.pth (same arguments)")
     add("--overwrite", action="store_true", help="replace the run that --out holds (without it, a new run refuses)")
     add("--no-eval-test", action="store_true", help="skip the final test evaluation")
-    add("--tensorboard", choices=["auto", "on", "off"], default="auto")
+    add(
+        "--tensorboard",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="TensorBoard logs in <out>/tensorboard (auto: when the tensorboard package is installed)",
+    )
     for field, value in asdict(synthetic.Config()).items():
-        add(f"--synthetic-{field}", type=type(value), default=value, help="synthetic data set")
+        add(f"--synthetic-{field}", type=type(value), default=value, help=f"synthetic data: {SYNTHETIC_HELP[field]}")
     # the preset's values become the defaults, so that every flag given on the command line wins
     preset = parser.parse_known_args(argv)[0].preset
     parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
     if args.test_split is None:
-        args.test_split = "testall" if args.name == "coco" else "test"
+        args.test_split = cli.default_test_split(args.name)
     if args.loss in RULES and args.global_negatives:
         parser.error(f"--loss {args.loss} is a candidate of rules.py, with no distributed form (--global-negatives)")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --out and --overwrite replaces it: choose one")
+    if args.tensorboard == "on" and not cli.tensorboard_available():
+        parser.error("--tensorboard on needs the tensorboard package: pip install tensorboard (or the examples extra)")
     try:
-        synthetic_config(args)
+        config = synthetic_config(args)
     except ValueError as error:
         parser.error(str(error).replace("synthetic ", "--synthetic-", 1))
+    if args.name == "synthetic":
+        for split in ["dev"] + ([] if args.no_eval_test else ["test"]):
+            if getattr(config, split) < 1:
+                parser.error(
+                    f"--synthetic-{split} 0: the {split} split would be empty, and every "
+                    f"{'epoch' if split == 'dev' else 'run'} evaluates it (at least 1 image)"
+                )
     return args
 
 
-def integer_at_least(low: int) -> Any:
-    """An argparse type: an integer >= ``low``."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help text (none for switches and unset values), and the
+    presets' list as written."""
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-
-    return parse
-
-
-def number_at_least(low: float, strict: bool = False) -> Any:
-    """An argparse type: a finite number >= ``low`` (> ``low`` if ``strict``)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(
-                f"expected a finite number {'>' if strict else '>='} {low:g}, got {text!r}"
-            )
-        return value
-
-    return parse
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
+            return help_text
+        return f"{help_text} (default: %(default)s)".strip()
 
 
 def synthetic_config(args: argparse.Namespace) -> synthetic.Config:
@@ -191,10 +209,28 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    """Write to a temporary file in the same folder, then rename: never a half-written file.
+    A failed write (a full disk) removes the temporary file and leaves ``path`` as it was."""
+    with _replacing(path) as tmp:
+        torch.save(obj, tmp)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; then rename it over ``path``. On any
+    failure the temporary file is removed and ``path`` is untouched; an OSError (a full disk,
+    a read-only folder) becomes a RunError that says so."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(error, OSError):
+            kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+            raise RunError(f"could not write {path}: {error.strerror or error}; {kept}") from error
+        raise
 
 
 class StopSignal(Exception):  # noqa: N818 (a signal, not an error)
@@ -347,12 +383,55 @@ def setup_distributed(args: argparse.Namespace) -> tuple[torch.device, int, int]
 # --------------------------------------------------------------------------- the run folder
 #: what a run writes into --out; a new run refuses a folder holding any of them
 RUN_FILES = ("last.pth", "best.pth", "dev.jsonl", "steps.csv", "results.json", "tensorboard")
+#: held (flock) by the run that uses the folder
+LOCK_FILE = ".lock"
 #: arguments a resumed run must share with the run it continues; the others (--epochs,
 #: --max-steps, --device, --workers, --eval-steps, --log-every, ...) may change
 SAME_RUN = (
     "name", "loss", "reduction", "margin", "epsilon", "warmup_epochs", "mask_duplicates", "global_negatives",
     "batch_size", "lr", "lr_decay_epoch", "grad_clip", "embed_size", "word_dim", "seed",
 )  # fmt: skip
+
+
+@contextlib.contextmanager
+def locked_run_folder(out: Path) -> Iterator[None]:
+    """Create ``out`` if needed and hold an exclusive lock on it while the run lives: a second
+    run into the same folder is refused at once instead of mixing its records and checkpoints
+    with the first one's. (The main process only; on systems without ``fcntl`` no lock is taken.)"""
+    if int(os.environ.get("RANK", "0")) != 0:  # a DDP rank other than the main one writes nothing
+        yield
+        return
+    if out.is_symlink() and not out.is_dir():
+        raise RunError(f"--out {out} is a symbolic link that leads to no folder (a loop, or a missing target)")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder: choose a folder for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the run's whole life)
+    except OSError as error:
+        raise RunError(f"cannot use --out {out} as the run folder: {error.strerror or error}") from None
+    with handle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise RunError(
+                f"{out} is in use by another run ({owner}): wait for it to finish, or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def existing_run(out: Path) -> list[str]:
@@ -379,6 +458,29 @@ def clear_run_folder(out: Path) -> None:
     for name in existing_run(out):
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def read_resumable(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint --resume continues, checked against these arguments before anything
+    else is touched (a refused resume must not regenerate or rewrite the data first)."""
+    try:
+        checkpoint = load_checkpoint(path, resumable=True)
+    except ValueError as error:
+        raise RunError(f"--resume: {error}") from error
+    check_same_run(checkpoint["args"], args, path)
+    return checkpoint
+
+
+def build_model(args: argparse.Namespace, vocab_size: int, feature_dim: int, device: torch.device) -> RVSEPP:
+    """RVSE++ on ``device``; a model that cannot be made there (too large, a device that fails)
+    is a RunError that names the sizes."""
+    try:
+        return RVSEPP(vocab_size, feature_dim, args.embed_size, args.word_dim).to(device)
+    except (RuntimeError, MemoryError) as error:
+        raise RunError(
+            f"cannot build the model on {device} (--embed-size {args.embed_size}, --word-dim {args.word_dim}, "
+            f"{vocab_size} words, {feature_dim}-d regions): {str(error).splitlines()[0]}"
+        ) from None
 
 
 def check_same_run(stored: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
@@ -431,8 +533,18 @@ def records_until(out: Path, step: int, pending_eval: bool) -> list[dict[str, st
             rows = [row for row in csv.DictReader(handle) if float(row["step"]) <= step]
     if (out / "dev.jsonl").is_file():
         kept = []
-        for line in (out / "dev.jsonl").read_text().splitlines():
-            record = json.loads(line)
+        lines = (out / "dev.jsonl").read_text().splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # cut off by a crash while it was written: redone with its evaluation
+                    print(f"{out / 'dev.jsonl'}: dropped its incomplete last line", flush=True)
+                    break
+                raise RunError(
+                    f"{out / 'dev.jsonl'}, line {number}, is not a JSON record: the run's records are damaged; "
+                    "start a new run in another --out"
+                ) from None
             redone = record["global_step"] > step or (
                 record["global_step"] == step and pending_eval and record.get("kind") == "epoch"
             )
@@ -443,11 +555,9 @@ def records_until(out: Path, step: int, pending_eval: bool) -> list[dict[str, st
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a temporary file, then rename: never a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as handle:  # the text's own line ends
+    """Write a temporary file, then rename: never a half-written file (see :func:`atomic_save`)."""
+    with _replacing(path) as tmp, open(tmp, "w", newline="") as handle:  # the text's own line ends
         handle.write(text)
-    os.replace(tmp, path)
 
 
 def write_steps(path: Path, earlier: list[dict[str, str]], monitor: TrainingMonitor) -> None:
@@ -491,6 +601,10 @@ class Run:
     """One training run: set-up (data, model, resume), the step, the epoch's end, the test."""
 
     def __init__(self, args: argparse.Namespace, stop: Stop) -> None:
+        """Everything that can fail before the first step happens here, in this order: the
+        folder's checks, the resumed checkpoint against these arguments (before the data are
+        touched), the data, the model on its device, the loader. Only then does --overwrite
+        delete the previous run, so a run that fails to start leaves it intact."""
         self.args, self.stop = args, stop
         self.device, self.rank, self.world = setup_distributed(args)
         seed_everything(args.seed)
@@ -498,31 +612,34 @@ class Run:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.amp = args.amp == "on" or (args.amp == "auto" and self.device.type == "cuda")
         self.out = Path(args.out)
+        self.last_path, self.best_path = self.out / "last.pth", self.out / "best.pth"
         if is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
             check_run_folder(args, self.out)
+        stored = read_resumable(self.last_path, args) if args.resume else None
         try:
             self.vocab, self.train_set, self.dev_set, self.test_set = load_data(args)
         except (FileNotFoundError, ValueError) as error:
             raise RunError(str(error)) from error
         check_data(args, self.train_set, self.dev_set, self.test_set)
-        if is_main() and args.overwrite:  # only now: a run that fails its checks leaves the old one intact
-            clear_run_folder(self.out)
-        barrier()
-        self.model = RVSEPP(len(self.vocab), self.train_set.feature_dim, args.embed_size, args.word_dim).to(self.device)
+        self.model = build_model(args, len(self.vocab), self.train_set.feature_dim, self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=[args.lr_decay_epoch], gamma=0.1
         )
-        self.state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0,
-                                      "pending_eval": False, "eval_epoch": 0}  # fmt: skip
+        self.state: dict[str, Any] = {
+            "epoch": 0,
+            "step_in_epoch": 0,
+            "global_step": 0,
+            "best_rsum": -1.0,
+            "pending_eval": False,
+            "eval_epoch": 0,
+        }
         self.monitor = TrainingMonitor(
             self.model.image, self.model.text, margin=args.margin, epsilon=args.epsilon, log_every=args.log_every
         )
-        self.last_path, self.best_path = self.out / "last.pth", self.out / "best.pth"
         self.earlier_steps: list[dict[str, str]] = []
-        if args.resume:
-            self.resume()
+        if stored is not None:
+            self.resume(stored)
         self.ddp_model: torch.nn.Module = self.model
         if self.world > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -534,29 +651,33 @@ class Run:
         self.loader = DataLoader(
             self.train_set, batch_sampler=self.sampler, collate_fn=collate, num_workers=args.workers
         )
+        self.criterion = make_criterion(args)
+        if is_main() and args.overwrite:  # only now: a run that fails to start leaves the old one intact
+            clear_run_folder(self.out)
+        barrier()
         self.writer = make_writer(args, self.out)
         self.step_times: list[float] = []
-        self.criterion = make_criterion(args)
         self.device_step = torch.tensor(float(self.state["global_step"]), device=self.device)
         self.first_bad = torch.full((2,), math.nan, device=self.device)  # (step, loss) of the first non-finite loss
 
-    def resume(self) -> None:
-        try:
-            checkpoint = load_checkpoint(self.last_path)
-        except ValueError as error:
-            raise RunError(str(error)) from error
-        check_same_run(checkpoint["args"], self.args, self.last_path)
+    def resume(self, checkpoint: dict[str, Any]) -> None:
         check_compatible(checkpoint, self.vocab, self.model, self.last_path)
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.state = checkpoint["state"]
-        set_rng_state(checkpoint["rng"])
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            set_rng_state(checkpoint["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise RunError(f"--resume: {self.last_path} holds state this run cannot load: {error}") from error
+        self.state = dict(checkpoint["state"])
         self.monitor.steps = self.state["global_step"]  # step numbers go on
         if is_main():
             self.earlier_steps = records_until(self.out, self.state["global_step"], self.state["pending_eval"])
-            print(f"resumed from {self.last_path}: epoch {self.state['epoch']}, step {self.state['step_in_epoch']} "
-                  "of the epoch", flush=True)  # fmt: skip
+            print(
+                f"resumed from {self.last_path}: epoch {self.state['epoch']}, step {self.state['step_in_epoch']} "
+                "of the epoch",
+                flush=True,
+            )
 
     def checkpoint(self) -> dict[str, Any]:
         return {
@@ -681,6 +802,20 @@ class Run:
                 loss=f"{logged['loss']:.4f}", vanishing=f"{logged.get('i2t/vanishing_fraction', 0):.2f}"
             )
 
+    def kept_results(self, results: dict[str, float]) -> dict[str, float]:
+        """What a resumed run keeps of the results.json it finds: the step time when this
+        process trained no step, and the test metrics when this process does not evaluate the
+        test split and the best checkpoint they were measured on is still the best one."""
+        if not self.args.resume:
+            return {}
+        previous = _previous_results(self.out / "results.json")
+        kept: dict[str, float] = {}
+        if not self.step_times and "step_seconds" in previous:
+            kept["step_seconds"] = previous["step_seconds"]
+        if self.args.no_eval_test and previous.get("best_dev_rsum") == results["best_dev_rsum"]:
+            kept.update({k: v for k, v in previous.items() if k.startswith("test_")})
+        return kept
+
     def finish(self) -> dict[str, float]:
         """The test evaluation of the best dev checkpoint; results.json."""
         args = self.args
@@ -688,6 +823,8 @@ class Run:
             "best_dev_rsum": self.state["best_rsum"],
             "step_seconds": float(np.median(self.step_times)) if self.step_times else math.nan,
         }
+        if is_main():
+            results.update(self.kept_results(results))
         if not args.no_eval_test and is_main():
             if self.best_path.exists():
                 self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
@@ -706,11 +843,25 @@ class Run:
         return results
 
 
+def _previous_results(path: Path) -> dict[str, float]:
+    """A results.json written before (empty when there is none or it cannot be read)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        k: (math.nan if v is None else float(v)) for k, v in data.items() if isinstance(v, (int, float, type(None)))
+    }
+
+
 def _train(args: argparse.Namespace, stop: Stop) -> dict[str, float]:
-    with stop.interruptible():  # set-up (data generation can take minutes): nothing to save yet
-        run = Run(args, stop)
-    run.train()
-    return run.finish()
+    with locked_run_folder(Path(args.out)):
+        with stop.interruptible():  # set-up (data generation can take minutes): nothing to save yet
+            run = Run(args, stop)
+        run.train()
+        return run.finish()
 
 
 def record_dev(out: Path, epoch: int, step: int, dev: dict[str, float], writer: Any, kind: str = "epoch") -> None:
@@ -762,14 +913,12 @@ def check_compatible(checkpoint: dict[str, Any], vocab: Vocabulary, model: RVSEP
 
 
 def make_writer(args: argparse.Namespace, out: Path) -> Any:
-    if args.tensorboard == "off" or not is_main():
+    """A TensorBoard writer, or None (``--tensorboard off``, another rank, or ``auto`` without
+    the package; ``on`` without it was refused with the arguments)."""
+    if args.tensorboard == "off" or not is_main() or not cli.tensorboard_available():
         return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        if args.tensorboard == "on":
-            raise
-        return None
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(str(out / "tensorboard"))
 
 

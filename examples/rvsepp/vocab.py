@@ -87,10 +87,22 @@ class Vocabulary:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"vocabulary file not found: {path}")
-        data = json.loads(path.read_text())
-        if "idx2word" not in data:
-            raise ValueError(f"{path} is not a SCAN-format vocabulary (no 'idx2word')")
-        words = [data["idx2word"][str(i)] for i in range(len(data["idx2word"]))]
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a readable vocabulary (not UTF-8 JSON: {error})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("idx2word"), dict):
+            raise ValueError(f"{path} is not a SCAN-format vocabulary (no 'idx2word' map)")
+        table = data["idx2word"]
+        words = []
+        for index in range(len(table)):
+            word = table.get(str(index))
+            if not isinstance(word, str):
+                raise ValueError(
+                    f"{path}: 'idx2word' must map every index from 0 to {len(table) - 1} to a word, "
+                    f"but index {index} {'is missing' if word is None else f'maps to {word!r}'}"
+                )
+            words.append(word)
         missing = [s for s in SPECIALS if s not in words]
         if missing:
             raise ValueError(f"{path} lacks the special tokens {missing}")

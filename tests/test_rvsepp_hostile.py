@@ -1,0 +1,318 @@
+"""The RVSE++ pipeline under hostile use: no wrong result, no lost run, and every user mistake
+a clear error that names its flag or file (no traceback)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from examples.rvsepp import cli, compare, evaluate
+from examples.rvsepp import train as train_module
+from examples.rvsepp.data import DataError, PrecompDataset, read_captions
+from examples.rvsepp.evaluate import load_checkpoint, ranks
+from examples.rvsepp.vocab import Vocabulary
+
+SMOKE = ["--preset", "smoke", "--tensorboard", "off"]
+
+
+def run(args: list[str]) -> dict:
+    return train_module.train(train_module.parse_args(args))
+
+
+@pytest.fixture(scope="module")
+def finished(data_root, tmp_path_factory) -> Path:
+    """A finished smoke run (with its test evaluation); tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("finished")
+    run([*SMOKE, "--root", str(data_root), "--out", str(out)])
+    return out
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    (target / train_module.LOCK_FILE).unlink(missing_ok=True)
+    return target
+
+
+def evaluate_main(argv: list[str]) -> str:
+    """evaluate's command line; the message it exits with (a user error) or '' after a table."""
+    try:
+        evaluate.main(argv)
+    except SystemExit as exit_:
+        return str(exit_.code)
+    return ""
+
+
+# ------------------------------------------------------------------ wrong results
+def test_non_finite_embeddings_are_never_ranked(finished, data_root, tmp_path):
+    """A NaN similarity compares neither higher nor lower than anything: it used to rank every
+    target first, so a NaN-weight checkpoint printed rsum 600, and one huge feature raised rsum."""
+    with pytest.raises(ValueError, match=r"1 of 3 image embeddings are not finite \(first rows: \[1\]\)"):
+        ranks([torch.tensor([[1.0, 0.0], [math.nan, 0.0], [0.0, 1.0]])], [torch.eye(2).repeat(8, 1)[:15]])
+    checkpoint = torch.load(finished / "best.pth", weights_only=True)
+    checkpoint["model"] = {
+        k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in checkpoint["model"].items()
+    }
+    torch.save(checkpoint, tmp_path / "nan.pth")
+    message = evaluate_main(["--root", str(data_root), "--checkpoint", str(tmp_path / "nan.pth")])
+    assert "test_ims.npy and its captions: 20 of 20 image embeddings are not finite" in message
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    features = np.load(root / "synthetic_precomp" / "test_ims.npy")
+    features[3, 0] = 3e38  # finite, but the encoder overflows on it
+    np.save(root / "synthetic_precomp" / "test_ims.npy", features)
+    message = evaluate_main(["--root", str(root), "--checkpoint", str(finished / "best.pth")])
+    assert "1 of 20 image embeddings are not finite (first rows: [3])" in message
+
+
+def test_the_per_caption_layout_must_group_each_images_rows(tmp_path):
+    """One image row per caption: the 5 rows of an image must be consecutive and equal, or the
+    evaluation pairs captions with the wrong images (it used to give a wrong rsum silently)."""
+    folder = tmp_path / "tiny_precomp"
+    folder.mkdir()
+    rows = np.random.default_rng(0).random((2, 3, 4)).astype(np.float32)
+    grouped = np.repeat(rows, 5, axis=0)
+    vocab = Vocabulary.build(["a dog"] * 4)
+    (folder / "test_caps.txt").write_text("a dog\n" * 10)
+    np.save(folder / "test_ims.npy", grouped)
+    PrecompDataset(tmp_path, "tiny", "test", vocab).check_evaluation_layout()
+    np.save(folder / "test_ims.npy", np.tile(rows, (5, 1, 1)))  # image 0, image 1, image 0, ...: not grouped
+    with pytest.raises(DataError, match=r"test_ims.npy: each caption has its own image row, but rows 0-4 differ"):
+        PrecompDataset(tmp_path, "tiny", "test", vocab).check_evaluation_layout()
+
+
+# ------------------------------------------------------------------ lost or mixed runs
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_to_start(finished, data_root, tmp_path, monkeypatch):
+    """--overwrite clears the folder only once everything before the first step has worked:
+    here the model cannot be built (a device out of memory)."""
+    out = copy_run(finished, tmp_path / "run")
+    before = (out / "last.pth").read_bytes()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(train_module, "RVSEPP", out_of_memory)
+    with pytest.raises(train_module.RunError, match=r"cannot build the model on cpu .*: CUDA out of memory"):
+        run([*SMOKE, "--root", str(data_root), "--out", str(out), "--overwrite"])
+    assert (out / "last.pth").read_bytes() == before and (out / "results.json").is_file()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(data_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / train_module.LOCK_FILE, "a+") as held:  # another process's lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345")
+        held.flush()
+        with pytest.raises(train_module.RunError, match=r"run is in use by another run \(pid 12345\)"):
+            run([*SMOKE, "--root", str(data_root), "--out", str(out), "--max-steps", "1"])
+        assert not (out / "last.pth").exists()
+    run([*SMOKE, "--root", str(data_root), "--out", str(out), "--max-steps", "1", "--no-eval-test"])
+    assert (out / "last.pth").is_file()
+
+
+def test_compare_reuses_a_finished_run_only_for_the_same_arguments(finished, data_root, tmp_path):
+    out = copy_run(finished, tmp_path / "run")
+    argv = [*SMOKE, "--root", str(data_root), "--out", str(out)]
+    compare.check_reusable([(out, argv)])  # the same run: reused
+    with pytest.raises(SystemExit, match=r"run: --margin 0.2 \(asked: 0.5\)"):
+        compare.check_reusable([(out, [*argv, "--margin", "0.5"])])
+    with pytest.raises(SystemExit, match=r"--seed 0 \(asked: 3\)"):
+        compare.check_reusable([(out, [*argv, "--seed", "3"])])
+    compare.check_reusable([(out, [*argv, "--workers", "1"])])  # how it runs is no other run
+
+
+def test_a_refused_resume_touches_no_data(finished, data_root, tmp_path):
+    """The stored arguments are compared before the data are loaded: a resume with another
+    --synthetic-seed used to regenerate the data set first, then refuse."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    out = copy_run(finished, tmp_path / "run")
+    features = root / "synthetic_precomp" / "test_ims.npy"
+    before = features.read_bytes()
+    common = [*SMOKE, "--out", str(out), "--resume", "--synthetic-seed", "9"]
+    with pytest.raises(train_module.RunError, match="belongs to a run with --synthetic-seed 0, not 9"):
+        run([*common, "--root", str(root)])
+    assert features.read_bytes() == before
+
+
+def test_resuming_a_finished_run_keeps_its_results(finished, data_root, tmp_path):
+    """results.json keeps what the resumed process did not measure again: the test metrics
+    (with --no-eval-test) and the step time (no step was trained)."""
+    out = copy_run(finished, tmp_path / "run")
+    before = json.loads((out / "results.json").read_text())
+    assert before["test_rsum"] is not None and before["step_seconds"] is not None
+    run([*SMOKE, "--root", str(data_root), "--out", str(out), "--resume", "--no-eval-test"])
+    assert json.loads((out / "results.json").read_text()) == before
+    run([*SMOKE, "--root", str(data_root), "--out", str(out), "--resume"])
+    after = json.loads((out / "results.json").read_text())
+    assert after["step_seconds"] == before["step_seconds"] and after["test_rsum"] == before["test_rsum"]
+
+
+def test_a_full_disk_loses_no_checkpoint_and_leaves_no_temporary_file(finished, data_root, tmp_path, monkeypatch):
+    out = copy_run(finished, tmp_path / "run")
+    before = (out / "last.pth").read_bytes()
+
+    def disk_full(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module.torch, "save", disk_full)
+    with pytest.raises(
+        train_module.RunError, match="could not write .*last.pth: No space left on device; the previous"
+    ):
+        run([*SMOKE, "--root", str(data_root), "--out", str(out), "--resume", "--epochs", "2", "--no-eval-test"])
+    assert (out / "last.pth").read_bytes() == before
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_torn_last_line_of_dev_jsonl_does_not_stop_a_resume(finished, data_root, tmp_path):
+    out = copy_run(finished, tmp_path / "run")
+    with open(out / "dev.jsonl", "a") as handle:
+        handle.write('{"epoch": 1, "global_st')  # the process died while writing it
+    run([*SMOKE, "--root", str(data_root), "--out", str(out), "--resume", "--no-eval-test"])
+    assert all(json.loads(line) for line in (out / "dev.jsonl").read_text().splitlines())
+    (out / "dev.jsonl").write_text('{"epoch": 0\n{"epoch": 0, "global_step": 3}\n')
+    with pytest.raises(train_module.RunError, match=r"dev.jsonl, line 1, is not a JSON record"):
+        run([*SMOKE, "--root", str(data_root), "--out", str(out), "--resume", "--no-eval-test"])
+
+
+# ------------------------------------------------------------------ clear errors
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--seed", "-5"], "--seed: expected an integer from 0 to 4294967295, got -5"),
+        (["--seed", str(2**32)], "--seed: expected an integer from 0 to 4294967295, got 4294967296"),
+        (["--device", "foo"], "--device: expected auto, cpu, cuda or cuda:N, got 'foo'"),
+        (["--device", "meta"], "--device: meta tensors hold no values"),
+        (["--synthetic-dev", "0"], "--synthetic-dev 0: the dev split would be empty"),
+        (["--synthetic-test", "0"], "--synthetic-test 0: the test split would be empty"),
+    ],
+)
+def test_bad_flags_are_refused_by_name(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_module.parse_args([*SMOKE, *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    train_module.parse_args([*SMOKE, "--synthetic-test", "0", "--no-eval-test"])  # no test split needed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train_module.parse_args([*SMOKE, "--device", "cuda"])
+    assert "--device: 'cuda': CUDA is not available here" in capsys.readouterr().err
+
+
+def test_tensorboard_on_without_tensorboard_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "tensorboard_available", lambda: False)
+    with pytest.raises(SystemExit):
+        train_module.parse_args(["--preset", "smoke", "--tensorboard", "on"])
+    assert "--tensorboard on needs the tensorboard package" in capsys.readouterr().err
+    assert train_module.parse_args(["--preset", "smoke"]).tensorboard == "auto"  # auto just goes without
+
+
+def test_out_that_is_not_a_folder(data_root, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(train_module.RunError, match="--out .*file is a file, not a folder"):
+        run([*SMOKE, "--root", str(data_root), "--out", str(tmp_path / "file")])
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    with pytest.raises(train_module.RunError, match="--out .*loop is a symbolic link that leads to no folder"):
+        run([*SMOKE, "--root", str(data_root), "--out", str(tmp_path / "loop")])
+
+
+def test_help_shows_every_default_and_the_presets(capsys):
+    with pytest.raises(SystemExit):
+        train_module.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in [("--epsilon", "0.01"), ("--margin", "0.2"), ("--lr", "0.0005"), ("--epochs", "30"),
+                          ("--lr-decay-epoch", "15"), ("--grad-clip", "2.0"), ("--embed-size", "1024"),
+                          ("--tensorboard", "auto")]:  # fmt: skip
+        # the flag's own help (the text up to the next flag) ends with its default
+        assert re.search(rf"{flag} \S+ (?:(?! --).)+ \(default: {re.escape(default)}\)", text), flag
+    assert "(default: None)" not in text and "calibrated-stall the same with bottom-up-like features" in text
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "repeat for an ensemble" in text and "split to evaluate" in text and "folder holding" in text
+    assert evaluate.parse_args(["--checkpoint", "x", "--name", "coco"]).split == "testall"  # as train.py
+
+
+def test_evaluate_names_every_bad_input(finished, data_root, tmp_path):
+    best = str(finished / "best.pth")
+    assert "missing split file" in evaluate_main(["--root", str(data_root), "--checkpoint", best, "--split", "nosuch"])
+    folder = tmp_path / "synthetic_precomp"
+    shutil.copytree(data_root / "synthetic_precomp", folder)
+    np.save(folder / "empty_ims.npy", np.zeros((0, 6, 32), dtype=np.float32))
+    (folder / "empty_caps.txt").write_text("")
+    assert "the empty split of synthetic" in evaluate_main(["--root", str(tmp_path), "--checkpoint", best,
+                                                            "--split", "empty"])  # fmt: skip
+    features = np.load(folder / "test_ims.npy")
+    np.save(folder / "zero_ims.npy", np.concatenate([np.zeros_like(features[:1]), features[1:]]))
+    shutil.copy(folder / "test_caps.txt", folder / "zero_caps.txt")
+    assert "every region of image row 0 is zero" in evaluate_main(["--root", str(tmp_path), "--checkpoint", best,
+                                                                   "--split", "zero"])  # fmt: skip
+    np.save(folder / "wide_ims.npy", np.ones((20, 6, 40), dtype=np.float32))
+    shutil.copy(folder / "test_caps.txt", folder / "wide_caps.txt")
+    assert "has 40-d region features, but" in evaluate_main(["--root", str(tmp_path), "--checkpoint", best,
+                                                             "--split", "wide"])  # fmt: skip
+    shutil.copy(folder / "test_ims.npy", folder / "latin_ims.npy")
+    (folder / "latin_caps.txt").write_bytes((folder / "test_caps.txt").read_bytes().replace(b"a ", b"\xe0 ", 1))
+    assert "latin_caps.txt, line 1: not UTF-8 text" in evaluate_main(["--root", str(tmp_path), "--checkpoint", best,
+                                                                      "--split", "latin"])  # fmt: skip
+    np.save(folder / "objects_ims.npy", np.array([[["x"]]], dtype=object), allow_pickle=True)
+    (folder / "objects_caps.txt").write_text("a dog\n")
+    assert "objects_ims.npy is not a numeric .npy array" in evaluate_main(["--root", str(tmp_path), "--checkpoint",
+                                                                           best, "--split", "objects"])  # fmt: skip
+
+
+def test_checkpoints_with_wrong_entries_or_an_older_format(finished, tmp_path):
+    checkpoint = torch.load(finished / "last.pth", weights_only=True)
+    damaged = {
+        "model is a list": {**checkpoint, "model": [1, 2]},
+        "a word is a number": {**checkpoint, "vocab": [*checkpoint["vocab"][:-1], 7]},
+        "epoch is a string": {**checkpoint, "state": {**checkpoint["state"], "epoch": "3"}},
+        "config without embed": {**checkpoint, "model_config": {"vocab_size": 10, "img_dim": 32, "word_dim": 16}},
+    }
+    messages = {
+        "model is a list": "its 'model' is a list, expected a dict",
+        "a word is a number": "its 'vocab' must be a list of words",
+        "epoch is a string": r"its training state needs 'epoch' \(int\), got str '3'",
+        "config without embed": "its 'model_config' needs a positive integer 'embed', got None",
+    }
+    for name, content in damaged.items():
+        torch.save(content, tmp_path / "bad.pth")
+        with pytest.raises(ValueError, match=messages[name]):
+            load_checkpoint(tmp_path / "bad.pth")
+    older = {key: value for key, value in checkpoint.items() if key not in ("rng", "optimizer")}
+    older["state"] = {k: v for k, v in checkpoint["state"].items() if k != "pending_eval"}
+    torch.save(older, tmp_path / "older.pth")
+    load_checkpoint(tmp_path / "older.pth")  # still evaluates
+    with pytest.raises(ValueError, match="older.pth has no 'optimizer': it was written by an older version"):
+        load_checkpoint(tmp_path / "older.pth", resumable=True)
+
+
+def test_data_files_that_cannot_be_read_are_named(tmp_path):
+    (tmp_path / "caps.txt").write_bytes(b"a dog\na caf\xe9\n")
+    with pytest.raises(DataError, match=r"caps.txt, line 2: not UTF-8 text"):
+        read_captions(tmp_path / "caps.txt")
+    (tmp_path / "caps.txt").write_bytes(b"a dog\rrunning\r\na cat\n")  # a lone \r ends no caption
+    assert read_captions(tmp_path / "caps.txt") == ["a dog\rrunning", "a cat"]
+    vocab = tmp_path / "vocab.json"
+    Vocabulary.build(["a dog"] * 4).save(vocab)
+    data = json.loads(vocab.read_text())
+    del data["idx2word"]["2"]
+    vocab.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"vocab.json: 'idx2word' must map every index .* index 2 is missing"):
+        Vocabulary.load(vocab)
+    vocab.write_text('{"idx2word": {"0": "<pad>"')
+    with pytest.raises(ValueError, match="vocab.json is not a readable vocabulary"):
+        Vocabulary.load(vocab)
