@@ -50,7 +50,7 @@ def selhn_loss(
     r"""Selectively hard negative (SelHN) triplet loss over a score matrix.
 
     For each anchor ``a`` in each direction, with positive score :math:`s_p`, negatives
-    :math:`n \in N_a` and hardest negative :math:`\hat n = \arg\max_{n \in N_a} s_n`:
+    :math:`n \in N_a` and hardest negative :math:`\hat n = \mathop{\mathrm{arg\,max}}_{n \in N_a} s_n`:
 
     .. math::
 

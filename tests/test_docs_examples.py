@@ -67,6 +67,12 @@ def test_the_docs_math_renderer_writes_mathml_and_the_offline_check_catches_what
     assert mathml.offline_problems(cdn) and mathml.offline_problems('<link rel="stylesheet" href="//x.org/a.css">')
     assert mathml.offline_problems(r"<p>the loss reads \(2 B m\)</p>")  # what MathJax would have typeset
     assert mathml.offline_problems("<p>$$ x $$</p>")
+    # a command latex2mathml does not know is copied into the MathML as it is: the page shows "\\arg"
+    unknown = nodes.math(r"\hat n = \arg\max_n s_n", r"\hat n = \arg\max_n s_n")
+    assert mathml.offline_problems(mathml.to_mathml(unknown.astext(), unknown, "inline"))
+    known = nodes.math(r"\mathop{\mathrm{arg\,max}}_n s_n", r"\mathop{\mathrm{arg\,max}}_n s_n")
+    assert mathml.offline_problems(mathml.to_mathml(known.astext(), known, "inline")) == []
+    assert mathml.offline_problems('<p>R@1 and <a class="reference external" href="mailto:R%4010">R@10</a></p>')
     fine = f'<script src="_static/furo.js"></script><p>{markup}</p><pre>r"\\(x\\)"</pre>'
     assert mathml.offline_problems(fine) == []
 

@@ -53,9 +53,14 @@ def visit_displaymath(self: HTML5Translator, node: nodes.math_block) -> None:
     raise nodes.SkipNode
 
 
-# a script or stylesheet loaded from another host, and TeX that a math renderer left in the text
+# a script or stylesheet loaded from another host, TeX that a math renderer left in the text,
+# and a TeX command that the converter did not know and copied into the MathML as it was
+# (latex2mathml writes ``\arg`` as ``<mi>\arg</mi>``: the page would show the backslash)
 _REMOTE = re.compile(r"<(?:script[^>]*\ssrc|link[^>]*\shref)=[\"'](?:https?:)?//", re.IGNORECASE)
 _TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$")
+_RAW_COMMAND = re.compile(r"<m[ion][^>]*>\\[A-Za-z]+</m[ion]>")
+# the site gives no e-mail address: a mailto link is text such as "R@10" that docutils took for one
+_MAILTO = re.compile(r'href="mailto:[^"]*"')
 
 
 def offline_problems(page: str) -> list[str]:
@@ -64,6 +69,10 @@ def offline_problems(page: str) -> list[str]:
     text = re.sub(r'alttext="[^"]*"', "", page)  # the LaTeX kept beside each formula is not shown
     text = re.sub(r"<(pre|script|style)\b.*?</\1>", "", text, flags=re.DOTALL | re.IGNORECASE)
     problems += [f"raw TeX {m.group(0)!r}" for m in _TEX.finditer(text)]
+    problems += [f"a TeX command the converter did not know, {m.group(0)!r}" for m in _RAW_COMMAND.finditer(text)]
+    problems += [
+        f"text taken for an e-mail address (escape its @ as \\@), {m.group(0)!r}" for m in _MAILTO.finditer(text)
+    ]
     return problems
 
 

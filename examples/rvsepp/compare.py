@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from examples.rvsepp import cli
 from examples.rvsepp import train as train_module
 from examples.rvsepp.evaluate import load_checkpoint
 from examples.rvsepp.rules import RULES
@@ -477,25 +478,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )  # fmt: skip
-    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--out", default="runs/compare", help="folder of the runs and the tables")
     parser.add_argument("--root", default=None, help="data folder (default: data/<preset>)")
     parser.add_argument("--preset", choices=sorted(train_module.PRESETS), default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=cli.seed, nargs="+", default=[0, 1, 2], help="seeds of the runs")
     parser.add_argument("--losses", nargs="+", choices=[*LOSSES, *RULES], default=list(LOSSES),
                         help="hn sum warmup selhn, and the rule study's candidates (rules.py)")  # fmt: skip
-    parser.add_argument("--epsilons", type=float, nargs="*", default=list(SWEEP), help="extra SelHN epsilons")
     parser.add_argument(
-        "--sweep-seeds", type=int, nargs="*", default=None, help="seeds of the sweep (default: --seeds)"
+        "--epsilons", type=cli.number_at_least(0.0), nargs="*", default=list(SWEEP), help="extra SelHN epsilons"
     )
-    parser.add_argument("--steps", type=int, default=0, help="steps per run (0: the preset's epochs)")
-    parser.add_argument("--eval-steps", type=int, default=25)
-    parser.add_argument("--log-every", type=int, default=5)
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, in worker processes")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each worker (with --jobs > 1)")
+    parser.add_argument(
+        "--sweep-seeds", type=cli.seed, nargs="*", default=None, help="seeds of the sweep (when not given: --seeds)"
+    )
+    parser.add_argument(
+        "--steps", type=cli.integer_at_least(0), default=0, help="steps per run (0: the preset's epochs)"
+    )
+    parser.add_argument(
+        "--eval-steps", type=cli.integer_at_least(1), default=25, help="evaluate dev every this many steps"
+    )
+    parser.add_argument(
+        "--log-every", type=cli.integer_at_least(1), default=5, help="record the monitor every this many steps"
+    )
+    parser.add_argument(
+        "--jobs", type=cli.integer_at_least(1), default=1, help="runs trained at once, in worker processes"
+    )
+    parser.add_argument(
+        "--threads", type=cli.integer_at_least(1), default=1, help="intra-op threads of each worker (with --jobs > 1)"
+    )
     parser.add_argument("train_args", nargs="*", help="after --: arguments for every training run")
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.threads < 1:
-        parser.error("--jobs and --threads must be at least 1")
     if args.root is None:
         args.root = str(Path("data") / args.preset)
     return args
