@@ -39,6 +39,7 @@ from selhn._validation import (
     check_positive_int,
     check_scores,
 )
+from selhn.rules import SelectionRule, check_rule, lean_settings, rule_for, square_losses
 
 __all__ = [
     "CollapseAlarm",
@@ -258,7 +259,7 @@ def _through_normalisation(grad: Tensor, unit: Tensor, norms: Tensor | None) -> 
 def gradient_norms(
     img_emb: Tensor,
     txt_emb: Tensor,
-    loss: str = "selhn",
+    loss: str | SelectionRule = "selhn",
     margin: float = 0.2,
     epsilon: float = 0.01,
     *,
@@ -279,7 +280,9 @@ def gradient_norms(
     Args:
         img_emb: (B, D) L2-normalised image embeddings.
         txt_emb: (B, D) L2-normalised caption embeddings.
-        loss: ``"selhn"``, ``"hn"`` (max violation) or ``"sum"`` (sum of hinges).
+        loss: ``"selhn"``, ``"hn"`` (max violation) or ``"sum"`` (sum of hinges), or any
+            :class:`selhn.rules.SelectionRule` (the built-in rules analytically, any other
+            rule by autograd on its plain path: the same definitions).
         margin: triplet margin.
         epsilon: SelHN's gap threshold.
         fallback: SelHN's fallback, ``"mean"`` or ``"sum"``.
@@ -302,9 +305,12 @@ def gradient_norms(
         tensor([0.0000, 0.7071, 0.0000])
     """
     check_embeddings(img_emb, txt_emb)
-    mode, fallback_ = as_mode(loss), as_fallback(fallback)
+    if isinstance(loss, str):
+        epsilon = check_nonnegative(epsilon, "epsilon")
+        rule = rule_for(as_mode(loss), epsilon, as_fallback(fallback))
+    else:
+        rule = check_rule(loss, "loss")
     margin = check_nonnegative(margin, "margin")
-    epsilon = check_nonnegative(epsilon, "epsilon")
     batch = img_emb.shape[0]
     mask = check_mask(mask, batch, img_emb.device)
     for name, norms in (("img_norms", img_norms), ("txt_norms", txt_norms)):
@@ -313,13 +319,35 @@ def gradient_norms(
     dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
     img = img_emb.detach().to(dtype)
     txt = txt_emb.detach().to(dtype)
-    d_img, d_txt, anchor_img, anchor_txt = _fast.embedding_gradients(img, txt, mask, margin, epsilon, mode, fallback_)
+    lean = lean_settings(rule)
+    if lean is not None:
+        d_img, d_txt, anchor_img, anchor_txt = _fast.embedding_gradients(
+            img, txt, mask, margin, lean.epsilon, lean.mode, lean.fallback
+        )
+    else:
+        d_img, d_txt, anchor_img, anchor_txt = _rule_gradients(img, txt, mask, rule, margin)
     return GradientNorms(
         image=_through_normalisation(d_img, img, img_norms).norm(dim=1),
         text=_through_normalisation(d_txt, txt, txt_norms).norm(dim=1),
         image_anchor=_through_normalisation(anchor_img, img, img_norms).norm(dim=1),
         text_anchor=_through_normalisation(anchor_txt, txt, txt_norms).norm(dim=1),
     )
+
+
+def _rule_gradients(
+    img: Tensor, txt: Tensor, mask: Tensor | None, rule: SelectionRule, margin: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients :func:`gradient_norms` reads, for any rule, by autograd on its plain path.
+    Image anchor ``i``'s loss depends on image ``i`` alone among the images (row ``i`` of the
+    scores), so the image anchors' summed losses differentiated by the images give each anchor's
+    gradient through its own loss; likewise for the caption anchors and the captions."""
+    with torch.enable_grad():
+        img, txt = img.detach().requires_grad_(), txt.detach().requires_grad_()
+        per_anchor = square_losses(img @ txt.t(), mask, rule, margin)
+        d_img, d_txt = torch.autograd.grad(per_anchor.sum(), (img, txt), retain_graph=True)
+        (anchor_img,) = torch.autograd.grad(per_anchor[0].sum(), img, retain_graph=True)
+        (anchor_txt,) = torch.autograd.grad(per_anchor[1].sum(), txt)
+    return d_img, d_txt, anchor_img, anchor_txt
 
 
 # --------------------------------------------------------------------------- the alarm

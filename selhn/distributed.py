@@ -23,6 +23,7 @@ disagree on the loss, its settings, the embedding size or dtype, or whether ids 
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import torch
@@ -30,6 +31,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from selhn import _fast, _validation
+from selhn.losses import RuleLoss
+from selhn.rules import SelectionRule, check_rule, lean_settings, rule_for, side_losses
 
 __all__ = ["global_loss", "is_distributed"]
 
@@ -100,7 +103,7 @@ class _Ranks:
 def global_loss(
     img_emb: Tensor,
     txt_emb: Tensor,
-    loss: str = "selhn",
+    loss: str | SelectionRule = "selhn",
     margin: float = 0.2,
     epsilon: float = 0.01,
     *,
@@ -118,10 +121,12 @@ def global_loss(
     Args:
         img_emb: (B_r, D) this rank's L2-normalised image embeddings.
         txt_emb: (B_r, D) this rank's L2-normalised caption embeddings.
-        loss: ``"selhn"``, ``"hn"`` (max violation) or ``"sum"`` (sum of hinges).
+        loss: ``"selhn"``, ``"hn"`` (max violation) or ``"sum"`` (sum of hinges), or any
+            :class:`selhn.rules.SelectionRule` (a rule of your own is computed by plain
+            autograd through a differentiable all-gather, with the same equivalence).
         margin: triplet margin.
-        epsilon: SelHN's gap threshold.
-        fallback: SelHN's fallback, ``"mean"`` or ``"sum"``.
+        epsilon: SelHN's gap threshold (for ``loss="selhn"``; a rule carries its own).
+        fallback: SelHN's fallback, ``"mean"`` or ``"sum"`` (for ``loss="selhn"``).
         ids: optional (B_r,) integer ids (e.g. image ids).
         reduction: ``"mean"`` or ``"sum"`` over the 2 B_global anchors (``"none"`` is not
             available: the per-anchor losses live on different ranks).
@@ -143,21 +148,24 @@ def global_loss(
         >>> torch.allclose(global_loss(img, txt, "hn"), selhn.MaxViolationLoss()(img, txt))
         True
     """
-    if not is_distributed():  # the plain single-process loss, through the modules' own path
-        checked = _checked(img_emb, txt_emb, loss, margin, epsilon, fallback, ids, reduction)
-        mode, fallback_, margin, epsilon, mask = checked
-        return _fast.reduce(_fast.embedding_losses(img_emb, txt_emb, mask, margin, epsilon, mode, fallback_), reduction)
+    if not is_distributed():  # the single-process loss: the module of the rule (the lean path for a built-in one)
+        rule, margin, _ = _checked(img_emb, txt_emb, loss, margin, epsilon, fallback, ids, reduction)
+        value: Tensor = RuleLoss(rule, margin, reduction=reduction)(img_emb, txt_emb, ids)
+        return value
 
     # Every rank checks its own arguments, then all ranks compare them in one exchange: a rank
     # whose input is refused, or ranks that disagree, stop every rank with a clear error
     # (a rank that raised alone would leave the others waiting in a collective until a timeout).
     problem: Exception | None = None
+    checked: tuple[SelectionRule, float, Tensor | None] | None = None
     try:
         checked = _checked(img_emb, txt_emb, loss, margin, epsilon, fallback, ids, reduction)
-        mode, fallback_, margin, epsilon, _ = checked
     except (TypeError, ValueError) as error:
         problem = error
-    sizes = _agree(_signature(img_emb, loss, margin, epsilon, fallback, ids, reduction, problem is None), problem)
+    agreed_rule = None if checked is None else checked[0]
+    sizes = _agree(_signature(img_emb, agreed_rule, margin, ids, reduction, problem is None), problem, agreed_rule)
+    assert checked is not None  # (_agree raised otherwise)
+    rule, margin, _ = checked
     local = img_emb.shape[0]
     ranks = _Ranks(local, img_emb.device, sizes)
     excluded = None
@@ -165,7 +173,13 @@ def global_loss(
     if own_ids is not None:  # gathered as int64 whatever each rank's integer dtype (uint64 wraps, equality holds)
         own_ids = own_ids.to(img_emb.device, torch.int64)
         excluded = own_ids.unsqueeze(1) == ranks.rows(own_ids).unsqueeze(0)
-    share = _fast.embedding_losses(img_emb, txt_emb, excluded, margin, epsilon, mode, fallback_, ranks).sum()
+    lean = lean_settings(rule)
+    if lean is not None:
+        share = _fast.embedding_losses(
+            img_emb, txt_emb, excluded, margin, lean.epsilon, lean.mode, lean.fallback, ranks
+        ).sum()
+    else:
+        share = _plain_share(img_emb, txt_emb, excluded, rule, margin, ranks)
     share = share / (2 * sum(ranks.sizes)) if reduction == "mean" else share
     value = share.detach().clone()
     dist.all_reduce(value)
@@ -176,20 +190,53 @@ def global_loss(
 
 def _checked(
     img_emb: Any, txt_emb: Any, loss: Any, margin: Any, epsilon: Any, fallback: Any, ids: Any, reduction: Any
-) -> tuple[_validation.Mode, _validation.Fallback, float, float, Tensor | None]:
-    """This rank's arguments, checked (the errors name the argument)."""
+) -> tuple[SelectionRule, float, Tensor | None]:
+    """This rank's arguments, checked (the errors name the argument): the rule, the margin, the mask."""
     _validation.check_embeddings(img_emb, txt_emb)
-    mode, fallback_ = _validation.as_mode(loss), _validation.as_fallback(fallback)
+    if isinstance(loss, str):
+        epsilon = _validation.check_nonnegative(epsilon, "epsilon")
+        rule = rule_for(_validation.as_mode(loss), epsilon, _validation.as_fallback(fallback))
+    else:
+        rule = check_rule(loss, "loss")
     _validation.check_choice(reduction, "reduction", tuple(r for r in _validation.REDUCTIONS if r != "none"))
     margin = _validation.check_nonnegative(margin, "margin")
-    epsilon = _validation.check_nonnegative(epsilon, "epsilon")
     mask = _validation.ids_to_mask(ids, img_emb.shape[0], img_emb.device)
-    return mode, fallback_, margin, epsilon, mask
+    return rule, margin, mask
+
+
+class _Gathered(torch.autograd.Function):
+    """Every rank's (images, captions), differentiable: the gradient of the gathered rows goes
+    back to the rank that owns them, summed over the ranks (the plain path of a user's rule)."""
+
+    @staticmethod
+    def forward(ctx: Any, img: Tensor, txt: Tensor, ranks: _Ranks) -> tuple[Tensor, Tensor]:
+        ctx.ranks = ranks
+        return ranks.gather(img, txt)
+
+    @staticmethod
+    def backward(ctx: Any, d_img_all: Tensor, d_txt_all: Tensor) -> tuple[Tensor, Tensor, None]:
+        d_img, d_txt = ctx.ranks.scatter(d_img_all.contiguous(), d_txt_all.contiguous())
+        return d_img, d_txt, None
+
+
+def _plain_share(
+    img: Tensor, txt: Tensor, excluded: Tensor | None, rule: SelectionRule, margin: float, ranks: _Ranks
+) -> Tensor:
+    """This rank's anchors' summed losses under any rule, by plain autograd: its images against
+    every rank's captions, its captions against every rank's images (positives at the offset)."""
+    dtype = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)
+    with torch.autocast(device_type=img.device.type, enabled=False):
+        img, txt = img.to(dtype), txt.to(dtype)
+        img_all, txt_all = _Gathered.apply(img, txt, ranks)  # type: ignore[no-untyped-call]
+        positives = torch.arange(ranks.offset, ranks.offset + img.shape[0], device=img.device)
+        image_anchors = side_losses(img @ txt_all.t(), positives, excluded, rule, margin)
+        caption_anchors = side_losses(txt @ img_all.t(), positives, excluded, rule, margin)
+    return image_anchors.sum() + caption_anchors.sum()
 
 
 #: What every rank must agree on, in the order of :func:`_signature`'s vector (after a flag
 #: that says whether the rank's own arguments passed their checks, and its number of rows).
-_AGREED = ("embedding size", "embedding dtype", "ids given", "loss", "margin", "epsilon", "fallback", "reduction")
+_AGREED = ("embedding size", "embedding dtype", "ids given", "loss (its rule and settings)", "margin", "reduction")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -206,9 +253,11 @@ def _number(value: Any) -> float:
 
 
 def _signature(
-    img_emb: Any, loss: Any, margin: Any, epsilon: Any, fallback: Any, ids: Any, reduction: Any, ok: bool
+    img_emb: Any, rule: SelectionRule | None, margin: Any, ids: Any, reduction: Any, ok: bool
 ) -> list[float]:
-    """This rank's call as numbers (read even from arguments that failed their checks)."""
+    """This rank's call as numbers (read even from arguments that failed their checks). The
+    rule is compared by a checksum of its ``repr``, which for the built-in rules holds their
+    settings (loss name, epsilon, fallback)."""
     shape = tuple(img_emb.shape) if isinstance(img_emb, Tensor) else ()
     dtype = img_emb.dtype if isinstance(img_emb, Tensor) else None
     return [
@@ -217,17 +266,17 @@ def _signature(
         float(shape[1]) if len(shape) == 2 else -1.0,
         _code(dtype, _DTYPES),
         0.0 if ids is None else 1.0,
-        _code(loss, _validation.MODES),
+        -1.0 if rule is None else float(zlib.crc32(repr(rule).encode())),
         _number(margin),
-        _number(epsilon),
-        _code(fallback, _validation.FALLBACKS),
         _code(reduction, _validation.REDUCTIONS),
     ]
 
 
-def _agree(signature: list[float], problem: Exception | None) -> list[int]:
+def _agree(signature: list[float], problem: Exception | None, rule: SelectionRule | None) -> list[int]:
     """Exchange every rank's signature; raise on every rank if any rank's arguments failed
-    their checks or the ranks disagree; else return every rank's number of rows."""
+    their checks or the ranks disagree; else return every rank's number of rows. (Only when
+    the rules differ are their descriptions exchanged too, for the message: every rank sees
+    the same table, so all of them take that path together.)"""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     mine = torch.tensor(signature, dtype=torch.float64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
@@ -244,7 +293,10 @@ def _agree(signature: list[float], problem: Exception | None) -> list[int]:
     for column, name in enumerate(_AGREED, start=2):
         values = [row[column] for row in table]
         if any(not (v == values[0] or (math.isnan(v) and math.isnan(values[0]))) for v in values):
-            per_rank = ", ".join(f"rank {rank}: {_readable(name, value)}" for rank, value in enumerate(values))
+            readable: list[Any] = [_readable(name, value) for value in values]
+            if name.startswith("loss"):  # each rank's rule as it describes itself
+                dist.all_gather_object(readable, repr(rule))
+            per_rank = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(readable))
             raise ValueError(
                 f"selhn.distributed.global_loss: the ranks disagree on the {name} ({per_rank}); "
                 "every rank must call it with the same loss, margin, epsilon, fallback, reduction, embedding size and "
@@ -257,8 +309,6 @@ def _readable(name: str, value: float) -> str:
     """A signature entry as the argument it came from."""
     choices: dict[str, tuple[Any, ...]] = {
         "embedding dtype": _DTYPES,
-        "loss": _validation.MODES,
-        "fallback": _validation.FALLBACKS,
         "reduction": _validation.REDUCTIONS,
         "ids given": ("no", "yes"),
     }

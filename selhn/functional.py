@@ -33,9 +33,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from selhn import _fast
+from selhn import _selection as sel
 from selhn._validation import REDUCTIONS, as_fallback, check_choice, check_mask, check_nonnegative, check_scores
+from selhn.rules import SelectionRule, check_rule, lean_settings, square_losses
 
-__all__ = ["max_violation_loss", "selhn_loss", "sum_hinge_loss"]
+__all__ = ["max_violation_loss", "rule_loss", "selhn_loss", "sum_hinge_loss"]
 
 
 def selhn_loss(
@@ -198,3 +200,69 @@ def sum_hinge_loss(
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
     return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, "sum"), reduction)
+
+
+def rule_loss(
+    scores: Tensor,
+    rule: SelectionRule,
+    margin: float = 0.2,
+    *,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""The triplet loss of any selection rule over a score matrix.
+
+    For each anchor ``a`` in each direction, with the rule's (detached) weights
+    :math:`w_{an}` of its negatives :math:`n \in N_a`:
+
+    .. math::
+
+        \ell_a = \sum_{n \in N_a} w_{an} \max(0,\, m - s_p + s_n)
+
+    The built-in rules (:class:`~selhn.rules.SelHN`, :class:`~selhn.rules.MaxViolation`,
+    :class:`~selhn.rules.SumOfHinges`) give exactly :func:`selhn_loss`,
+    :func:`max_violation_loss` and :func:`sum_hinge_loss`, through the same lean backward;
+    any other rule is computed by plain autograd over its weighted hinges (see
+    :mod:`selhn.rules`).
+
+    Args:
+        scores: (B, B) scores, rows images, columns captions, positives on the diagonal.
+        rule: a :class:`~selhn.rules.SelectionRule` instance.
+        margin: triplet margin :math:`m` (>= 0).
+        mask: optional boolean (B, B), ``True`` where a pair is not a negative.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"`` over the 2B per-anchor losses.
+
+    Returns:
+        A scalar, or (2, B) per-anchor losses for ``reduction="none"``.
+
+    Shape:
+        - scores: :math:`(B, B)`
+        - mask: :math:`(B, B)`, boolean
+        - output: :math:`()` or :math:`(2, B)` for ``reduction="none"``
+
+    Example:
+        >>> import torch
+        >>> from selhn.functional import rule_loss
+        >>> from selhn.rules import SelHN, SelectionRule
+        >>> class Easiest(SelectionRule):               # the lowest-scoring negative only
+        ...     def weights(self, anchors):
+        ...         lowest = anchors.scores.masked_fill(~anchors.negatives, float("inf")).argmin(dim=1)
+        ...         return anchors.one_hot(lowest)
+        >>> scores = torch.tensor([[0.9, 0.8, 0.1], [0.5, 0.6, 0.4], [0.0, 0.5, 0.7]])
+        >>> rule_loss(scores, Easiest(), reduction="none")
+        tensor([[0.0000, 0.0000, 0.0000],
+                [0.0000, 0.1000, 0.0000]])
+        >>> rule_loss(scores, SelHN(epsilon=0.01), reduction="sum")
+        tensor(0.6000)
+    """
+    scores = check_scores(scores)
+    rule = check_rule(rule)
+    margin = check_nonnegative(margin, "margin")
+    mask = check_mask(mask, scores.shape[0], scores.device)
+    check_choice(reduction, "reduction", REDUCTIONS)
+    lean = lean_settings(rule)
+    if lean is not None:
+        per_anchor = _fast.score_losses(scores, mask, margin, lean.epsilon, lean.mode, lean.fallback)
+    else:
+        per_anchor = square_losses(scores.to(sel.compute_dtype(scores.dtype)), mask, rule, margin)
+    return _fast.reduce(per_anchor, reduction)

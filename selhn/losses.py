@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from selhn import _fast
@@ -28,8 +29,9 @@ from selhn._validation import (
     check_nonnegative,
     ids_to_mask,
 )
+from selhn.rules import MaxViolation, SelectionRule, SelHN, SumOfHinges, check_rule, lean_settings, square_losses
 
-__all__ = ["ContrastiveLoss", "MaxViolationLoss", "SelHNLoss", "SumHingeLoss"]
+__all__ = ["ContrastiveLoss", "MaxViolationLoss", "RuleLoss", "SelHNLoss", "SumHingeLoss"]
 
 
 class _TripletLoss(nn.Module):
@@ -126,6 +128,11 @@ class SelHNLoss(_TripletLoss):
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
         return self._loss(img_emb, txt_emb, ids, "selhn", self.epsilon, self.fallback)
 
+    @property
+    def rule(self) -> SelectionRule:
+        """This loss's selection rule, :class:`selhn.rules.SelHN` with its settings."""
+        return SelHN(self.epsilon, self.fallback)
+
     def extra_repr(self) -> str:
         return f"margin={self.margin}, epsilon={self.epsilon}, fallback={self.fallback!r}, reduction={self.reduction!r}"
 
@@ -170,6 +177,11 @@ class MaxViolationLoss(_TripletLoss):
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
         return self._loss(img_emb, txt_emb, ids, "hn")
 
+    @property
+    def rule(self) -> SelectionRule:
+        """This loss's selection rule, :class:`selhn.rules.MaxViolation`."""
+        return MaxViolation()
+
 
 class SumHingeLoss(_TripletLoss):
     r"""Sum-of-hinges triplet loss (VSE0) over embeddings.
@@ -206,6 +218,11 @@ class SumHingeLoss(_TripletLoss):
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
         return self._loss(img_emb, txt_emb, ids, "sum")
+
+    @property
+    def rule(self) -> SelectionRule:
+        """This loss's selection rule, :class:`selhn.rules.SumOfHinges`."""
+        return SumOfHinges()
 
 
 class ContrastiveLoss(_TripletLoss):
@@ -265,5 +282,82 @@ class ContrastiveLoss(_TripletLoss):
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
         return self._loss(im, s, ids, "hn" if self.max_violation else "sum")
 
+    @property
+    def rule(self) -> SelectionRule:
+        """The selection rule of the switch's current state (max violation or the sum of hinges)."""
+        return MaxViolation() if self.max_violation else SumOfHinges()
+
     def extra_repr(self) -> str:
         return f"margin={self.margin}, max_violation={self.max_violation}, reduction={self.reduction!r}"
+
+
+class RuleLoss(_TripletLoss):
+    r"""The triplet loss of any selection rule over embeddings.
+
+    Computes ``scores = img_emb @ txt_emb.T`` and returns
+    :func:`selhn.functional.rule_loss` of it: per anchor and direction, with the rule's
+    (detached) weights :math:`w_{an}` of the anchor's negatives,
+
+    .. math::
+
+        \ell_a = \sum_{n \in N_a} w_{an} \max(0,\, m - s_p + s_n)
+
+    For a built-in rule it is exactly :class:`SelHNLoss`, :class:`MaxViolationLoss` or
+    :class:`SumHingeLoss` (the same lean backward); any other rule is computed by plain
+    autograd, with the scores in float32 for half-precision embeddings, as the other modules
+    do. :meth:`max_violation_on` / :meth:`max_violation_off` are no-ops (the rule decides).
+
+    Args:
+        rule: a :class:`selhn.rules.SelectionRule` instance.
+        margin: triplet margin :math:`m` (>= 0).
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"`` over the 2B per-anchor losses.
+
+    Shape:
+        - img_emb: :math:`(B, D)`, L2-normalised
+        - txt_emb: :math:`(B, D)`, L2-normalised
+        - ids: optional :math:`(B,)` integers; pairs sharing an id are not negatives
+        - output: :math:`()` or :math:`(2, B)` for ``reduction="none"``
+
+    Example:
+        >>> import torch
+        >>> import selhn
+        >>> from selhn.rules import SelectionRule
+        >>> class ShareOfActive(SelectionRule):
+        ...     "The sum of hinges while over half of the negatives are active, else the hardest."
+        ...     def weights(self, anchors):
+        ...         share = (anchors.hinges > 0).sum(dim=1) / anchors.count.clamp(min=1)
+        ...         every = anchors.negatives.to(anchors.scores.dtype)
+        ...         hard = anchors.one_hot(anchors.hardest_index)
+        ...         return torch.where((share > 0.5).unsqueeze(1), every, hard)
+        >>> criterion = selhn.RuleLoss(ShareOfActive(), margin=0.2, reduction="sum")
+        >>> img = torch.nn.functional.normalize(torch.randn(8, 16), dim=1).requires_grad_()
+        >>> txt = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> criterion(img, txt).backward()
+        >>> img.grad.shape
+        torch.Size([8, 16])
+    """
+
+    def __init__(self, rule: SelectionRule, margin: float = 0.2, *, reduction: str = "mean") -> None:
+        super().__init__(margin, reduction)
+        self._rule = check_rule(rule)
+
+    @property
+    def rule(self) -> SelectionRule:
+        """The selection rule this loss applies."""
+        return self._rule
+
+    def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
+        """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
+        lean = lean_settings(self._rule)
+        if lean is not None:
+            return self._loss(img_emb, txt_emb, ids, lean.mode, lean.epsilon, lean.fallback)
+        check_embeddings(img_emb, txt_emb)
+        mask = ids_to_mask(ids, img_emb.shape[0], img_emb.device)
+        dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
+        with torch.autocast(device_type=img_emb.device.type, enabled=False):
+            scores = img_emb.to(dtype) @ txt_emb.to(dtype).t()
+            per_anchor = square_losses(scores, mask, self._rule, self.margin)
+        return _fast.reduce(per_anchor, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"rule={self._rule!r}, margin={self.margin}, reduction={self.reduction!r}"

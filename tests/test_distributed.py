@@ -19,8 +19,26 @@ import selhn
 from selhn import _fast
 from selhn import distributed as D
 from selhn import functional as F
+from selhn.rules import Anchors, SelectionRule
 
-CASES = list(itertools.product(["selhn", "hn", "sum"], ["mean", "sum"], [False, True]))
+
+class Tempered(SelectionRule):
+    """A user's rule (the rule study's tempered weighting): it takes the plain autograd path."""
+
+    def weights(self, anchors: Anchors) -> torch.Tensor:
+        return torch.exp((anchors.scores - anchors.hardest.unsqueeze(1)) / 0.1)
+
+    def __repr__(self) -> str:
+        return "Tempered(0.1)"
+
+
+CASES = list(itertools.product(["selhn", "hn", "sum", "tempered"], ["mean", "sum"], [False, True]))
+
+
+def as_loss(name: str) -> str | SelectionRule:
+    return Tempered() if name == "tempered" else name
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,7 +82,9 @@ def worker(rank: int, world: int, sizes: list[int], init_file: str, out: str) ->
     for loss_name, reduction, use_ids in CASES:
         model = torch.nn.parallel.DistributedDataParallel(make_model(0))
         img, txt = model(x[local], y[local])
-        value = D.global_loss(img, txt, loss_name, 0.2, 0.3, ids=ids[local] if use_ids else None, reduction=reduction)
+        value = D.global_loss(
+            img, txt, as_loss(loss_name), 0.2, 0.3, ids=ids[local] if use_ids else None, reduction=reduction
+        )
         value.backward()  # DDP averages the parameter gradients over the ranks
         results.append((value.detach(), [p.grad.clone() for p in model.parameters()]))
     if rank == world - 1:
@@ -91,6 +111,8 @@ def single_process(sizes: list[int]):
             value = F.selhn_loss(scores, 0.2, 0.3, mask=mask, reduction=reduction)
         elif loss_name == "hn":
             value = F.max_violation_loss(scores, 0.2, mask=mask, reduction=reduction)
+        elif loss_name == "tempered":
+            value = F.rule_loss(scores, Tempered(), 0.2, mask=mask, reduction=reduction)
         else:
             value = F.sum_hinge_loss(scores, 0.2, mask=mask, reduction=reduction)
         value.backward()
@@ -219,10 +241,15 @@ def _unit(rows: int, dim: int, seed: int, dtype: torch.dtype = torch.float64) ->
 #: rank's (img, txt, ids) to global_loss's arguments
 DISAGREEMENTS = [
     ("reduction", {"reduction": "mean"}, {"reduction": "sum"}, "disagree on the reduction"),
-    ("loss", {"loss": "selhn"}, {"loss": "hn"}, "disagree on the loss"),
+    (
+        "loss",
+        {"loss": "selhn"},
+        {"loss": "hn"},
+        r"disagree on the loss .*rank 0: SelHN\(epsilon=0.01.*rank 1: MaxViolation\(\)",
+    ),
     ("margin", {"margin": 0.2}, {"margin": 0.3}, "disagree on the margin"),
-    ("epsilon", {"epsilon": 0.01}, {"epsilon": 0.05}, "disagree on the epsilon"),
-    ("fallback", {"fallback": "mean"}, {"fallback": "sum"}, "disagree on the fallback"),
+    ("epsilon", {"epsilon": 0.01}, {"epsilon": 0.05}, r"disagree on the loss .*epsilon=0.01.*epsilon=0.05"),
+    ("fallback", {"fallback": "mean"}, {"fallback": "sum"}, r"disagree on the loss .*fallback='mean'.*fallback='sum'"),
     ("dim", {}, {"dim": 6}, "disagree on the embedding size"),
     ("dtype", {}, {"dtype": torch.float32}, "disagree on the embedding dtype"),
     ("ids on one rank", {"ids": torch.tensor([0, 1, 2])}, {}, "disagree on the ids given"),

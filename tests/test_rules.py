@@ -1,4 +1,8 @@
-"""The rule study's candidates (examples/rvsepp/rules.py) against literal loop references."""
+"""selhn.rules: the rule API, its plain autograd path and the built-in rules on both paths.
+
+The plain path serves any rule; for the built-in rules it is a second implementation beside
+the lean core, and both are judged by the literal loop references of tests/reference.py.
+"""
 
 from __future__ import annotations
 
@@ -9,98 +13,219 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from examples.rvsepp.rules import RULES, rule_loss
+import selhn
+from selhn import _fast
+from selhn import functional as F
+from selhn.rules import Anchors, MaxViolation, SelectionRule, SelHN, SumOfHinges, side_losses
+from selhn.testing import assert_finite_gradients, assert_no_vanishing, duplicate_ids, embedding_pairs, score_matrices
+from tests.reference import reference_loss
+
+BUILT_IN = {"selhn": SelHN(0.05), "selhn-sum": SelHN(0.05, "sum"), "hn": MaxViolation(), "sum": SumOfHinges()}
+REFERENCE = {
+    "selhn": {"loss": "selhn", "epsilon": 0.05},
+    "selhn-sum": {"loss": "selhn", "epsilon": 0.05, "fallback": "sum"},
+    "hn": {"loss": "hn"},
+    "sum": {"loss": "sum"},
+}
+FORMS = {"low rank": (1.0, 0.0), "sparse": (0.0, 1.0), "dense": (0.0, 0.0)}
 
 
-def literal(name: str, scores: torch.Tensor, margin: float, epsilon: float, mask: torch.Tensor | None) -> torch.Tensor:
-    """Each rule as its definition reads, anchor by anchor, in both directions (summed)."""
-    rule, param = RULES[name]
+class Plain(SelectionRule):
+    """A built-in rule's weights as a user rule: forced onto the plain autograd path."""
+
+    def __init__(self, inner: SelectionRule) -> None:
+        self.inner = inner
+
+    def weights(self, anchors: Anchors) -> torch.Tensor:
+        return self.inner.weights(anchors)
+
+    def __repr__(self) -> str:
+        return f"Plain({self.inner!r})"
+
+
+class Tempered(SelectionRule):
+    """The rule study's tempered rule, as a user writes it: w_n = exp((s_n - s_hardest) / T)."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def weights(self, anchors: Anchors) -> torch.Tensor:
+        return torch.exp((anchors.scores - anchors.hardest.unsqueeze(1)) / self.temperature)
+
+    def __repr__(self) -> str:
+        return f"Tempered({self.temperature})"
+
+
+def tempered_reference(scores: torch.Tensor, temperature: float, margin: float = 0.2) -> torch.Tensor:
+    """Tempered by the letter: one anchor and one negative at a time (per-anchor, (2, B))."""
     size = scores.shape[0]
-    total = scores.new_zeros(())
-    for matrix, excluded in ((scores, mask), (scores.t(), None if mask is None else mask.t())):
-        for i in range(size):
-            positive = matrix[i, i]
-            negatives = [j for j in range(size) if j != i and not (excluded is not None and bool(excluded[i, j]))]
-            if not negatives:
-                continue
-            hinge = {j: torch.clamp(margin - positive + matrix[i, j], min=0) for j in negatives}
-            hardest = negatives[0]
-            for j in negatives:
-                if matrix[i, j] > matrix[i, hardest]:
-                    hardest = j
-            if rule == "selhn-sum":
-                tied = abs((positive - matrix[i, hardest]).item()) < epsilon
-                total = total + (sum(hinge.values()) if tied else hinge[hardest])
-            elif rule == "share":
-                violating = sum(1 for j in negatives if hinge[j].item() > 0)
-                total = total + (sum(hinge.values()) if violating / len(negatives) > param else hinge[hardest])
-            elif rule == "tempered":
-                top = matrix[i, hardest].item()
-                total = total + sum(math.exp((matrix[i, j].item() - top) / param) * hinge[j] for j in negatives)
-            else:  # semihard
-                below = [j for j in negatives if matrix[i, j].item() < positive.item()]
-                if below:
-                    chosen = max(below, key=lambda j: matrix[i, j].item())
-                else:
-                    chosen = min(negatives, key=lambda j: matrix[i, j].item())
-                total = total + hinge[chosen]
-    return total
+    rows = []
+    for direction in (0, 1):
+        row = []
+        for a in range(size):
+            score = [scores[a, n] if direction == 0 else scores[n, a] for n in range(size)]
+            negatives = [n for n in range(size) if n != a]
+            total = scores.sum() * 0
+            if negatives:
+                hardest = max(score[n].item() for n in negatives)
+                for n in negatives:
+                    weight = math.exp((score[n].item() - hardest) / temperature)
+                    total = total + weight * torch.relu(margin - scores[a, a] + score[n])
+            row.append(total)
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
 
 
-@given(
-    name=st.sampled_from(sorted(RULES)),
-    size=st.integers(1, 7),
-    seed=st.integers(0, 2**31 - 1),
-    spread=st.sampled_from([0.005, 0.05, 0.5]),
-    margin=st.sampled_from([0.0, 0.2, 0.5]),
-    masked=st.booleans(),
-)
-def test_rules_match_their_literal_definition_in_values_and_gradients(name, size, seed, spread, margin, masked):
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(size, size, generator=generator, dtype=torch.float64) * spread
-    mask = torch.rand(size, size, generator=generator) < 0.3 if masked else None
-    scores = base.clone().requires_grad_()
-    value = rule_loss(name, scores, margin, 0.01, mask=mask)
-    (grad,) = torch.autograd.grad(value, scores)
-    reference_scores = base.clone().requires_grad_()
-    expected = literal(name, reference_scores, margin, 0.01, mask)
-    expected_grad = (
-        torch.autograd.grad(expected, reference_scores)[0] if expected.requires_grad else torch.zeros_like(base)
-    )
-    torch.testing.assert_close(value, expected)
-    torch.testing.assert_close(grad, expected_grad)
+def mask_of(ids: torch.Tensor | None) -> torch.Tensor | None:
+    return None if ids is None else ids[:, None] == ids[None, :]
 
 
-@pytest.mark.parametrize("name", sorted(RULES))
-def test_reductions_and_finiteness(name):
-    scores = torch.randn(6, 6, dtype=torch.float64)
-    per_anchor = rule_loss(name, scores, reduction="none")
-    assert per_anchor.shape == (2, 6)
-    torch.testing.assert_close(rule_loss(name, scores, reduction="sum"), per_anchor.sum())
-    torch.testing.assert_close(rule_loss(name, scores, reduction="mean"), per_anchor.mean())
-    # one anchor whose every pair is masked: no negative, a zero loss and finite gradients
-    mask = torch.zeros(6, 6, dtype=torch.bool)
-    mask[0, :] = True
-    mask[:, 0] = True
-    scores.requires_grad_()
-    value = rule_loss(name, scores, mask=mask, reduction="none")
-    assert value[0, 0] == 0 and value[1, 0] == 0
-    value.sum().backward()
-    assert torch.isfinite(scores.grad).all()
+# ------------------------------------------------------------------ both paths against the loop references
+@pytest.mark.parametrize("name", sorted(BUILT_IN))
+@given(scores=score_matrices(levels=5), data=st.data())
+def test_built_in_rules_on_the_plain_path_match_the_reference(name, scores, data):
+    ids = data.draw(st.none() | duplicate_ids(scores.shape[0]))
+    scores = scores.double()
+    for rule in (BUILT_IN[name], Plain(BUILT_IN[name])):  # the lean core, then plain autograd
+        leaf = scores.clone().requires_grad_()
+        got = F.rule_loss(leaf, rule, mask=mask_of(ids), reduction="none")
+        torch.autograd.backward(got.sum())
+        expected_leaf = scores.clone().requires_grad_()
+        expected = reference_loss(expected_leaf, reduction="none", mask=mask_of(ids), **REFERENCE[name])
+        torch.autograd.backward(expected.sum())
+        torch.testing.assert_close(got, expected, msg=lambda m, r=rule: f"{r!r}: {m}")
+        torch.testing.assert_close(leaf.grad, expected_leaf.grad, msg=lambda m, r=rule: f"{r!r}: {m}")
 
 
-@pytest.mark.parametrize("name", ["share-0.5", "tempered-0.02", "selhn-sum"])
-def test_a_collapsed_batch_gets_the_sum_of_hinges(name):
-    # every score equal (a full collapse): these rules fall back to the sum of hinges (SelHN's mean would be
-    # B - 1 times smaller), which is what keeps them off the plateau
-    scores = torch.full((5, 5), 0.3, dtype=torch.float64)
-    torch.testing.assert_close(rule_loss(name, scores), torch.tensor(2 * 5 * 4 * 0.2, dtype=torch.float64))
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("name", sorted(BUILT_IN))
+@given(pair=embedding_pairs(), data=st.data())
+def test_every_lean_form_equals_the_plain_path(name, form, pair, data):
+    """The lean backward's forms (dense, low rank, sparse; rows where few anchors fall back)
+    against the plain path of the same rule, over embeddings, in values and gradients."""
+    img, txt = (x.double() for x in pair)
+    ids = data.draw(st.none() | duplicate_ids(img.shape[0]))
+    results = []
+    for rule in (BUILT_IN[name], Plain(BUILT_IN[name])):
+        leaves = [img.clone().requires_grad_(), txt.clone().requires_grad_()]
+        with _fast.forced_pair_form_fractions(*FORMS[form]):
+            value = selhn.RuleLoss(rule, reduction="none")(*leaves, ids=ids)
+        torch.autograd.backward(value.sum())
+        results.append((value, leaves[0].grad, leaves[1].grad))
+    for lean, plain in zip(*results, strict=True):
+        torch.testing.assert_close(lean, plain)
 
 
-def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="name must be one of"):
-        rule_loss("max", torch.zeros(2, 2))
-    with pytest.raises(ValueError, match="reduction"):
-        rule_loss("semihard", torch.zeros(2, 2), reduction="avg")
-    with pytest.raises(ValueError, match="square"):
-        rule_loss("semihard", torch.zeros(2, 3))
+def test_built_in_modules_carry_their_rule():
+    assert repr(selhn.SelHNLoss(epsilon=0.05, fallback="sum").rule) == "SelHN(epsilon=0.05, fallback='sum')"
+    assert isinstance(selhn.MaxViolationLoss().rule, MaxViolation)
+    assert isinstance(selhn.SumHingeLoss().rule, SumOfHinges)
+    switch = selhn.ContrastiveLoss()
+    assert isinstance(switch.rule, SumOfHinges)
+    switch.max_violation_on()
+    assert isinstance(switch.rule, MaxViolation)
+
+
+# ------------------------------------------------------------------ a user's rule
+@given(scores=score_matrices(levels=4))
+def test_a_user_rule_matches_its_literal_definition(scores):
+    scores = scores.double()
+    leaf = scores.clone().requires_grad_()
+    got = F.rule_loss(leaf, Tempered(0.05), reduction="none")
+    torch.autograd.backward(got.sum())
+    expected_leaf = scores.clone().requires_grad_()
+    expected = tempered_reference(expected_leaf, 0.05)
+    torch.autograd.backward(expected.sum())
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(leaf.grad, expected_leaf.grad)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_module_equals_function_for_a_user_rule(reduction):
+    generator = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(9, 6, generator=generator, dtype=torch.float64), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(9, 6, generator=generator, dtype=torch.float64), dim=1)
+    ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6])
+    module = selhn.RuleLoss(Tempered(0.1), reduction=reduction)(img, txt, ids=ids)
+    function = F.rule_loss(img @ txt.T, Tempered(0.1), mask=mask_of(ids), reduction=reduction)
+    torch.testing.assert_close(module, function)
+    assert "rule=Tempered(0.1)" in repr(selhn.RuleLoss(Tempered(0.1)))
+
+
+def test_a_user_rule_passes_gradcheck_in_float64():
+    """gradcheck holds where the weights are locally constant (a rule whose weights move with the
+    scores, such as the tempered one, is differentiated with its weights held fixed, by design,
+    which finite differences cannot do)."""
+    generator = torch.Generator().manual_seed(2)
+    img = torch.nn.functional.normalize(torch.randn(6, 5, generator=generator, dtype=torch.float64), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.4 * torch.randn(6, 5, generator=generator, dtype=torch.float64), dim=1)
+    for rule in (Plain(SelHN(0.05)), Plain(MaxViolation()), Plain(SumOfHinges())):
+        criterion = selhn.RuleLoss(rule, reduction="sum")
+        assert torch.autograd.gradcheck(criterion, (img.clone().requires_grad_(), txt.clone().requires_grad_()))
+
+
+def test_half_precision_embeddings_are_scored_in_float32_for_a_user_rule():
+    generator = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(8, 6, generator=generator), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(8, 6, generator=generator), dim=1)
+    half = selhn.RuleLoss(Tempered(0.1))(img.bfloat16(), txt.bfloat16())
+    assert half.dtype == torch.float32
+    full = selhn.RuleLoss(Tempered(0.1))(img.bfloat16().float(), txt.bfloat16().float())
+    torch.testing.assert_close(half, full)
+
+
+def test_the_testing_helpers_judge_a_user_rule_by_its_maths():
+    """Its own rule, not its name: max violation's weights fail the vanishing check on the
+    plain path as on the lean one; SelHN's and a tempered rule's keep a gradient; every rule
+    keeps its gradients finite."""
+    with pytest.raises(AssertionError, match="the gradient vanishes where the hardest negatives collapse"):
+        assert_no_vanishing(selhn.RuleLoss(Plain(MaxViolation()), reduction="none"), max_examples=5)
+    assert_no_vanishing(selhn.RuleLoss(Plain(SelHN()), reduction="none"), max_examples=5)
+    assert_no_vanishing(selhn.RuleLoss(Tempered(0.1), reduction="none"), max_examples=5)
+    assert_finite_gradients(selhn.RuleLoss(Tempered(0.02)), max_examples=10)
+
+
+def test_gradient_norms_of_a_user_rule_equal_the_analytic_ones_of_its_built_in_twin():
+    from selhn.diagnostics import gradient_norms
+
+    generator = torch.Generator().manual_seed(4)
+    img = torch.nn.functional.normalize(torch.randn(7, 5, generator=generator, dtype=torch.float64), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.3 * torch.randn(7, 5, generator=generator, dtype=torch.float64), dim=1)
+    for name, rule in (("selhn", SelHN(0.3)), ("hn", MaxViolation()), ("sum", SumOfHinges())):
+        lean, plain = gradient_norms(img, txt, name, epsilon=0.3), gradient_norms(img, txt, Plain(rule))
+        for field in ("image", "text", "image_anchor", "text_anchor"):
+            torch.testing.assert_close(getattr(plain, field), getattr(lean, field))
+
+
+def test_side_losses_of_a_rectangle_put_each_positive_at_its_column():
+    scores = torch.tensor([[0.1, 0.9, 0.5], [0.4, 0.2, 0.7]], dtype=torch.float64)  # anchors 1, 2 of a batch of 3
+    losses = side_losses(scores, torch.tensor([1, 2]), None, SumOfHinges(), margin=0.2)
+    expected = [max(0, 0.2 - 0.9 + 0.1) + max(0, 0.2 - 0.9 + 0.5), max(0, 0.2 - 0.7 + 0.4) + max(0, 0.2 - 0.7 + 0.2)]
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------ bad rules
+def test_bad_rules_are_refused_by_name():
+    class Wrong(SelectionRule):
+        def __init__(self, result):
+            self.result = result
+
+        def weights(self, anchors):
+            return self.result(anchors)
+
+    scores = torch.rand(4, 4)
+    with pytest.raises(TypeError, match="rule must be a SelectionRule instance, got the class SelHN: call it"):
+        F.rule_loss(scores, SelHN)
+    with pytest.raises(TypeError, match=r"rule must be a selhn.rules.SelectionRule \(subclass it\), got function"):
+        selhn.RuleLoss(lambda anchors: anchors.negatives)
+    with pytest.raises(TypeError, match="weights must return a torch.Tensor, got list"):
+        F.rule_loss(scores, Wrong(lambda a: [1.0]))
+    with pytest.raises(ValueError, match=r"one weight per \(anchor, candidate\), shape \(4, 4\), got \(4,\)"):
+        F.rule_loss(scores, Wrong(lambda a: a.positive))
+    with pytest.raises(ValueError, match="returned a NaN or infinite weight for a negative"):
+        F.rule_loss(scores, Wrong(lambda a: torch.full_like(a.scores, math.nan)))
+    # what a rule returns at the positives and masked pairs is ignored, NaN included
+    ignored = Wrong(lambda a: torch.where(a.negatives, 1.0, math.nan))
+    torch.testing.assert_close(F.rule_loss(scores, ignored), F.sum_hinge_loss(scores))
+    with pytest.raises(TypeError, match="loss must be a selhn.rules.SelectionRule"):
+        selhn.distributed.global_loss(scores, scores, loss=3)

@@ -1,0 +1,338 @@
+r"""Selection rules: which negatives' hinges count for each anchor, and with which weight.
+
+Every triplet loss of this field has one form. For an anchor :math:`a` with positive score
+:math:`s_p`, negatives :math:`n \in N_a` and hinges :math:`h_n = \max(0,\ m - s_p + s_n)`,
+
+.. math::
+
+    \ell_a = \sum_{n \in N_a} w_{an}\, h_n ,
+
+where the weights :math:`w_{an}` are chosen from the (detached) scores and carry no
+gradient. A *selection rule* is that choice:
+
+* :class:`MaxViolation` (VSE++): weight 1 on the hardest negative, 0 elsewhere;
+* :class:`SumOfHinges` (VSE0): weight 1 on every negative;
+* :class:`SelHN`: per anchor, the sum of hinges' weights divided by :math:`|N_a|` (its mean)
+  while the gap :math:`|s_p - s_{\hat n}|` is below epsilon, else max violation's.
+
+Write your own by subclassing :class:`SelectionRule` and returning the weights from
+:meth:`SelectionRule.weights`; it sees one direction's anchors at a time as an
+:class:`Anchors` (scores, positives, which candidates are negatives, the hardest negative,
+the gap, the hinges). :class:`selhn.RuleLoss` and :func:`selhn.functional.rule_loss` turn
+any rule into a loss over embeddings or over a score matrix;
+:func:`selhn.distributed.global_loss` and :func:`selhn.diagnostics.gradient_norms` take a
+rule too, and :mod:`selhn.testing`'s helpers test the loss it gives.
+
+Any rule is computed exactly by plain autograd over its weighted hinges (:func:`side_losses`).
+The three built-in rules are also served by the package's lean backward (the same values
+and gradients, in less time and memory; the tests hold both paths to the literal loop
+references); a rule of your own takes the plain path, and so does a subclass of a built-in
+rule.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from selhn import _selection as sel
+from selhn._validation import Fallback, Mode, as_fallback, check_nonnegative
+
+__all__ = ["Anchors", "MaxViolation", "SelHN", "SelectionRule", "SumOfHinges", "side_losses"]
+
+
+@dataclass(frozen=True, eq=False)
+class Anchors:
+    """One direction's anchors of a batch, as a selection rule sees them. Every tensor is
+    detached; anchors are rows, candidates columns.
+
+    For image anchors (image-to-text) row ``a`` is image ``a`` against the captions; for
+    caption anchors (text-to-image) row ``a`` is caption ``a`` against the images. Under
+    :func:`selhn.distributed.global_loss` the candidates are the global batch.
+
+    Attributes:
+        scores: (L, C) the score of each anchor with each candidate; ``-inf`` where the
+            candidate is not a negative (the anchor's positive, and masked pairs).
+        positive: (L,) each anchor's positive score.
+        negatives: (L, C) boolean, ``True`` where the candidate is a negative of the anchor.
+        margin: the triplet margin :math:`m`.
+
+    Example:
+        >>> import torch
+        >>> from selhn.rules import Anchors
+        >>> inf = float("-inf")
+        >>> anchors = Anchors(torch.tensor([[inf, 0.5, 0.7]]), torch.tensor([0.6]),
+        ...                   torch.tensor([[False, True, True]]), margin=0.2)
+        >>> anchors.hardest, anchors.hardest_index, anchors.gap
+        (tensor([0.7000]), tensor([2]), tensor([-0.1000]))
+        >>> anchors.hinges
+        tensor([[0.0000, 0.1000, 0.3000]])
+    """
+
+    scores: Tensor
+    positive: Tensor
+    negatives: Tensor
+    margin: float
+
+    @functools.cached_property
+    def _hardest(self) -> tuple[Tensor, Tensor]:
+        return sel.max_along(self.scores, 1)
+
+    @property
+    def hardest(self) -> Tensor:
+        """(L,) the hardest (highest-scoring) negative's score; ``-inf`` without negatives."""
+        return self._hardest[0]
+
+    @property
+    def hardest_index(self) -> Tensor:
+        """(L,) the hardest negative's candidate (ties: the lowest index)."""
+        return self._hardest[1]
+
+    @property
+    def gap(self) -> Tensor:
+        """(L,) ``positive - hardest``: SelHN's gradient-vanishing signal (``+inf`` without negatives)."""
+        return sel.gap(self.positive, self.hardest)
+
+    @property
+    def hinges(self) -> Tensor:
+        """(L, C) ``max(0, margin - positive + score)``: 0 where the candidate is no negative."""
+        return sel.hinge(self.positive.unsqueeze(1), self.scores, self.margin)
+
+    @property
+    def count(self) -> Tensor:
+        """(L,) the number of negatives of each anchor, :math:`|N_a|`."""
+        return self.negatives.sum(dim=1)
+
+    def one_hot(self, index: Tensor) -> Tensor:
+        """(L, C) weights 1 at candidate ``index[a]`` of each anchor (0 where it is no negative)."""
+        chosen = torch.zeros_like(self.scores).scatter_(1, index.unsqueeze(1), 1.0)
+        return torch.where(self.negatives, chosen, 0.0)
+
+
+class SelectionRule(abc.ABC):
+    """A selection rule: per anchor, the weight of each negative's hinge in its loss.
+
+    Subclass it and implement :meth:`weights`. The weights are taken as constants (no
+    gradient flows through the selection), must be finite, and count only at negatives
+    (whatever a rule returns elsewhere is ignored). Give the rule a readable ``repr``: the
+    modules print it, and the distributed loss compares it across ranks.
+
+    Example:
+        >>> import torch
+        >>> import selhn
+        >>> from selhn.rules import SelectionRule
+        >>> class Tempered(SelectionRule):
+        ...     '''Every hinge weighted by exp((s_n - s_hardest) / T): near the sum of
+        ...     hinges while the negatives are close, near the hardest negative once they spread.'''
+        ...     def __init__(self, temperature: float) -> None:
+        ...         self.temperature = temperature
+        ...     def weights(self, anchors):
+        ...         spread = anchors.scores - anchors.hardest.unsqueeze(1)   # <= 0 at the negatives
+        ...         return torch.exp(spread / self.temperature)
+        ...     def __repr__(self) -> str:
+        ...         return f"Tempered({self.temperature})"
+        >>> criterion = selhn.RuleLoss(Tempered(0.05))
+        >>> img = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> txt = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> loss = criterion(img, txt)
+        >>> bool(loss >= 0)
+        True
+    """
+
+    @abc.abstractmethod
+    def weights(self, anchors: Anchors) -> Tensor:
+        """The (L, C) weights of the hinges of ``anchors`` (one direction's anchors)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class MaxViolation(SelectionRule):
+    r"""VSE++'s max violation: weight 1 on the hardest negative, :math:`\ell_a = h_{\hat n}`.
+
+    Example:
+        >>> import torch
+        >>> from selhn.functional import rule_loss, max_violation_loss
+        >>> from selhn.rules import MaxViolation
+        >>> scores = torch.rand(5, 5)
+        >>> torch.equal(rule_loss(scores, MaxViolation()), max_violation_loss(scores))
+        True
+    """
+
+    def weights(self, anchors: Anchors) -> Tensor:
+        return anchors.one_hot(anchors.hardest_index)
+
+
+class SumOfHinges(SelectionRule):
+    r"""VSE0's sum of hinges: weight 1 on every negative, :math:`\ell_a = \sum_n h_n`.
+
+    Example:
+        >>> import torch
+        >>> from selhn.functional import rule_loss, sum_hinge_loss
+        >>> from selhn.rules import SumOfHinges
+        >>> scores = torch.rand(5, 5)
+        >>> torch.allclose(rule_loss(scores, SumOfHinges()), sum_hinge_loss(scores))
+        True
+    """
+
+    def weights(self, anchors: Anchors) -> Tensor:
+        return anchors.negatives.to(anchors.scores.dtype)
+
+
+class SelHN(SelectionRule):
+    r"""SelHN: per anchor, the mean (or sum) of all its hinges while
+    :math:`|s_p - s_{\hat n}| < \epsilon`, else the hardest negative's hinge.
+
+    Args:
+        epsilon: the gap threshold :math:`\epsilon` (>= 0; the authors' 0.01).
+        fallback: ``"mean"`` (weights :math:`1 / |N_a|`, the authors' code) or ``"sum"``
+            (weights 1) for an anchor in the vanishing regime.
+
+    Example:
+        >>> import torch
+        >>> from selhn.functional import rule_loss, selhn_loss
+        >>> from selhn.rules import SelHN
+        >>> scores = torch.full((4, 4), 0.5)          # collapsed: every anchor falls back
+        >>> torch.equal(rule_loss(scores, SelHN(0.01)), selhn_loss(scores, epsilon=0.01))
+        True
+    """
+
+    def __init__(self, epsilon: float = 0.01, fallback: Fallback = "mean") -> None:
+        self.epsilon = check_nonnegative(epsilon, "epsilon")
+        self.fallback: Fallback = as_fallback(fallback)
+
+    def weights(self, anchors: Anchors) -> Tensor:
+        hard = anchors.one_hot(anchors.hardest_index)
+        every = anchors.negatives.to(anchors.scores.dtype)
+        if self.fallback == "mean":
+            every = every / anchors.count.clamp(min=1).unsqueeze(1).to(every.dtype)
+        vanishing = sel.vanishing(anchors.gap, self.epsilon)
+        return torch.where(vanishing.unsqueeze(1), every, hard)
+
+    def __repr__(self) -> str:
+        return f"SelHN(epsilon={self.epsilon}, fallback={self.fallback!r})"
+
+
+class LeanSettings(NamedTuple):
+    """How the lean core computes a built-in rule: its mode and SelHN's settings."""
+
+    mode: Mode
+    epsilon: float
+    fallback: Fallback
+
+
+def lean_settings(rule: SelectionRule) -> LeanSettings | None:
+    """The lean core's settings for exactly a built-in rule (not a subclass: it may have
+    changed the weights); None for every other rule, which takes the plain path."""
+    if type(rule) is MaxViolation:
+        return LeanSettings("hn", 0.0, "mean")
+    if type(rule) is SumOfHinges:
+        return LeanSettings("sum", 0.0, "mean")
+    if type(rule) is SelHN:
+        return LeanSettings("selhn", rule.epsilon, rule.fallback)
+    return None
+
+
+def rule_for(mode: Mode, epsilon: float = 0.01, fallback: Fallback = "mean") -> SelectionRule:
+    """The built-in rule of a loss name (``"selhn"``, ``"hn"``, ``"sum"``)."""
+    if mode == "hn":
+        return MaxViolation()
+    if mode == "sum":
+        return SumOfHinges()
+    return SelHN(epsilon, fallback)
+
+
+def check_rule(value: object, name: str = "rule") -> SelectionRule:
+    """Require a :class:`SelectionRule` instance (a class, or a function, is refused by name)."""
+    if isinstance(value, type) and issubclass(value, SelectionRule):
+        raise TypeError(
+            f"{name} must be a SelectionRule instance, got the class {value.__name__}: call it, e.g. {value.__name__}()"
+        )
+    if not isinstance(value, SelectionRule):
+        raise TypeError(f"{name} must be a selhn.rules.SelectionRule (subclass it), got {type(value).__name__}")
+    return value
+
+
+# --------------------------------------------------------------------------- the plain path
+def side_losses(
+    scores: Tensor, positive_column: Tensor, excluded: Tensor | None, rule: SelectionRule, margin: float
+) -> Tensor:
+    r"""One direction's per-anchor losses :math:`\ell_a = \sum_n w_{an} h_n` by plain autograd.
+
+    Anchor ``a`` is row ``a`` of ``scores``; its positive is column ``positive_column[a]``;
+    ``excluded`` marks the other candidates that are no negatives (shared ids). The rule's
+    weights are computed on detached scores, so the gradient flows through the hinges only.
+
+    Args:
+        scores: (L, C) scores, differentiable.
+        positive_column: (L,) integer column of each anchor's positive.
+        excluded: optional (L, C) boolean, ``True`` = not a negative.
+        rule: the selection rule.
+        margin: the triplet margin.
+
+    Returns:
+        (L,) per-anchor losses.
+
+    Example:
+        >>> import torch
+        >>> from selhn.rules import SumOfHinges, side_losses
+        >>> scores = torch.tensor([[0.9, 0.8], [0.1, 0.5]])
+        >>> side_losses(scores, torch.arange(2), None, SumOfHinges(), margin=0.2)
+        tensor([0.1000, 0.0000])
+    """
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    positive = scores[rows, positive_column]
+    negatives = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    negatives[rows, positive_column] = False
+    if excluded is not None:
+        negatives &= ~excluded
+    anchors = Anchors(
+        scores=scores.detach().masked_fill(~negatives, -math.inf),
+        positive=positive.detach(),
+        negatives=negatives,
+        margin=margin,
+    )
+    weights = _checked_weights(rule, anchors)  # 0 wherever the candidate is no negative
+    hinges = sel.hinge(positive.unsqueeze(1), scores, margin)
+    # only weighted hinges count: a zero weight never multiplies an infinite hinge into NaN
+    weighted = torch.where(weights != 0, weights * hinges, 0.0)
+    return weighted.sum(dim=1)
+
+
+def _checked_weights(rule: SelectionRule, anchors: Anchors) -> Tensor:
+    """The rule's weights, detached and checked (shape, dtype, finite at the negatives), and 0
+    wherever the candidate is no negative: whatever the rule returned there (a NaN from
+    ``-inf - -inf``, say) must not reach the product with the hinges, whose gradient would
+    carry it even where the product is not selected."""
+    weights = rule.weights(anchors)
+    if not isinstance(weights, Tensor):
+        raise TypeError(f"{rule!r}.weights must return a torch.Tensor, got {type(weights).__name__}")
+    if tuple(weights.shape) != tuple(anchors.scores.shape):
+        raise ValueError(
+            f"{rule!r}.weights must return one weight per (anchor, candidate), shape {tuple(anchors.scores.shape)}, "
+            f"got {tuple(weights.shape)}"
+        )
+    if not weights.is_floating_point():
+        weights = weights.to(anchors.scores.dtype)
+    weights = weights.detach().to(anchors.scores.dtype)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(weights[anchors.negatives]).all()):
+        raise ValueError(f"{rule!r}.weights returned a NaN or infinite weight for a negative: weights must be finite")
+    return torch.where(anchors.negatives, weights, 0.0)
+
+
+def square_losses(scores: Tensor, excluded: Tensor | None, rule: SelectionRule, margin: float) -> Tensor:
+    """Both directions' per-anchor losses (2, B) of a square score matrix by plain autograd:
+    the rows (image anchors), then the columns (caption anchors)."""
+    diagonal = torch.arange(scores.shape[0], device=scores.device)
+    return torch.stack(
+        [
+            side_losses(scores, diagonal, excluded, rule, margin),
+            side_losses(scores.t(), diagonal, None if excluded is None else excluded.t(), rule, margin),
+        ]
+    )
