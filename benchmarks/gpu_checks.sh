@@ -37,6 +37,6 @@ FLICKR=(--synthetic-train 29000 --synthetic-dev 1014 --synthetic-test 1000)
 common=(--preset paper --root /tmp/data --max-steps 200 --no-eval-test --tensorboard off --workers 8 --log-every 50 ${FLICKR[*]})
 stage throughput 100 bash -c "for loss in selhn hn; do python3 -m examples.rvsepp.train ${common[*]} --loss \$loss --out /tmp/tp_\$loss > /dev/null && python3 -c \"import json; r = json.load(open('/tmp/tp_\$loss/results.json')); print('\$loss', round(128 / r['step_seconds']), 'images/s (median step', round(1000 * r['step_seconds'], 1), 'ms)')\"; done"
 stage eval 40 python3 benchmarks/eval_scale.py --images 5000 --device cuda
-stage compare 170 python3 -m examples.rvsepp.compare --out "$OUT/compare" --root /tmp/data --preset paper --seeds 0 --epsilons --steps "$STEPS" --eval-steps 100 --log-every 10 -- --workers 8 ${FLICKR[*]}
+stage compare 170 python3 -m examples.selection_study.compare --out "$OUT/compare" --root /tmp/data --preset paper --seeds 0 --epsilons --steps "$STEPS" --eval-steps 100 --log-every 10 -- --workers 8 ${FLICKR[*]}
 cp "$OUT"/compare/comparison.md "$OUT"/compare/comparison.png "$OUT"/compare/dev.csv "$OUT"/ 2>/dev/null
 rm -rf "$OUT/compare"

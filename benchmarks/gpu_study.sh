@@ -2,7 +2,7 @@
 # The GPU run of issues 14 (item 5) and 18, as one prepared command for a lent GPU machine:
 #   flickr: the paper's configuration at Flickr30K size (29,000 / 1,014 / 1,000 images, 36 x 2048
 #           regions), 3 epochs, hn / warmup / selhn (seed 0), dev every 200 steps;
-#   study:  the rule study (examples/rvsepp/study.py: selection on seeds 0-4, the mechanical choice,
+#   study:  the rule study (examples/selection_study/study.py: selection on seeds 0-4, the mechanical choice,
 #           the held-out confirmation), fp32, in a pool of worker processes;
 #   cuda:   tests/test_cuda.py.
 # The three tracks run side by side. At DEADLINE seconds every track is stopped and whatever finished
@@ -49,9 +49,9 @@ track() {  # name, command...: runs in the background, its output in $WORK/<name
   PIDS+=($!)
 }
 PIDS=()
-track flickr "$PY" -m examples.rvsepp.compare --out "$WORK/flickr" --root "$WORK/data/f30k" --preset paper \
+track flickr "$PY" -m examples.selection_study.compare --out "$WORK/flickr" --root "$WORK/data/f30k" --preset paper \
   --seeds 0 --losses hn warmup selhn --epsilons --eval-steps 200 --log-every 20 --jobs 3 --threads 2 -- "${FLICKR[@]}"
-track study nice -n 5 "$PY" -m examples.rvsepp.study --out "$WORK/study" --data "$WORK/data/study" --jobs "$JOBS" \
+track study nice -n 5 "$PY" -m examples.selection_study.study --out "$WORK/study" --data "$WORK/data/study" --jobs "$JOBS" \
   "${TOY[@]}"
 track cuda nice -n 10 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
 running() { for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selhn import _selection as sel
-from selhn._validation import Fallback, Mode
+from selhn._validation import Mode
+from selhn.types import Fallback
 
 logger = logging.getLogger(__name__)
 
@@ -418,11 +419,13 @@ class EmbeddingLoss(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, img: Tensor, txt: Tensor, excluded: Tensor | None, margin: float, epsilon: float, mode: Mode,
-        fallback: Fallback, ranks: Ranks | None,
+        fallback: Fallback, ranks: Ranks | None, observe: Callable[[Tensor], None] | None = None,
     ) -> Tensor:  # fmt: skip
         ctx.lean, ctx.ranks = not torch.compiler.is_compiling(), ranks
         if ranks is None:
             img_all, txt_all, offset, layout, matrices = img, txt, 0, SQUARE, [img @ txt.t()]
+            if observe is not None:  # (before the non-negatives are overwritten)
+                observe(matrices[0])
         else:
             (img_all, txt_all), offset, layout = ranks.gather(img, txt), ranks.offset, RECTANGLES
             matrices = [img @ txt_all.t(), txt @ img_all.t()]
@@ -442,7 +445,7 @@ class EmbeddingLoss(torch.autograd.Function):
         )
         if ctx.ranks is not None:
             d_img, d_txt = ctx.ranks.scatter(d_img, d_txt)
-        return d_img if ctx.needs_input_grad[0] else None, d_txt if ctx.needs_input_grad[1] else None, *[None] * 6
+        return d_img if ctx.needs_input_grad[0] else None, d_txt if ctx.needs_input_grad[1] else None, *[None] * 7
 
 
 # --------------------------------------------------------------------------- the internal API
@@ -458,14 +461,15 @@ def score_losses(
 
 def embedding_losses(
     img: Tensor, txt: Tensor, excluded: Tensor | None, margin: float, epsilon: float, mode: Mode,
-    fallback: Fallback = "mean", ranks: Ranks | None = None,
+    fallback: Fallback = "mean", ranks: Ranks | None = None, observe: Callable[[Tensor], None] | None = None,
 ) -> Tensor:  # fmt: skip
     """Per-anchor losses (2, L) of ``img`` and ``txt`` against the batch (every rank's with
-    ``ranks``), scored in float32 or wider outside autocast, with the lean backward."""
+    ``ranks``), scored in float32 or wider outside autocast, with the lean backward.
+    ``observe`` (the square batch only) is handed the score matrix before it is used."""
     dtype = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)
     with torch.autocast(device_type=img.device.type, enabled=False):
         losses: Tensor = EmbeddingLoss.apply(  # type: ignore[no-untyped-call]
-            img.to(dtype), txt.to(dtype), excluded, margin, epsilon, mode, fallback, ranks
+            img.to(dtype), txt.to(dtype), excluded, margin, epsilon, mode, fallback, ranks, observe
         )
     return losses
 
@@ -487,4 +491,10 @@ def embedding_gradients(
 
 def reduce(per_anchor: Tensor, reduction: str) -> Tensor:
     """Reduce (2, B) per-anchor losses: ``"mean"``, ``"sum"`` or ``"none"`` (unchanged)."""
-    return per_anchor.mean() if reduction == "mean" else per_anchor.sum() if reduction == "sum" else per_anchor
+    if reduction == "mean":
+        return per_anchor.mean()
+    if reduction == "sum":
+        return per_anchor.sum()
+    if reduction == "none":
+        return per_anchor
+    raise ValueError(f"reduction must be one of 'none', 'mean', 'sum'; got {reduction!r}")

@@ -11,19 +11,18 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
 
-REDUCTIONS = ("none", "mean", "sum")
-#: The losses, one vocabulary inside and out: SelHN, max violation, the sum of hinges.
-Mode = Literal["selhn", "hn", "sum"]
-MODES: tuple[Mode, ...] = ("selhn", "hn", "sum")
-#: SelHN's fallback for a vanishing anchor: its hinges over all its negatives, averaged (the
-#: authors' code) or added.
-Fallback = Literal["mean", "sum"]
-FALLBACKS: tuple[Fallback, ...] = ("mean", "sum")
+from selhn.types import Fallback, LossName, Reduction
+
+#: The losses, one vocabulary inside and out (:data:`selhn.types.LossName`).
+Mode = LossName
+MODES: tuple[Mode, ...] = get_args(LossName)
+FALLBACKS: tuple[Fallback, ...] = get_args(Fallback)
+REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
 
 
 def check_float_tensor(value: Any, name: str) -> Tensor:
@@ -113,6 +112,12 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
 def as_mode(value: Any, name: str = "loss") -> Mode:
     """Require a loss name (:data:`MODES`); return it as a :data:`Mode`."""
     check_choice(value, name, MODES)
+    return value  # type: ignore[no-any-return]
+
+
+def as_reduction(value: Any, name: str = "reduction") -> Reduction:
+    """Require a reduction (:data:`REDUCTIONS`); return it as a :data:`selhn.types.Reduction`."""
+    check_choice(value, name, REDUCTIONS)
     return value  # type: ignore[no-any-return]
 
 

@@ -40,6 +40,7 @@ from selhn._validation import (
     check_scores,
 )
 from selhn.rules import SelectionRule, check_rule, lean_settings, rule_for, square_losses
+from selhn.types import Fallback, LossName
 
 __all__ = [
     "CollapseAlarm",
@@ -259,11 +260,11 @@ def _through_normalisation(grad: Tensor, unit: Tensor, norms: Tensor | None) -> 
 def gradient_norms(
     img_emb: Tensor,
     txt_emb: Tensor,
-    loss: str | SelectionRule = "selhn",
+    loss: LossName | SelectionRule = "selhn",
     margin: float = 0.2,
     epsilon: float = 0.01,
     *,
-    fallback: str = "mean",
+    fallback: Fallback = "mean",
     mask: Tensor | None = None,
     img_norms: Tensor | None = None,
     txt_norms: Tensor | None = None,
@@ -620,14 +621,14 @@ def plot_histories(
         >>> os.path.getsize(path) > 0
         True
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure on its own Agg canvas: no pyplot, so the caller's backend and figures are untouched
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("plotting needs matplotlib: pip install matplotlib (selhn's 'plot' extra)") from error
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
     for label, run in runs.items():
         history = run.history() if isinstance(run, TrainingMonitor) else run
         steps = history["step"]
@@ -650,4 +651,3 @@ def plot_histories(
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ from torch import Tensor
 from selhn import _fast, _validation
 from selhn.losses import RuleLoss
 from selhn.rules import SelectionRule, check_rule, lean_settings, rule_for, side_losses
+from selhn.types import Fallback, LossName
 
 __all__ = ["global_loss", "is_distributed"]
 
@@ -103,13 +104,13 @@ class _Ranks:
 def global_loss(
     img_emb: Tensor,
     txt_emb: Tensor,
-    loss: str | SelectionRule = "selhn",
+    loss: LossName | SelectionRule = "selhn",
     margin: float = 0.2,
     epsilon: float = 0.01,
     *,
-    fallback: str = "mean",
+    fallback: Fallback = "mean",
     ids: Any = None,
-    reduction: str = "mean",
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> Tensor:
     r"""A triplet loss over the global batch of all ranks, for this rank's anchors.
 

@@ -36,6 +36,7 @@ from selhn import _fast
 from selhn import _selection as sel
 from selhn._validation import REDUCTIONS, as_fallback, check_choice, check_mask, check_nonnegative, check_scores
 from selhn.rules import SelectionRule, check_rule, lean_settings, square_losses
+from selhn.types import Fallback, Reduction
 
 __all__ = ["max_violation_loss", "rule_loss", "selhn_loss", "sum_hinge_loss"]
 
@@ -45,9 +46,9 @@ def selhn_loss(
     margin: float = 0.2,
     epsilon: float = 0.01,
     *,
-    fallback: str = "mean",
+    fallback: Fallback = "mean",
     mask: Tensor | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> Tensor:
     r"""Selectively hard negative (SelHN) triplet loss over a score matrix.
 
@@ -113,7 +114,7 @@ def max_violation_loss(
     margin: float = 0.2,
     *,
     mask: Tensor | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> Tensor:
     r"""VSE++ max-violation (hardest negative) triplet loss over a score matrix.
 
@@ -160,7 +161,7 @@ def sum_hinge_loss(
     margin: float = 0.2,
     *,
     mask: Tensor | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> Tensor:
     r"""Sum-of-hinges triplet loss (VSE0, Kiros et al.) over a score matrix.
 
@@ -208,7 +209,7 @@ def rule_loss(
     margin: float = 0.2,
     *,
     mask: Tensor | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> Tensor:
     r"""The triplet loss of any selection rule over a score matrix.
 

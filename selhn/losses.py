@@ -20,27 +20,36 @@ from torch import Tensor, nn
 
 from selhn import _fast
 from selhn._validation import (
-    REDUCTIONS,
-    Fallback,
     Mode,
     as_fallback,
-    check_choice,
+    as_reduction,
     check_embeddings,
     check_nonnegative,
     ids_to_mask,
 )
 from selhn.rules import MaxViolation, SelectionRule, SelHN, SumOfHinges, check_rule, lean_settings, square_losses
+from selhn.types import Fallback, Reduction
 
 __all__ = ["ContrastiveLoss", "MaxViolationLoss", "RuleLoss", "SelHNLoss", "SumHingeLoss"]
 
 
 class _TripletLoss(nn.Module):
-    """Shared plumbing: margin, reduction, ids -> mask and the VSE-infinity switch methods."""
+    """Shared plumbing: margin, reduction, ids -> mask, the VSE-infinity switch methods, and
+    the last batch's scores for a monitor (``keep_scores``)."""
 
-    def __init__(self, margin: float, reduction: str) -> None:
+    def __init__(self, margin: float, reduction: Reduction) -> None:
         super().__init__()
         self.margin = check_nonnegative(margin, "margin")
-        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
+        self.reduction: Reduction = as_reduction(reduction)
+        #: Keep the last batch's score matrix and mask (``last_scores``, ``last_mask``), so that
+        #: a monitor reads exactly what the loss saw (ids included) without a second matmul.
+        self.keep_scores = False
+        self.last_scores: Tensor | None = None
+        self.last_mask: Tensor | None = None
+
+    def _keep(self, scores: Tensor, mask: Tensor | None) -> None:
+        if self.keep_scores:
+            self.last_scores, self.last_mask = scores.detach().clone(), mask
 
     def _loss(
         self,
@@ -53,7 +62,10 @@ class _TripletLoss(nn.Module):
     ) -> Tensor:
         check_embeddings(img_emb, txt_emb)
         mask = ids_to_mask(ids, img_emb.shape[0], img_emb.device)
-        per_anchor = _fast.embedding_losses(img_emb, txt_emb, mask, self.margin, epsilon, mode, fallback)
+        observe = (lambda scores: self._keep(scores, mask)) if self.keep_scores else None
+        per_anchor = _fast.embedding_losses(
+            img_emb, txt_emb, mask, self.margin, epsilon, mode, fallback, observe=observe
+        )
         return _fast.reduce(per_anchor, self.reduction)
 
     def max_violation_on(self) -> None:
@@ -118,7 +130,7 @@ class SelHNLoss(_TripletLoss):
     """
 
     def __init__(
-        self, margin: float = 0.2, epsilon: float = 0.01, *, fallback: str = "mean", reduction: str = "mean"
+        self, margin: float = 0.2, epsilon: float = 0.01, *, fallback: Fallback = "mean", reduction: Reduction = "mean"
     ) -> None:
         super().__init__(margin, reduction)
         self.epsilon = check_nonnegative(epsilon, "epsilon")
@@ -170,7 +182,7 @@ class MaxViolationLoss(_TripletLoss):
         tensor(1.2000)
     """
 
-    def __init__(self, margin: float = 0.2, *, reduction: str = "mean") -> None:
+    def __init__(self, margin: float = 0.2, *, reduction: Reduction = "mean") -> None:
         super().__init__(margin, reduction)
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
@@ -212,7 +224,7 @@ class SumHingeLoss(_TripletLoss):
         tensor(2.4000)
     """
 
-    def __init__(self, margin: float = 0.2, *, reduction: str = "mean") -> None:
+    def __init__(self, margin: float = 0.2, *, reduction: Reduction = "mean") -> None:
         super().__init__(margin, reduction)
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
@@ -264,7 +276,7 @@ class ContrastiveLoss(_TripletLoss):
         tensor(1.2000)
     """
 
-    def __init__(self, margin: float = 0.2, *, max_violation: bool = False, reduction: str = "sum") -> None:
+    def __init__(self, margin: float = 0.2, *, max_violation: bool = False, reduction: Reduction = "sum") -> None:
         super().__init__(margin, reduction)
         if not isinstance(max_violation, bool):
             raise TypeError(f"max_violation must be a bool, got {type(max_violation).__name__}")
@@ -337,7 +349,7 @@ class RuleLoss(_TripletLoss):
         torch.Size([8, 16])
     """
 
-    def __init__(self, rule: SelectionRule, margin: float = 0.2, *, reduction: str = "mean") -> None:
+    def __init__(self, rule: SelectionRule, margin: float = 0.2, *, reduction: Reduction = "mean") -> None:
         super().__init__(margin, reduction)
         self._rule = check_rule(rule)
 
@@ -356,6 +368,7 @@ class RuleLoss(_TripletLoss):
         dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
         with torch.autocast(device_type=img_emb.device.type, enabled=False):
             scores = img_emb.to(dtype) @ txt_emb.to(dtype).t()
+            self._keep(scores, mask)
             per_anchor = square_losses(scores, mask, self._rule, self.margin)
         return _fast.reduce(per_anchor, self.reduction)
 

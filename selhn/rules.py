@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 from selhn import _selection as sel
-from selhn._validation import Fallback, Mode, as_fallback, check_nonnegative
+from selhn._validation import Mode, as_fallback, check_nonnegative
+from selhn.types import Fallback
 
 __all__ = ["Anchors", "MaxViolation", "SelHN", "SelectionRule", "SumOfHinges", "side_losses"]
 

@@ -21,6 +21,7 @@ failing case.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -32,8 +33,9 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("selhn.testing needs hypothesis: pip install hypothesis (selhn's 'testing' extra)") from error
 
 from selhn import functional as F
-from selhn._validation import FALLBACKS, check_choice, check_nonnegative, check_positive_int
+from selhn._validation import as_fallback, check_nonnegative, check_positive_int
 from selhn.diagnostics import gradient_norms, vanishing_stats
+from selhn.types import Fallback
 
 __all__ = [
     "assert_finite_gradients",
@@ -290,7 +292,10 @@ LossOverEmbeddings = Callable[[Tensor, Tensor], Tensor]
 
 
 def assert_finite_gradients(
-    loss: LossOverScores | LossOverEmbeddings, *, over: str = "embeddings", max_examples: int = 50
+    loss: LossOverScores | LossOverEmbeddings,
+    *,
+    over: Literal["embeddings", "scores"] = "embeddings",
+    max_examples: int = 50,
 ) -> None:
     """Check with hypothesis that ``loss`` and its gradients are finite on ITM batches.
 
@@ -438,7 +443,7 @@ def assert_selection_rule(
     *,
     margin: float = 0.2,
     epsilon: float = 0.01,
-    fallback: str = "mean",
+    fallback: Fallback = "mean",
     max_examples: int = 50,
 ) -> None:
     """Check that a SelHN-like loss follows the selection rule, anchor by anchor.
@@ -465,7 +470,7 @@ def assert_selection_rule(
         >>> assert_selection_rule(partial(selhn_loss, reduction="none"), max_examples=10)
     """
     margin, epsilon = check_nonnegative(margin, "margin"), check_nonnegative(epsilon, "epsilon")
-    fallback = check_choice(fallback, "fallback", FALLBACKS)
+    fallback = as_fallback(fallback)
     max_examples = check_positive_int(max_examples, "max_examples")
 
     @settings(max_examples=max_examples, deadline=None)

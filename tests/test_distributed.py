@@ -196,10 +196,26 @@ def test_global_loss_under_autocast_scores_in_float32(tmp_path):
 def test_pipeline_under_torchrun_with_global_negatives(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "examples.rvsepp.train", "--preset", "smoke", "--root", str(tmp_path / "data"),
-        "--out", str(tmp_path / "run"), "--global-negatives", "--max-steps", "3", "--tensorboard", "off",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "examples.rvsepp.train",
+        "--preset",
+        "smoke",
+        "--root",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "run"),
+        "--global-negatives",
+        "--max-steps",
+        "3",
+        "--tensorboard",
+        "off",
+    ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "last.pth").is_file()

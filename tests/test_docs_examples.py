@@ -80,10 +80,25 @@ def test_the_docs_math_renderer_writes_mathml_and_the_offline_check_catches_what
 def test_the_built_site_is_checked_for_offline_math(tmp_path):
     """A build that would load MathJax from a CDN fails (the extension's check is on)."""
     result = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-q", "-b", "html", "-D", "html_math_renderer=mathjax",
-         "-D", "extensions=sphinx.ext.mathjax,mathml", str(ROOT / "docs" / "_ext" / "probe"), str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-q",
+            "-b",
+            "html",
+            "-D",
+            "html_math_renderer=mathjax",
+            "-D",
+            "extensions=sphinx.ext.mathjax,mathml",
+            str(ROOT / "docs" / "_ext" / "probe"),
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "not self-contained" in result.stderr, result.stderr[-2000:]
 
 

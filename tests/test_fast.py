@@ -316,8 +316,11 @@ def test_double_backward_with_the_compiled_kernels_on(loss):
     eager math (a compiled kernel's backward cannot be differentiated again)."""
     u, w, ids = twice_differentiable_batch()
     unit = torch.nn.functional.normalize
-    module = {"selhn": selhn.SelHNLoss(0.2, 0.3, reduction="none"), "hn": selhn.MaxViolationLoss(0.2, reduction="none"),
-              "sum": selhn.SumHingeLoss(0.2, reduction="none")}[loss]  # fmt: skip
+    module = {
+        "selhn": selhn.SelHNLoss(0.2, 0.3, reduction="none"),
+        "hn": selhn.MaxViolationLoss(0.2, reduction="none"),
+        "sum": selhn.SumHingeLoss(0.2, reduction="none"),
+    }[loss]
     u.requires_grad_(), w.requires_grad_()
     with compiled_kernels(), _fast.forced_pair_form_fractions(*FORMS["dense"]):
         module(unit(u, dim=1), unit(w, dim=1), ids=ids).sum().backward()  # first order: compiled
@@ -607,8 +610,11 @@ def twice_differentiable_batch(seed: int = 3) -> tuple[torch.Tensor, torch.Tenso
 @pytest.mark.parametrize("loss", sorted(MODULES))
 def test_modules_are_twice_differentiable(loss, form):
     u, w, ids = twice_differentiable_batch()
-    module = {"selhn": selhn.SelHNLoss(0.2, 0.3, reduction="none"), "hn": selhn.MaxViolationLoss(0.2, reduction="none"),
-              "sum": selhn.SumHingeLoss(0.2, reduction="none")}[loss]  # fmt: skip
+    module = {
+        "selhn": selhn.SelHNLoss(0.2, 0.3, reduction="none"),
+        "hn": selhn.MaxViolationLoss(0.2, reduction="none"),
+        "sum": selhn.SumHingeLoss(0.2, reduction="none"),
+    }[loss]
     unit = torch.nn.functional.normalize
 
     def per_anchor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

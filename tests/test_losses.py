@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import selhn
 from selhn import functional as F
+from selhn.rules import SelectionRule
 from selhn.testing import batch_sizes, duplicate_ids, embedding_pairs, half_dtypes
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -149,3 +150,25 @@ def test_repr_and_attributes():
     module = selhn.SelHNLoss(0.3, 0.02, fallback="sum", reduction="sum")
     assert "epsilon=0.02" in repr(module) and "fallback='sum'" in repr(module)
     assert "max_violation=True" in repr(selhn.ContrastiveLoss(max_violation=True))
+
+
+@pytest.mark.parametrize("make", [lambda: selhn.SelHNLoss(), lambda: selhn.RuleLoss(_Everything())])
+def test_a_module_keeps_the_scores_and_mask_it_used_for_a_monitor(make):
+    """keep_scores: the last batch's score matrix (before any exclusion) and its mask, so a
+    monitor needs no second matmul; off by default (nothing kept)."""
+    generator = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 4, generator=generator), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 4, generator=generator), dim=1)
+    ids = torch.tensor([0, 0, 1, 2, 3])
+    criterion = make()
+    criterion(img, txt, ids=ids)
+    assert criterion.last_scores is None
+    criterion.keep_scores = True
+    criterion(img, txt, ids=ids)
+    torch.testing.assert_close(criterion.last_scores, img @ txt.T)
+    assert torch.equal(criterion.last_mask, ids[:, None] == ids[None, :])
+
+
+class _Everything(SelectionRule):
+    def weights(self, anchors):
+        return anchors.negatives.float()

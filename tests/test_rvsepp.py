@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -63,10 +62,23 @@ def test_every_loss_trains(data_root, tmp_path, loss):
 
 
 def test_warmup_uses_the_sum_of_hinges_in_epoch_zero_only():
+    """VSE-infinity's schedule through its own switch: the criterion is ContrastiveLoss, flipped
+    by set_epoch; every loss keeps its code base's scale."""
+    from selhn.rules import MaxViolation, SelHN, SumOfHinges
+
     args = train_module.parse_args(["--loss", "warmup"])
-    assert train_module.loss_for_step(args, 0) == ("sum", "sum")
-    assert train_module.loss_for_step(args, 1) == ("hn", "sum")
-    assert train_module.loss_for_step(train_module.parse_args([]), 3) == ("selhn", "mean")
+    criterion = train_module.make_criterion(args)
+    assert [train_module.loss_for_step(args, epoch) for epoch in (0, 1)] == ["sum", "hn"]
+    train_module.set_epoch(criterion, args, 0)
+    assert isinstance(criterion.rule, SumOfHinges) and criterion.reduction == "sum"
+    train_module.set_epoch(criterion, args, 1)
+    assert isinstance(criterion.rule, MaxViolation)
+    selhn_criterion = train_module.make_criterion(train_module.parse_args([]))
+    assert isinstance(selhn_criterion.rule, SelHN) and selhn_criterion.reduction == "mean"
+    assert (
+        train_module.make_criterion(train_module.parse_args(["--loss", "hn", "--reduction", "mean"])).reduction
+        == "mean"
+    )
 
 
 def final_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -86,8 +98,18 @@ def test_resume_reproduces_an_uninterrupted_run(data_root, tmp_path):
 
 
 def test_sigterm_saves_and_resume_continues(data_root, tmp_path):
-    command = [sys.executable, "-m", "examples.rvsepp.train", *SMOKE, "--root", str(data_root), "--epochs", "40",
-               "--out", str(tmp_path)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "examples.rvsepp.train",
+        *SMOKE,
+        "--root",
+        str(data_root),
+        "--epochs",
+        "40",
+        "--out",
+        str(tmp_path),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     for line in process.stdout:  # wait until training is under way
@@ -339,97 +361,6 @@ def test_synthetic_features_have_the_statistics_of_region_features(data_root):
     assert np.array_equal(np.load(again / "train_ims.npy"), images)  # seeded
 
 
-# ------------------------------------------------------------------ the comparison and the demo
-def test_compare_smoke(data_root, tmp_path, capsys):
-    from examples.rvsepp import compare
-
-    compare.main([
-        "--out", str(tmp_path), "--root", str(data_root), "--preset", "smoke", "--seeds", "0",
-        "--losses", "hn", "selhn", "--epsilons", "0.05", "--steps", "4", "--eval-steps", "2", "--log-every", "1",
-    ])  # fmt: skip
-    for name in (
-        "comparison.md",
-        "comparison.csv",
-        "comparison.png",
-        "steps.csv",
-        "dev.csv",
-        "per_seed.csv",
-        "facts.md",
-    ):
-        assert (tmp_path / name).is_file(), name
-    table = (tmp_path / "comparison.md").read_text()
-    assert "| hn |" in table and "| selhn eps=0.01 |" in table and "| selhn eps=0.05 |" in table
-    assert "steps until dev rsum > 10x chance" in capsys.readouterr().out
-    with open(tmp_path / "runs.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    required = ["loss", "epsilon", "seed", "steps_to_leave_plateau", "steps_to_10x_chance", "best_dev_rsum",
-                "test_rsum", "test_i2t_r1", "test_t2i_r1"]  # fmt: skip
-    assert list(rows[0])[: len(required)] == required
-    assert sorted((r["loss"], r["epsilon"], r["seed"]) for r in rows) == [
-        ("hn", "nan", "0"), ("selhn", "0.01", "0"), ("selhn", "0.05", "0")
-    ]  # fmt: skip
-    for row in rows:
-        values = {key: float(value) for key, value in row.items() if key != "loss"}  # every column a number
-        assert values["steps_to_10x_chance"] in (2.0, 4.0, math.inf)
-        assert values["test_rsum"] == pytest.approx(
-            sum(values[f"test_{d}_{k}"] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
-        )
-    per_seed = (tmp_path / "per_seed.csv").read_text().splitlines()
-    assert per_seed[0].startswith("loss,seed,leaves plateau at step") and len(per_seed) == 4
-    assert [line.split(",")[0] for line in per_seed[1:]] == ["hn", "selhn eps=0.01", "selhn eps=0.05"]
-    # a finished run is reused, an unfinished one is trained again from its start
-    finished = tmp_path / "runs" / "hn_seed0" / "results.json"
-    stamp = finished.stat().st_mtime_ns
-    unfinished = tmp_path / "runs" / "selhn_eps=0.05_seed0"
-    (unfinished / "results.json").unlink()
-    (unfinished / "dev.jsonl").write_text("not json\n")
-    compare.main([
-        "--out", str(tmp_path), "--root", str(data_root), "--preset", "smoke", "--seeds", "0",
-        "--losses", "hn", "selhn", "--epsilons", "0.05", "--steps", "4", "--eval-steps", "2", "--log-every", "1",
-    ])  # fmt: skip
-    assert finished.stat().st_mtime_ns == stamp and (unfinished / "results.json").is_file()
-
-
-def fact_row(loss: str, seed: int, r1: float, rsum: float, at_switch: float = math.nan, low: float = math.nan):
-    return {"loss": loss, "seed": seed, "test_mean_r1": r1, "test_rsum": rsum, "dev_rsum_at_switch": at_switch,
-            "min_dev_rsum_after_switch": low}  # fmt: skip
-
-
-def test_compare_checks_the_three_facts_by_their_criteria():
-    from examples.rvsepp.compare import facts
-
-    rows = [fact_row("sum", s, 70.0, 500.0) for s in range(3)]
-    rows += [fact_row("warmup", s, 72.5, 480.0, 300.0, 290.0) for s in range(3)]
-    rows += [fact_row("hn", s, 1.0, 100.0) for s in range(3)]
-    table = facts(rows)
-    assert "| F1 | warmup R@1 - sum R@1 >= 2" in table and "| 2.5 | yes |" in table
-    assert "| F3 |" in table and "| 96.0 | yes |" in table
-    assert "| F2 |" in table and "| 20.0 | yes |" in table
-    # a collapse after the switch fails F3 whatever the final rsum; a 1.9-point gain fails F1
-    rows[3] = fact_row("warmup", 0, 71.9 - 5.0, 480.0, 300.0, 149.0)
-    table = facts(rows)
-    assert "collapsed: [0]" in table and "| F3 |" in table and table.count("| no |") == 2
-    assert "No fact can be checked" in facts([fact_row("hn", 0, 1.0, 10.0)])
-
-
-def test_compare_metrics():
-    from examples.rvsepp.compare import chance_rsum, first_exceeding, first_recovery
-
-    assert chance_rsum(1) == pytest.approx(600.0)  # one image: every ranking is right
-    generator = torch.Generator().manual_seed(0)
-    n = 10
-    hits = 0.0
-    for _ in range(300):  # Monte Carlo check of the chance level
-        sims = torch.rand(n, 5 * n, generator=generator, dtype=torch.float64)
-        hits += evaluate_embeddings([torch.eye(n, dtype=torch.float64)], [sims.t().contiguous()])["rsum"]
-    assert hits / 300 == pytest.approx(chance_rsum(n), rel=0.05)
-    steps = [1.0, 2.0, 3.0, 4.0, 5.0]
-    assert first_recovery(steps, [0.05, 0.2, 0.05, 0.1, 0.1]) == 0.0  # never on the plateau
-    assert first_recovery(steps, [0.0, 0.9, 1.0, 0.3, 0.05]) == 5.0
-    assert first_recovery(steps, [0.0, 0.9, 1.0, 0.9, 0.9]) == math.inf
-    assert first_exceeding(steps, [1, 2, 3, 4, 5], 3.5) == 4.0
-
-
 def test_demo_runs(capsys):
     sys.path.insert(0, str(ROOT / "examples"))
     import demo
@@ -527,9 +458,15 @@ def test_resume_cuts_records_written_after_the_checkpoint(tmp_path):
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--loss", "hn"), ("--seed", "5"), ("--lr", "0.001"), ("--batch-size", "8"), ("--synthetic-noise", "0.9"),
-     ("--margin", "0.3")],
-)  # fmt: skip
+    [
+        ("--loss", "hn"),
+        ("--seed", "5"),
+        ("--lr", "0.001"),
+        ("--batch-size", "8"),
+        ("--synthetic-noise", "0.9"),
+        ("--margin", "0.3"),
+    ],
+)
 def test_resume_refuses_another_run_by_flag(data_root, tmp_path, flag, value):
     common = [*SMOKE, "--root", str(data_root), "--out", str(tmp_path), "--max-steps", "1"]
     run(common)
@@ -546,12 +483,14 @@ def test_resume_accepts_more_epochs(data_root, tmp_path):
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(["--batch-size", "0"], "--batch-size: expected an integer >= 2, got 0"),
-     (["--epochs", "-1"], "--epochs: expected an integer >= 1, got -1"),
-     (["--lr", "nan"], "--lr: expected a finite number > 0"),
-     (["--margin", "-0.2"], "--margin: expected a finite number >= 0"),
-     (["--synthetic-twins", "2"], "--synthetic-twins is a probability")],
-)  # fmt: skip
+    [
+        (["--batch-size", "0"], "--batch-size: expected an integer >= 2, got 0"),
+        (["--epochs", "-1"], "--epochs: expected an integer >= 1, got -1"),
+        (["--lr", "nan"], "--lr: expected a finite number > 0"),
+        (["--margin", "-0.2"], "--margin: expected a finite number >= 0"),
+        (["--synthetic-twins", "2"], "--synthetic-twins is a probability"),
+    ],
+)
 def test_bad_arguments_are_refused_before_anything_runs(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_module.parse_args([*SMOKE, *flags])
@@ -575,10 +514,12 @@ def tiny_data(root: Path, n_train: int = 8, dev_dim: int = 6, n_test: int = 2) -
 
 @pytest.mark.parametrize(
     ("data", "flags", "message"),
-    [({"n_train": 2}, [], "has 10 captions, fewer than --batch-size 16"),
-     ({"dev_dim": 4}, [], "the dev split of tiny has 4-d region features, the train split 6-d"),
-     ({"n_test": 0}, [], "the test split of tiny is empty")],
-)  # fmt: skip
+    [
+        ({"n_train": 2}, [], "has 10 captions, fewer than --batch-size 16"),
+        ({"dev_dim": 4}, [], "the dev split of tiny has 4-d region features, the train split 6-d"),
+        ({"n_test": 0}, [], "the test split of tiny is empty"),
+    ],
+)
 def test_runs_that_would_train_or_test_nothing_are_refused(tmp_path, data, flags, message):
     tiny_data(tmp_path, **data)
     with pytest.raises(train_module.RunError, match=message):
@@ -677,67 +618,28 @@ def test_results_json_is_strict_json():
     assert train_module.finite_or_none({"a": 1.0, "b": math.nan, "c": math.inf}) == {"a": 1.0, "b": None, "c": None}
 
 
-def test_compare_trains_in_parallel_workers_like_one_by_one(data_root, tmp_path):
-    # --jobs 2: the same runs, trained in spawned worker processes, give the same records as in-process ones
-    from examples.rvsepp import compare
+def test_a_user_rule_trains_through_the_pipeline_and_the_monitor_reads_its_own_scores(data_root, tmp_path, monkeypatch):
+    """A rule written outside the package, given to train through a criterion factory; the
+    monitor reads the scores and mask the loss saw (ids included), not a second matmul."""
+    import selhn
+    from selhn.rules import SelectionRule
 
-    common = ["--root", str(data_root), "--preset", "smoke", "--seeds", "0", "--losses", "sum", "tempered-0.02",
-              "--epsilons", "--steps", "3", "--eval-steps", "3", "--log-every", "1"]  # fmt: skip
-    compare.main(["--out", str(tmp_path / "serial"), *common])
-    threads = str(torch.get_num_threads())  # the same intra-op threads: the same float sums on a CPU
-    compare.main(["--out", str(tmp_path / "pool"), "--jobs", "2", "--threads", threads, *common])
-    for name in ("sum_seed0", "tempered-0.02_seed0"):
-        serial, pool = (json.loads((tmp_path / kind / "runs" / name / "results.json").read_text())
-                        for kind in ("serial", "pool"))  # fmt: skip
-        assert serial.pop("step_seconds") > 0 and pool.pop("step_seconds") > 0
-        assert serial == pool
-    with pytest.raises(SystemExit):
-        compare.main(["--out", str(tmp_path / "bad"), "--jobs", "0", *common])
+    class Easiest(SelectionRule):
+        def weights(self, anchors):
+            lowest = anchors.scores.masked_fill(~anchors.negatives, math.inf).argmin(dim=1)
+            return anchors.one_hot(lowest)
 
+    criteria = {**train_module.CRITERIA, "easiest": lambda args: selhn.RuleLoss(Easiest(), args.margin)}
+    seen = []
+    real_step = selhn.diagnostics.TrainingMonitor.step
 
-def test_compare_reports_failed_runs_by_name_and_goes_on(data_root, tmp_path, monkeypatch):
-    from examples.rvsepp import compare
+    def spy(monitor, scores=None, loss=None, *, mask=None):
+        seen.append((scores, mask))
+        return real_step(monitor, scores, loss, mask=mask)
 
-    def broken(args):
-        if args.loss == "hn":
-            raise SystemExit("non-finite loss (nan) at epoch 0, step 1: stopping.")
-        return real(args)
-
-    real = compare.train_module.train
-    monkeypatch.setattr(compare.train_module, "train", broken)
-    with pytest.raises(SystemExit, match=r"hn_seed0: non-finite loss") as error:
-        compare.main(["--out", str(tmp_path), "--root", str(data_root), "--preset", "smoke", "--seeds", "0",
-                      "--losses", "hn", "sum", "--steps", "2", "--eval-steps", "2"])  # fmt: skip
-    assert "sum_seed0" not in str(error.value) and (tmp_path / "runs" / "sum_seed0" / "results.json").is_file()
-
-
-def study_row(loss: str, seed: int, r1: float, step: float, epsilon: float = math.nan) -> dict:
-    return {"loss": loss, "seed": float(seed), "epsilon": epsilon, "test_mean_r1": r1, "steps_to_10x_chance": step}
-
-
-def test_study_choice_and_verdict_follow_the_protocol():
-    from examples.rvsepp import study
-
-    def rows(values: dict[str, tuple[float, float]]) -> list[dict]:
-        return [study_row(loss, s, r1, step, 0.01 if loss == "selhn" else math.nan)
-                for loss, (r1, step) in values.items() for s in range(2)]  # fmt: skip
-
-    base = {"sum": (78.0, 30.0), "warmup": (81.0, 30.0), "selhn": (75.0, 200.0)}
-    calibrated = rows({**base, "a": (80.5, 30.0), "b": (83.0, 30.0), "c": (90.0, 30.0)})
-    stall = rows({**base, "a": (0, 40.0), "b": (0, 45.0), "c": (0, 50.0)})
-    stall[-1]["steps_to_10x_chance"] = math.inf  # c never gets there on one seed: W1 fails for c
-    choice = study.choose(calibrated, stall, ["a", "b", "c"])
-    assert choice["chosen"] == "b" and "W1 and W2" in choice["why"]  # a: W2 holds (80.5 >= 80) but b's R@1 is higher
-    table = {c["loss"]: c for c in choice["candidates"]}
-    assert table["c"]["W1"] is False and table["c"]["W2"] is True and table["a"]["W2"] is True
-    # no candidate meets W2: the best R@1 among those meeting W1; none meets W1: the earliest on stall
-    calibrated = rows({**base, "a": (70.0, 30.0), "b": (60.0, 30.0)})
-    assert study.choose(calibrated, rows({**base, "a": (0, 40.0), "b": (0, 40.0)}), ["a", "b"])["chosen"] == "a"
-    late = rows({**base, "a": (0, 300.0), "b": (0, 250.0)})
-    choice = study.choose(calibrated, late, ["a", "b"])
-    assert choice["chosen"] == "b" and "no candidate met W1" in choice["why"]
-    # the verdict needs W1 and W2 on the held-out seeds and the step criterion on the stall-only setting
-    held_calibrated, held_stall = rows({**base, "b": (83.0, 30.0)}), rows({**base, "b": (0, 40.0)})
-    assert study.verdict("b", held_calibrated, held_stall, rows({**base, "b": (0, 40.0)}))["wins"] is True
-    assert study.verdict("b", held_calibrated, held_stall, rows({**base, "b": (0, 46.0)}))["wins"] is False
-    assert study.verdict("b", rows({**base, "b": (79.0, 30.0)}), held_stall, held_stall)["wins"] is False
+    monkeypatch.setattr(selhn.diagnostics.TrainingMonitor, "step", spy)
+    argv = [*SMOKE, "--root", str(data_root), "--out", str(tmp_path), "--loss", "easiest", "--max-steps", "2"]
+    results = train_module.train(train_module.parse_args([*argv, "--mask-duplicates"], criteria=criteria), criteria)
+    assert math.isfinite(results["best_dev_rsum"]) and (tmp_path / "last.pth").is_file()
+    assert len(seen) == 2 and all(mask is not None and scores.shape == (16, 16) for scores, mask in seen)
+    assert "i2t/vanishing_fraction" in (tmp_path / "steps.csv").read_text().splitlines()[0]

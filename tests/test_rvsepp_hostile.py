@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from examples.rvsepp import cli, compare, evaluate
+from examples.rvsepp import cli, evaluate
 from examples.rvsepp import train as train_module
 from examples.rvsepp.data import DataError, PrecompDataset, read_captions
 from examples.rvsepp.evaluate import load_checkpoint, ranks
 from examples.rvsepp.vocab import Vocabulary
+from examples.selection_study import compare
 
 SMOKE = ["--preset", "smoke", "--tensorboard", "off"]
 
@@ -233,12 +234,22 @@ def test_help_shows_every_default_and_the_presets(capsys):
     with pytest.raises(SystemExit):
         train_module.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag, default in [("--epsilon", "0.01"), ("--margin", "0.2"), ("--lr", "0.0005"), ("--epochs", "30"),
-                          ("--lr-decay-epoch", "15"), ("--grad-clip", "2.0"), ("--embed-size", "1024"),
-                          ("--tensorboard", "auto")]:  # fmt: skip
+    for flag, default in [
+        ("--epsilon", "0.01"),
+        ("--margin", "0.2"),
+        ("--lr", "0.0005"),
+        ("--epochs", "30"),
+        ("--lr-decay-epoch", "15"),
+        ("--grad-clip", "2.0"),
+        ("--embed-size", "1024"),
+        ("--tensorboard", "auto"),
+    ]:
         # the flag's own help (the text up to the next flag) ends with its default
         assert re.search(rf"{flag} \S+ (?:(?! --).)+ \(default: {re.escape(default)}\)", text), flag
-    assert "(default: None)" not in text and "calibrated-stall the same with bottom-up-like features" in text
+    assert "(default: None)" not in text and "smoke seconds: a test of the whole pipeline" in text
+    with pytest.raises(SystemExit):  # the study's own presets are listed by the study's command lines
+        compare.parse_train(["--help"])
+    assert "calibrated-stall the same with bottom-up-like features" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -253,25 +264,30 @@ def test_evaluate_names_every_bad_input(finished, data_root, tmp_path):
     shutil.copytree(data_root / "synthetic_precomp", folder)
     np.save(folder / "empty_ims.npy", np.zeros((0, 6, 32), dtype=np.float32))
     (folder / "empty_caps.txt").write_text("")
-    assert "the empty split of synthetic" in evaluate_main(["--root", str(tmp_path), "--checkpoint", best,
-                                                            "--split", "empty"])  # fmt: skip
+    assert "the empty split of synthetic" in evaluate_main(
+        ["--root", str(tmp_path), "--checkpoint", best, "--split", "empty"]
+    )
     features = np.load(folder / "test_ims.npy")
     np.save(folder / "zero_ims.npy", np.concatenate([np.zeros_like(features[:1]), features[1:]]))
     shutil.copy(folder / "test_caps.txt", folder / "zero_caps.txt")
-    assert "every region of image row 0 is zero" in evaluate_main(["--root", str(tmp_path), "--checkpoint", best,
-                                                                   "--split", "zero"])  # fmt: skip
+    assert "every region of image row 0 is zero" in evaluate_main(
+        ["--root", str(tmp_path), "--checkpoint", best, "--split", "zero"]
+    )
     np.save(folder / "wide_ims.npy", np.ones((20, 6, 40), dtype=np.float32))
     shutil.copy(folder / "test_caps.txt", folder / "wide_caps.txt")
-    assert "has 40-d region features, but" in evaluate_main(["--root", str(tmp_path), "--checkpoint", best,
-                                                             "--split", "wide"])  # fmt: skip
+    assert "has 40-d region features, but" in evaluate_main(
+        ["--root", str(tmp_path), "--checkpoint", best, "--split", "wide"]
+    )
     shutil.copy(folder / "test_ims.npy", folder / "latin_ims.npy")
     (folder / "latin_caps.txt").write_bytes((folder / "test_caps.txt").read_bytes().replace(b"a ", b"\xe0 ", 1))
-    assert "latin_caps.txt, line 1: not UTF-8 text" in evaluate_main(["--root", str(tmp_path), "--checkpoint", best,
-                                                                      "--split", "latin"])  # fmt: skip
+    assert "latin_caps.txt, line 1: not UTF-8 text" in evaluate_main(
+        ["--root", str(tmp_path), "--checkpoint", best, "--split", "latin"]
+    )
     np.save(folder / "objects_ims.npy", np.array([[["x"]]], dtype=object), allow_pickle=True)
     (folder / "objects_caps.txt").write_text("a dog\n")
-    assert "objects_ims.npy is not a numeric .npy array" in evaluate_main(["--root", str(tmp_path), "--checkpoint",
-                                                                           best, "--split", "objects"])  # fmt: skip
+    assert "objects_ims.npy is not a numeric .npy array" in evaluate_main(
+        ["--root", str(tmp_path), "--checkpoint", best, "--split", "objects"]
+    )
 
 
 def test_checkpoints_with_wrong_entries_or_an_older_format(finished, tmp_path):

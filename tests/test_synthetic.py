@@ -81,9 +81,15 @@ def test_regenerating_removes_the_stale_vocabulary(tmp_path):
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("specific", 1.5, "probability"), ("twins", -0.1, "probability"), ("variants", 0, "positive integer"),
-     ("noise", float("nan"), "finite"), ("train", -1, "non-negative integer"), ("dim", 0, "positive integer")],
-)  # fmt: skip
+    [
+        ("specific", 1.5, "probability"),
+        ("twins", -0.1, "probability"),
+        ("variants", 0, "positive integer"),
+        ("noise", float("nan"), "finite"),
+        ("train", -1, "non-negative integer"),
+        ("dim", 0, "positive integer"),
+    ],
+)
 def test_config_refuses_bad_knobs_by_name(field, value, message):
     with pytest.raises(ValueError, match=f"synthetic {field} .*{message}"):
         synthetic.Config(**{field: value})
@@ -165,7 +171,24 @@ def test_false_negatives_refuses_bad_arguments():
 
 
 def test_measure_from_the_command_line(tmp_path, capsys):
-    synthetic.main(["--root", str(tmp_path), "--train", "40", "--dev", "30", "--test", "30", "--regions", "4",
-                    "--dim", "8", "--measure", "--batch-size", "16"])  # fmt: skip
+    synthetic.main(
+        [
+            "--root",
+            str(tmp_path),
+            "--train",
+            "40",
+            "--dev",
+            "30",
+            "--test",
+            "30",
+            "--regions",
+            "4",
+            "--dim",
+            "8",
+            "--measure",
+            "--batch-size",
+            "16",
+        ]
+    )
     out = capsys.readouterr().out
     assert "train: at batch 16" in out and "false" in out and "dev: at batch 16" in out

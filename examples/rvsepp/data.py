@@ -230,8 +230,17 @@ class EpochSampler(Sampler[list[int]]):
     step is the single-process batch. ``start`` skips the first batches of the epoch.
     """
 
-    def __init__(self, size: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
-                 rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} must be divisible by the world size {world_size}")
         self.size, self.batch_size, self.seed = size, batch_size, seed

@@ -136,8 +136,9 @@ def evaluate_embeddings(
 
 
 @torch.no_grad()
-def encode(model: RVSEPP, dataset: PrecompDataset, device: torch.device, batch_size: int = 256,
-           amp: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
+def encode(
+    model: RVSEPP, dataset: PrecompDataset, device: torch.device, batch_size: int = 256, amp: bool = False
+) -> tuple[Tensor, Tensor]:
     """Embeddings of the image of every 5 captions (N, D) and of every caption (5N, D).
 
     The image of captions ``5i..5i+4`` is the row of caption ``5i``: the same row for all five
@@ -150,9 +151,11 @@ def encode(model: RVSEPP, dataset: PrecompDataset, device: torch.device, batch_s
     for batch in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             img, cap = model(
-                batch["regions"].to(device), batch["region_lengths"].to(device),
-                batch["tokens"].to(device), batch["token_lengths"].to(device),
-            )  # fmt: skip
+                batch["regions"].to(device),
+                batch["region_lengths"].to(device),
+                batch["tokens"].to(device),
+                batch["token_lengths"].to(device),
+            )
         caps.append(cap.float())
         for row, index in enumerate(batch["index"].tolist()):
             if index % 5 == 0:
@@ -186,9 +189,13 @@ CHECKPOINT_KEYS: dict[str, type] = {"model": dict, "model_config": dict, "vocab"
 RESUME_KEYS: dict[str, type] = {"optimizer": dict, "scheduler": dict, "rng": dict}
 #: the training state's entries and their types
 STATE_KEYS: dict[str, tuple[type, ...]] = {
-    "epoch": (int,), "step_in_epoch": (int,), "global_step": (int,), "best_rsum": (int, float),
-    "pending_eval": (bool,), "eval_epoch": (int,),
-}  # fmt: skip
+    "epoch": (int,),
+    "step_in_epoch": (int,),
+    "global_step": (int,),
+    "best_rsum": (int, float),
+    "pending_eval": (bool,),
+    "eval_epoch": (int,),
+}
 MODEL_CONFIG_KEYS = ("vocab_size", "img_dim", "embed", "word_dim")
 
 

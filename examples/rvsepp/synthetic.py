@@ -44,18 +44,40 @@ import numpy as np
 import torch
 
 NOUNS = [
-    ("dog", "puppy"), ("cat", "kitten"), ("car", "vehicle"), ("bus", "coach"), ("bicycle", "bike"),
-    ("horse", "pony"), ("bird", "bird"), ("boat", "ship"), ("chair", "seat"), ("table", "desk"),
-    ("cup", "mug"), ("ball", "ball"), ("umbrella", "parasol"), ("kite", "kite"), ("bench", "bench"),
-    ("tree", "tree"), ("lamp", "light"), ("bag", "backpack"), ("hat", "cap"), ("clock", "clock"),
-    ("vase", "pot"), ("truck", "lorry"), ("sheep", "lamb"), ("cow", "calf"),
-]  # fmt: skip
+    ("dog", "puppy"),
+    ("cat", "kitten"),
+    ("car", "vehicle"),
+    ("bus", "coach"),
+    ("bicycle", "bike"),
+    ("horse", "pony"),
+    ("bird", "bird"),
+    ("boat", "ship"),
+    ("chair", "seat"),
+    ("table", "desk"),
+    ("cup", "mug"),
+    ("ball", "ball"),
+    ("umbrella", "parasol"),
+    ("kite", "kite"),
+    ("bench", "bench"),
+    ("tree", "tree"),
+    ("lamp", "light"),
+    ("bag", "backpack"),
+    ("hat", "cap"),
+    ("clock", "clock"),
+    ("vase", "pot"),
+    ("truck", "lorry"),
+    ("sheep", "lamb"),
+    ("cow", "calf"),
+]
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "brown", "orange"]
 SIZES = [("small", "little"), ("large", "big"), ("tiny", "small")]
 POSITIONS = [
-    ("on the left", "at the left"), ("on the right", "at the right"), ("at the top", "up high"),
-    ("at the bottom", "down low"), ("in the middle", "in the center"),
-]  # fmt: skip
+    ("on the left", "at the left"),
+    ("on the right", "at the right"),
+    ("at the top", "up high"),
+    ("at the bottom", "down low"),
+    ("in the middle", "in the center"),
+]
 SCENES = [
     ("street", "road"),
     ("park", "garden"),

@@ -6,10 +6,12 @@ clipping at 2.0, margin 0.2, epsilon 0.01, embedding 1024, word dim 300; validat
 every epoch, keeping the best checkpoint by dev rsum.
 
 Losses (``--loss``): ``selhn`` (the paper), ``hn`` (VSE++ max violation), ``sum`` (VSE0)
-and ``warmup`` (VSE-infinity's schedule: sum of hinges in epoch 0, hard negatives after);
-the candidates of the rule study (``rules.py``: ``selhn-sum``, ``share-*``, ``tempered-*``,
-``semihard``) run too, on one process. Each uses the loss scale of its code base unless
-``--reduction`` says otherwise: the authors' mean for SelHN, VSE++'s sum for the others.
+and ``warmup`` (VSE-infinity's schedule: sum of hinges in epoch 0, hard negatives after).
+Each uses the loss scale of its code base unless ``--reduction`` says otherwise: the authors'
+mean for SelHN, VSE++'s sum for the others. A loss is a *criterion factory* (:data:`CRITERIA`:
+a function from the run's arguments to a loss module); ``parse_args`` and ``train`` take
+another table, so a study trains its own rules through this loop unchanged (see
+``examples/selection_study``, whose candidate rules are :class:`selhn.RuleLoss` modules).
 
 Data: ``--name synthetic`` (the default) generates the embedded synthetic data set under
 ``--root`` on first use; ``--name f30k`` / ``coco`` read the standard precomputed
@@ -41,10 +43,10 @@ import random
 import shutil
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -57,33 +59,88 @@ from examples.rvsepp.cli import integer_at_least, number_at_least
 from examples.rvsepp.data import DataError, EpochSampler, PrecompDataset, collate, read_captions
 from examples.rvsepp.evaluate import encode, evaluate_embeddings, format_table, load_checkpoint
 from examples.rvsepp.model import RVSEPP
-from examples.rvsepp.rules import RULES, rule_loss
 from examples.rvsepp.vocab import Vocabulary
 from selhn.diagnostics import TrainingMonitor
+from selhn.rules import SelectionRule
 
+
+@dataclass(frozen=True)
+class Preset:
+    """A set of defaults for ``--preset``: what it is for, and the flags' values it sets."""
+
+    description: str
+    values: dict[str, Any]
+
+
+#: The CPU-sized model of the synthetic presets (the paper's sizes are the flags' defaults).
 CPU_MODEL: dict[str, Any] = {"embed_size": 256, "word_dim": 128, "synthetic_regions": 12, "synthetic_dim": 256}
-# The calibrated benchmark (docs: Results): captions that describe the whole scene (no in-batch
-# false negatives), families of near-duplicate images that differ in one attribute (the top of
-# the ranking hinges on it), CPU-sized. The values were chosen on calibration seed 100,
-# never on the reported seeds 0-9; the Results page gives the measurements behind each one.
-CALIBRATED: dict[str, Any] = {
-    **CPU_MODEL, "epochs": 4, "lr_decay_epoch": 3, "synthetic_train": 2000, "synthetic_dev": 300,
-    "synthetic_test": 1000, "synthetic_specific": 1.0, "synthetic_twins": 0.75, "synthetic_variants": 3,
-}  # fmt: skip
-PRESETS: dict[str, dict[str, Any]] = {
-    # the paper's recipe on real-size features (GPU)
-    "paper": {},
-    # the README's main job: a small synthetic set and a narrower model, minutes on 2 CPU cores
-    "cpu": {**CPU_MODEL, "epochs": 12, "lr_decay_epoch": 8, "synthetic_train": 3000, "synthetic_dev": 500,
-            "synthetic_test": 500},
-    # a benchmark on which hard negatives are worth having, as on real data
-    "calibrated": CALIBRATED,
-    # the same with bottom-up-like features (a strong shared component): hard negatives stall from scratch
-    "calibrated-stall": {**CALIBRATED, "synthetic_shared": 3.0},
-    # seconds: a test of the whole pipeline
-    "smoke": {"epochs": 1, "batch_size": 16, "embed_size": 32, "word_dim": 16, "synthetic_train": 60,
-              "synthetic_dev": 20, "synthetic_test": 20, "synthetic_regions": 6, "synthetic_dim": 32},
-}  # fmt: skip
+PRESETS: dict[str, Preset] = {
+    "paper": Preset("the paper's recipe on real precomputed features (the defaults shown above; a GPU)", {}),
+    "cpu": Preset(
+        "the README's main job: a small synthetic set and a narrower model, minutes on 2 CPU cores",
+        {
+            **CPU_MODEL,
+            "epochs": 12,
+            "lr_decay_epoch": 8,
+            "synthetic_train": 3000,
+            "synthetic_dev": 500,
+            "synthetic_test": 500,
+        },
+    ),
+    "smoke": Preset(
+        "seconds: a test of the whole pipeline",
+        {
+            "epochs": 1,
+            "batch_size": 16,
+            "embed_size": 32,
+            "word_dim": 16,
+            "synthetic_train": 60,
+            "synthetic_dev": 20,
+            "synthetic_test": 20,
+            "synthetic_regions": 6,
+            "synthetic_dim": 32,
+        },
+    ),
+}
+
+
+class Criterion(Protocol):
+    """What the training loop needs of its loss: the package's modules (and :class:`selhn.RuleLoss`
+    of any rule) are criteria."""
+
+    margin: float
+    reduction: str
+    keep_scores: bool
+    last_scores: torch.Tensor | None
+    last_mask: torch.Tensor | None
+
+    @property
+    def rule(self) -> SelectionRule: ...
+
+    def __call__(self, img_emb: torch.Tensor, txt_emb: torch.Tensor, ids: Any = None) -> torch.Tensor: ...
+    def max_violation_on(self) -> None: ...
+    def max_violation_off(self) -> None: ...
+
+
+#: A criterion factory: the loss module of a run, built from its arguments.
+CriterionFactory = Callable[[argparse.Namespace], Criterion]
+
+
+def reduction_of(args: argparse.Namespace, default: str) -> str:
+    """``--reduction``, or the loss's own code base's scale for ``auto``."""
+    return str(args.reduction) if args.reduction != "auto" else default
+
+
+#: ``--loss``: the paper's loss and its baselines, built as the README tells users to build them,
+#: each at its code base's scale unless ``--reduction`` says otherwise (the authors' mean for
+#: SelHN, VSE++'s sum for the others). ``warmup`` is VSE-infinity's switchable ContrastiveLoss,
+#: flipped by :func:`set_epoch`.
+CRITERIA: dict[str, CriterionFactory] = {
+    "selhn": lambda args: selhn.SelHNLoss(args.margin, args.epsilon, reduction=reduction_of(args, "mean")),
+    "hn": lambda args: selhn.MaxViolationLoss(args.margin, reduction=reduction_of(args, "sum")),
+    "sum": lambda args: selhn.SumHingeLoss(args.margin, reduction=reduction_of(args, "sum")),
+    "warmup": lambda args: selhn.ContrastiveLoss(args.margin, max_violation=False, reduction=reduction_of(args, "sum")),
+}
 
 
 SYNTHETIC_HELP = {
@@ -99,34 +156,35 @@ SYNTHETIC_HELP = {
     "specific": "share of captions that describe the whole scene",
     "variants": "near-duplicates made of each twinned scene",
 }
-PRESET_HELP = """presets (--preset; every flag given on the command line overrides the preset's value):
-  paper             the paper's recipe on real precomputed features (the defaults shown above; a GPU)
-  cpu               the README's main job: a small synthetic set and a narrower model, minutes on 2 CPU cores
-  calibrated        the synthetic benchmark on which hard negatives are worth having, as on real data
-  calibrated-stall  the same with bottom-up-like features (a strong shared component): hard negatives
-                    stall from a cold start
-  smoke             seconds: a test of the whole pipeline"""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def preset_help(presets: dict[str, Preset]) -> str:
+    """The presets' list for ``--help``."""
+    width = max(len(name) for name in presets) + 2
+    lines = [f"  {name:<{width}}{preset.description}" for name, preset in presets.items()]
+    return "presets (--preset; every flag given on the command line overrides the preset's value):\n" + "\n".join(lines)
+
+
+def parse_args(
+    argv: list[str] | None = None,
+    presets: dict[str, Preset] = PRESETS,
+    criteria: dict[str, CriterionFactory] = CRITERIA,
+) -> argparse.Namespace:
+    """The run's arguments. ``presets`` and ``criteria`` are what ``--preset`` and ``--loss``
+    choose from (a study adds its own: see ``examples/selection_study``)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog=PRESET_HELP,
+        epilog=preset_help(presets),
         formatter_class=HelpFormatter,
         allow_abbrev=False,  # an abbreviated flag would not count as given, and the preset would win
     )
     add = parser.add_argument
-    add("--preset", choices=sorted(PRESETS), default="paper", help="a set of defaults (see the list below)")
+    add("--preset", choices=list(presets), default="paper", help="a set of defaults (see the list below)")
     add("--root", default="data", help="folder holding <name>_precomp")
     add("--name", default="synthetic", help="data set: synthetic (generated), f30k, coco, ...")
     add("--test-split", default=None, help="evaluation split (when not given: test, and testall for coco)")
     add("--out", default="runs/rvsepp", help="run folder: checkpoints, TensorBoard logs, CSV")
-    add(
-        "--loss",
-        choices=["selhn", "hn", "sum", "warmup", *RULES],
-        default="selhn",
-        help="the loss; the others are the candidates of the Results page's rule study (rules.py)",
-    )
+    add("--loss", choices=list(criteria), default="selhn", help="the loss (hn: max violation, sum: sum of hinges)")
     add("--reduction", choices=["auto", "mean", "sum"], default="auto", help="auto: mean for selhn, sum otherwise")
     add("--margin", type=number_at_least(0.0), default=0.2, help="triplet margin")
     add("--epsilon", type=number_at_least(0.0), default=0.01, help="SelHN's gap threshold (the paper's 0.01)")
@@ -160,12 +218,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         add(f"--synthetic-{field}", type=type(value), default=value, help=f"synthetic data: {SYNTHETIC_HELP[field]}")
     # the preset's values become the defaults, so that every flag given on the command line wins
     preset = parser.parse_known_args(argv)[0].preset
-    parser.set_defaults(**PRESETS[preset])
+    parser.set_defaults(**presets[preset].values)
     args = parser.parse_args(argv)
     if args.test_split is None:
         args.test_split = cli.default_test_split(args.name)
-    if args.loss in RULES and args.global_negatives:
-        parser.error(f"--loss {args.loss} is a candidate of rules.py, with no distributed form (--global-negatives)")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --out and --overwrite replaces it: choose one")
     if args.tensorboard == "on" and not cli.tensorboard_available():
@@ -279,56 +335,43 @@ class RunError(Exception):
     """A user mistake about the run (its folder, arguments or data): reported without a traceback."""
 
 
-def loss_for_step(args: argparse.Namespace, epoch: int) -> tuple[str, str]:
-    """The loss of this epoch and its reduction."""
-    name = args.loss
-    if name == "warmup":
-        name = "sum" if epoch < args.warmup_epochs else "hn"
-    reduction = args.reduction if args.reduction != "auto" else ("mean" if args.loss == "selhn" else "sum")
-    return name, reduction
-
-
-def make_criterion(args: argparse.Namespace) -> torch.nn.Module | None:
-    """The loss module of ``--loss``, built as the README tells users to build it (None for a
-    candidate of the rule study, a function over the score matrix in rules.py). ``warmup`` is
-    VSE-infinity's switchable ``ContrastiveLoss``; :func:`set_epoch` flips it."""
-    _, reduction = loss_for_step(args, 0)
-    if args.loss == "selhn":
-        return selhn.SelHNLoss(args.margin, args.epsilon, reduction=reduction)
-    if args.loss == "hn":
-        return selhn.MaxViolationLoss(args.margin, reduction=reduction)
-    if args.loss == "sum":
-        return selhn.SumHingeLoss(args.margin, reduction=reduction)
+def loss_for_step(args: argparse.Namespace, epoch: int) -> str:
+    """The name of this epoch's loss, for the progress bar (``warmup``: ``sum``, then ``hn``)."""
     if args.loss == "warmup":
-        return selhn.ContrastiveLoss(args.margin, max_violation=False, reduction=reduction)
-    return None
+        return "sum" if epoch < args.warmup_epochs else "hn"
+    return str(args.loss)
 
 
-def set_epoch(criterion: torch.nn.Module | None, args: argparse.Namespace, epoch: int) -> None:
+def make_criterion(args: argparse.Namespace, criteria: dict[str, CriterionFactory] = CRITERIA) -> Criterion:
+    """The loss module of ``--loss``, from its factory."""
+    return criteria[args.loss](args)
+
+
+def set_epoch(criterion: Criterion, args: argparse.Namespace, epoch: int) -> None:
     """VSE-infinity's loop: hard negatives from epoch ``--warmup-epochs`` on (a no-op for every
     loss but the switchable one)."""
-    if criterion is None:
-        return
     if epoch >= args.warmup_epochs:
-        criterion.max_violation_on()  # type: ignore[operator]
+        criterion.max_violation_on()
     else:
-        criterion.max_violation_off()  # type: ignore[operator]
+        criterion.max_violation_off()
 
 
-def compute_loss(criterion: torch.nn.Module | None, name: str, reduction: str, args: argparse.Namespace,
-                 img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """The training loss of a batch: the module over the embeddings (the one-line swap), the
-    global-batch loss with ``--global-negatives`` under DDP, or a study candidate over the scores."""
+def args_use_global(args: argparse.Namespace) -> bool:
+    """Whether the loss mines negatives across DDP ranks (--global-negatives under DDP)."""
+    return bool(args.global_negatives and dist.is_available() and dist.is_initialized())
+
+
+def compute_loss(
+    criterion: Criterion, args: argparse.Namespace, img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """The training loss of a batch: the module over the embeddings (the one-line swap), or with
+    ``--global-negatives`` under DDP the same rule over the global batch."""
     ids_or_none = ids if args.mask_duplicates else None
-    if args.global_negatives and dist.is_available() and dist.is_initialized():
+    if args_use_global(args):
         return selhn.distributed.global_loss(
-            img, txt, name, args.margin, args.epsilon, ids=ids_or_none, reduction=reduction,
-        )  # fmt: skip
-    if criterion is not None:
-        loss: torch.Tensor = criterion(img, txt, ids=ids_or_none)
-        return loss
-    mask = ids.unsqueeze(0) == ids.unsqueeze(1) if ids_or_none is not None else None
-    return rule_loss(name, img @ txt.t(), args.margin, args.epsilon, mask=mask, reduction=reduction)
+            img, txt, criterion.rule, criterion.margin, ids=ids_or_none, reduction=criterion.reduction
+        )
+    return criterion(img, txt, ids=ids_or_none)
 
 
 def load_data(args: argparse.Namespace) -> tuple[Vocabulary, PrecompDataset, PrecompDataset, PrecompDataset]:
@@ -388,9 +431,22 @@ LOCK_FILE = ".lock"
 #: arguments a resumed run must share with the run it continues; the others (--epochs,
 #: --max-steps, --device, --workers, --eval-steps, --log-every, ...) may change
 SAME_RUN = (
-    "name", "loss", "reduction", "margin", "epsilon", "warmup_epochs", "mask_duplicates", "global_negatives",
-    "batch_size", "lr", "lr_decay_epoch", "grad_clip", "embed_size", "word_dim", "seed",
-)  # fmt: skip
+    "name",
+    "loss",
+    "reduction",
+    "margin",
+    "epsilon",
+    "warmup_epochs",
+    "mask_duplicates",
+    "global_negatives",
+    "batch_size",
+    "lr",
+    "lr_decay_epoch",
+    "grad_clip",
+    "embed_size",
+    "word_dim",
+    "seed",
+)
 
 
 @contextlib.contextmanager
@@ -600,7 +656,7 @@ def finite_or_none(results: dict[str, float]) -> dict[str, float | None]:
 class Run:
     """One training run: set-up (data, model, resume), the step, the epoch's end, the test."""
 
-    def __init__(self, args: argparse.Namespace, stop: Stop) -> None:
+    def __init__(self, args: argparse.Namespace, stop: Stop, criteria: dict[str, CriterionFactory] = CRITERIA) -> None:
         """Everything that can fail before the first step happens here, in this order: the
         folder's checks, the resumed checkpoint against these arguments (before the data are
         touched), the data, the model on its device, the loader. Only then does --overwrite
@@ -651,7 +707,8 @@ class Run:
         self.loader = DataLoader(
             self.train_set, batch_sampler=self.sampler, collate_fn=collate, num_workers=args.workers
         )
-        self.criterion = make_criterion(args)
+        self.criterion = make_criterion(args, criteria)
+        self.criterion.keep_scores = True  # the monitor reads the loss's own scores and mask
         if is_main() and args.overwrite:  # only now: a run that fails to start leaves the old one intact
             clear_run_folder(self.out)
         barrier()
@@ -681,10 +738,25 @@ class Run:
 
     def checkpoint(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "state": dict(self.state), "args": vars(self.args),
-            "vocab": self.vocab.signature(), "model_config": self.model.config, "rng": rng_state(),
-        }  # fmt: skip
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "state": dict(self.state),
+            "args": vars(self.args),
+            "vocab": self.vocab.signature(),
+            "model_config": self.model.config,
+            "rng": rng_state(),
+        }
+
+    def monitored_scores(
+        self, img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The score matrix and mask the monitor reads: the criterion's own (kept by its forward,
+        the same mask, ids included), or with --global-negatives this rank's local batch."""
+        if self.criterion.last_scores is not None and not args_use_global(self.args):
+            return self.criterion.last_scores, self.criterion.last_mask
+        mask = ids.unsqueeze(1) == ids.unsqueeze(0) if self.args.mask_duplicates else None
+        return img.detach() @ txt.detach().t(), mask
 
     def check_finite(self) -> None:
         """Stop at a non-finite loss, before any checkpoint holds what followed it."""
@@ -702,16 +774,19 @@ class Run:
             atomic_save(self.checkpoint(), self.last_path)
             write_steps(self.out / "steps.csv", self.earlier_steps, self.monitor)
 
-    def step(self, batch: dict[str, torch.Tensor], name: str, reduction: str) -> dict[str, float] | None:
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
         """One optimisation step; the monitor's values on its logging steps."""
         args, device = self.args, self.device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
             img, txt = self.ddp_model(
-                batch["regions"].to(device), batch["region_lengths"].to(device),
-                batch["tokens"].to(device), batch["token_lengths"].to(device),
-            )  # fmt: skip
+                batch["regions"].to(device),
+                batch["region_lengths"].to(device),
+                batch["tokens"].to(device),
+                batch["token_lengths"].to(device),
+            )
         img, txt = img.float(), txt.float()
-        loss = compute_loss(self.criterion, name, reduction, args, img, txt, batch["image_id"].to(device))
+        ids = batch["image_id"].to(device)
+        loss = compute_loss(self.criterion, args, img, txt, ids)
         # the first non-finite loss, kept on the device (no sync per step); read on logging steps
         # and before every checkpoint, so that a non-finite loss never reaches one
         self.device_step += 1
@@ -719,7 +794,8 @@ class Run:
         self.first_bad = torch.where(fresh, torch.stack([self.device_step, loss.detach().float()]), self.first_bad)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        logged = self.monitor.step(img.detach() @ txt.detach().t(), loss)
+        scores, mask = self.monitored_scores(img, txt, ids)
+        logged = self.monitor.step(scores, loss, mask=mask)
         if logged is not None:
             self.check_finite()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
@@ -742,8 +818,10 @@ class Run:
         dev = self.evaluate_dev(epoch, "epoch")
         self.state["pending_eval"] = False
         if is_main():
-            print(f"epoch {epoch}: dev rsum {dev['rsum']:.1f} (i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 "
-                  f"{dev['t2i_r1']:.1f})", flush=True)  # fmt: skip
+            print(
+                f"epoch {epoch}: dev rsum {dev['rsum']:.1f} (i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f})",
+                flush=True,
+            )
             if dev["rsum"] > self.state["best_rsum"]:
                 self.state["best_rsum"] = dev["rsum"]
                 self.check_finite()
@@ -760,20 +838,22 @@ class Run:
             epoch = state["epoch"]
             self.train_set.epoch = epoch
             self.sampler.set_epoch(epoch, start=state["step_in_epoch"])
-            name, reduction = loss_for_step(args, epoch)
+            name = loss_for_step(args, epoch)
             set_epoch(self.criterion, args, epoch)
             self.ddp_model.train()
             progress = progress_bar(self.loader, f"epoch {epoch} ({name})", disable=not is_main())
             for batch in progress:
                 start = time.perf_counter()
-                logged = self.step(batch, name, reduction)
+                logged = self.step(batch)
                 self.step_times.append(time.perf_counter() - start)
                 if logged is not None:
                     self.log(logged, progress)
                 if self.stop.signal is not None:
                     self.save_last()
-                    print(f"\nstopped by signal {self.stop.signal}: saved {self.last_path}; continue with --resume",
-                          flush=True)  # fmt: skip
+                    print(
+                        f"\nstopped by signal {self.stop.signal}: saved {self.last_path}; continue with --resume",
+                        flush=True,
+                    )
                     raise SystemExit(128 + self.stop.signal)
                 if args.eval_steps and state["global_step"] % args.eval_steps == 0 and is_main():
                     try:
@@ -856,10 +936,10 @@ def _previous_results(path: Path) -> dict[str, float]:
     }
 
 
-def _train(args: argparse.Namespace, stop: Stop) -> dict[str, float]:
+def _train(args: argparse.Namespace, stop: Stop, criteria: dict[str, CriterionFactory]) -> dict[str, float]:
     with locked_run_folder(Path(args.out)):
         with stop.interruptible():  # set-up (data generation can take minutes): nothing to save yet
-            run = Run(args, stop)
+            run = Run(args, stop, criteria)
         run.train()
         return run.finish()
 
@@ -874,12 +954,13 @@ def record_dev(out: Path, epoch: int, step: int, dev: dict[str, float], writer: 
         handle.write(json.dumps({"epoch": epoch, "global_step": step, "kind": kind, **dev}) + "\n")
 
 
-def train(args: argparse.Namespace) -> dict[str, float]:
+def train(args: argparse.Namespace, criteria: dict[str, CriterionFactory] = CRITERIA) -> dict[str, float]:
     """Train and evaluate; Ctrl-C / SIGTERM save a checkpoint (during an evaluation: the one
-    written before it), and the previous signal handlers are restored on the way out."""
+    written before it), and the previous signal handlers are restored on the way out.
+    ``criteria`` is what ``--loss`` names (the one ``parse_args`` was given)."""
     stop = Stop()
     try:
-        return _train(args, stop)
+        return _train(args, stop, criteria)
     except StopSignal as stopped:
         last = Path(args.out) / "last.pth"
         where = f"{last} holds the run; continue with --resume" if last.is_file() else "nothing was trained yet"

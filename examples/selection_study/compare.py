@@ -34,7 +34,7 @@ run, and the command then exits with an error. The
 synthetic data live under ``--root`` (default ``data/<preset>``), so presets never overwrite
 each other's data.
 
-Run: ``python -m examples.rvsepp.compare --preset calibrated --seeds 0 1 2 3 4 --out
+Run: ``python -m examples.selection_study.compare --preset calibrated --seeds 0 1 2 3 4 --out
 runs/calibrated`` (see ``--help``; arguments after ``--`` go to every training run, e.g.
 ``-- --synthetic-shared 1.0``).
 """
@@ -58,7 +58,8 @@ import torch
 from examples.rvsepp import cli
 from examples.rvsepp import train as train_module
 from examples.rvsepp.evaluate import load_checkpoint
-from examples.rvsepp.rules import RULES
+from examples.selection_study.presets import STUDY_PRESETS
+from examples.selection_study.rules import RULES, STUDY_CRITERIA
 
 LOSSES = ("hn", "sum", "warmup", "selhn")
 SWEEP = (0.001, 0.05, 0.1)  # with the default 0.01 of the selhn run: 0.001, 0.01, 0.05, 0.1
@@ -96,10 +97,27 @@ def first_exceeding(steps: list[float], values: list[float], level: float) -> fl
 def train_argv(out: Path, loss: str, seed: int, epsilon: float, args: argparse.Namespace) -> list[str]:
     """The training command line of one run of the comparison."""
     return [
-        "--preset", args.preset, "--root", args.root, "--out", str(out), "--loss", loss, "--seed", str(seed),
-        "--epsilon", str(epsilon), "--eval-steps", str(args.eval_steps), "--log-every", str(args.log_every),
-        "--tensorboard", "off", *(["--max-steps", str(args.steps)] if args.steps else []), *args.train_args,
-    ]  # fmt: skip
+        "--preset",
+        args.preset,
+        "--root",
+        args.root,
+        "--out",
+        str(out),
+        "--loss",
+        loss,
+        "--seed",
+        str(seed),
+        "--epsilon",
+        str(epsilon),
+        "--eval-steps",
+        str(args.eval_steps),
+        "--log-every",
+        str(args.log_every),
+        "--tensorboard",
+        "off",
+        *(["--max-steps", str(args.steps)] if args.steps else []),
+        *args.train_args,
+    ]
 
 
 #: training arguments that do not change what a run computes (where and how it runs)
@@ -109,7 +127,7 @@ MACHINE_ONLY = ("out", "resume", "overwrite", "tensorboard", "workers", "device"
 def reuse_mismatch(out: Path, argv: list[str]) -> str:
     """Why the finished run in ``out`` is not the run ``argv`` asks for ('' when it is): its
     checkpoint's arguments are compared, flag by flag, with ``argv``'s."""
-    wanted = vars(train_module.parse_args(argv))
+    wanted = vars(parse_train(argv))
     try:
         stored = load_checkpoint(out / "last.pth")["args"]
     except ValueError as error:
@@ -139,6 +157,12 @@ def check_reusable(tasks: list[tuple[Path, list[str]]]) -> None:
         )
 
 
+def parse_train(argv: list[str]) -> argparse.Namespace:
+    """A training command line of the study: the pipeline's flags, with the calibrated presets
+    and the candidate rules as ``--preset`` and ``--loss`` choices."""
+    return train_module.parse_args(argv, STUDY_PRESETS, STUDY_CRITERIA)
+
+
 def train_if_needed(out: Path, argv: list[str]) -> None:
     """Train one run into ``out`` unless it holds a finished one (a ``results.json``; see
     :func:`check_reusable`)."""
@@ -147,7 +171,7 @@ def train_if_needed(out: Path, argv: list[str]) -> None:
     if out.exists():  # an unfinished run of this command: its records are partial, so start it again
         shutil.rmtree(out)
     start = time.perf_counter()
-    train_module.train(train_module.parse_args(argv))
+    train_module.train(parse_train(argv), STUDY_CRITERIA)
     print(f"  {out.name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -188,7 +212,7 @@ def train_all(tasks: list[tuple[Path, list[str]]], jobs: int = 1, threads: int =
 
 def prepare_data(argv: list[str]) -> None:
     """Generate (once) the synthetic data and vocabulary a training command line reads."""
-    train_module.load_data(train_module.parse_args(argv))
+    train_module.load_data(parse_train(argv))
 
 
 def read_run(out: Path) -> dict[str, Any]:
@@ -247,10 +271,25 @@ def run_row(
 
 
 RUN_COLUMNS = (
-    "loss", "epsilon", "seed", "steps_to_leave_plateau", "steps_to_10x_chance", "best_dev_rsum", "test_rsum",
-    "test_i2t_r1", "test_t2i_r1", "test_mean_r1", "test_i2t_r5", "test_i2t_r10", "test_t2i_r5", "test_t2i_r10",
-    "step_ms", "switch_step", "dev_rsum_at_switch", "min_dev_rsum_after_switch",
-)  # fmt: skip
+    "loss",
+    "epsilon",
+    "seed",
+    "steps_to_leave_plateau",
+    "steps_to_10x_chance",
+    "best_dev_rsum",
+    "test_rsum",
+    "test_i2t_r1",
+    "test_t2i_r1",
+    "test_mean_r1",
+    "test_i2t_r5",
+    "test_i2t_r10",
+    "test_t2i_r5",
+    "test_t2i_r10",
+    "step_ms",
+    "switch_step",
+    "dev_rsum_at_switch",
+    "min_dev_rsum_after_switch",
+)
 
 
 def write_runs_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -262,11 +301,16 @@ def write_runs_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 PER_SEED = (
-    ("loss", "loss"), ("seed", "seed"), ("steps_to_leave_plateau", "leaves plateau at step"),
-    ("steps_to_10x_chance", "dev rsum > 10x chance at step"), ("best_dev_rsum", "best dev rsum"),
-    ("test_rsum", "test rsum"), ("test_i2t_r1", "test i2t R@1"), ("test_t2i_r1", "test t2i R@1"),
+    ("loss", "loss"),
+    ("seed", "seed"),
+    ("steps_to_leave_plateau", "leaves plateau at step"),
+    ("steps_to_10x_chance", "dev rsum > 10x chance at step"),
+    ("best_dev_rsum", "best dev rsum"),
+    ("test_rsum", "test rsum"),
+    ("test_i2t_r1", "test i2t R@1"),
+    ("test_t2i_r1", "test t2i R@1"),
     ("test_mean_r1", "test mean R@1"),
-)  # fmt: skip
+)
 
 
 def write_per_seed_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -297,14 +341,16 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (loss, epsilon): the table's statistics for every seed."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["loss"], 0.01 if row["loss"] != "selhn" else row["epsilon"]), []).append({
-            "recovery": row["steps_to_leave_plateau"],
-            "to_10x": row["steps_to_10x_chance"],
-            "best_dev": row["best_dev_rsum"],
-            "test": [row[f"test_{d}_{k}"] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10")],
-            "test_rsum": row["test_rsum"],
-            "step_ms": row["step_ms"],
-        })  # fmt: skip
+        groups.setdefault((row["loss"], 0.01 if row["loss"] != "selhn" else row["epsilon"]), []).append(
+            {
+                "recovery": row["steps_to_leave_plateau"],
+                "to_10x": row["steps_to_10x_chance"],
+                "best_dev": row["best_dev_rsum"],
+                "test": [row[f"test_{d}_{k}"] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10")],
+                "test_rsum": row["test_rsum"],
+                "step_ms": row["step_ms"],
+            }
+        )
     return [{"loss": loss, "epsilon": epsilon, "seeds": values} for (loss, epsilon), values in groups.items()]
 
 
@@ -339,9 +385,12 @@ def facts(rows: list[dict[str, Any]]) -> str:
         share, mean_share = percent_of(warm, total, seeds)
         collapsed = [s for s in seeds if collapsed_after_switch(warm[s])]
         line(
-            "F3", f"warmup rsum >= 90% of sum's (%), no collapse after the switch (collapsed: {collapsed or 'none'})",
-            share, mean_share, mean_share >= 90.0 and not collapsed,
-        )  # fmt: skip
+            "F3",
+            f"warmup rsum >= 90% of sum's (%), no collapse after the switch (collapsed: {collapsed or 'none'})",
+            share,
+            mean_share,
+            mean_share >= 90.0 and not collapsed,
+        )
     seeds = sorted(set(total) & set(hn))
     if seeds:
         share, mean_share = percent_of(hn, total, seeds)
@@ -475,15 +524,21 @@ def plot(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]], chance: 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
-    )  # fmt: skip
+    )
     parser.add_argument("--out", default="runs/compare", help="folder of the runs and the tables")
     parser.add_argument("--root", default=None, help="data folder (default: data/<preset>)")
-    parser.add_argument("--preset", choices=sorted(train_module.PRESETS), default="cpu")
+    parser.add_argument("--preset", choices=list(STUDY_PRESETS), default="cpu")
     parser.add_argument("--seeds", type=cli.seed, nargs="+", default=[0, 1, 2], help="seeds of the runs")
-    parser.add_argument("--losses", nargs="+", choices=[*LOSSES, *RULES], default=list(LOSSES),
-                        help="hn sum warmup selhn, and the rule study's candidates (rules.py)")  # fmt: skip
+    parser.add_argument(
+        "--losses",
+        nargs="+",
+        choices=[*LOSSES, *RULES],
+        default=list(LOSSES),
+        help="hn sum warmup selhn, and the rule study's candidates (examples/selection_study/rules.py)",
+    )
     parser.add_argument(
         "--epsilons", type=cli.number_at_least(0.0), nargs="*", default=list(SWEEP), help="extra SelHN epsilons"
     )
@@ -532,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
     if failed:
         raise SystemExit("runs that failed:\n" + "\n".join(failed))
     runs = {key: read_run(folder) for key, folder in folders.items()}
-    train_args = train_module.parse_args(["--preset", args.preset, "--root", args.root, *args.train_args])
+    train_args = parse_train(["--preset", args.preset, "--root", args.root, *args.train_args])
     folder = Path(args.root) / f"{train_args.name}_precomp"
     dev_captions = (folder / "dev_caps.txt").read_text().splitlines()
     chance = chance_rsum(min(len(dev_captions), 5000) // 5)
@@ -551,8 +606,10 @@ def main(argv: list[str] | None = None) -> None:
     plot(out, runs, chance, f"RVSE++, preset {args.preset} {' '.join(args.train_args)}".strip())
     print(table)
     print(checked)
-    print(f"wrote {out / 'runs.csv'}, {out / 'comparison.md'}, {out / 'facts.md'}, {out / 'comparison.png'}, "
-          f"{out / 'steps.csv'}, {out / 'dev.csv'}")  # fmt: skip
+    print(
+        f"wrote {out / 'runs.csv'}, {out / 'comparison.md'}, {out / 'facts.md'}, {out / 'comparison.png'}, "
+        f"{out / 'steps.csv'}, {out / 'dev.csv'}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ step and earlier than SelHN's (epsilon 0.01), and (W2) on calibrated its test R@
 i2t and t2i) is at least warmup's minus 1 point and above the sum of hinges'. A seed that
 never reaches 10x chance makes the mean step infinite.
 
-Run: ``python -m examples.rvsepp.study --phase all --out runs/study --jobs 12`` (GPU: about
+Run: ``python -m examples.selection_study.study --phase all --out runs/study --jobs 12`` (GPU: about
 200 runs of 5 to 30 s each; on a 2-core CPU the same is days, see ``--help`` for fewer seeds).
-Every run trains through :mod:`examples.rvsepp.compare`, which writes each setting's
+Every run trains through :mod:`examples.selection_study.compare`, which writes each setting's
 ``runs.csv``, ``per_seed.csv``, tables and figure under ``<out>/<setting>``.
 """
 
@@ -32,8 +32,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from examples.rvsepp import compare
-from examples.rvsepp.rules import RULES
+from examples.selection_study import compare
+from examples.selection_study.rules import RULES
 
 SELECT_SEEDS = (0, 1, 2, 3, 4)
 CONFIRM_SEEDS = (5, 6, 7, 8, 9)
@@ -52,21 +52,47 @@ def settings(root: Path) -> dict[str, dict[str, Any]]:
         "calibrated-stall": {"preset": "calibrated-stall", "root": root / "calibrated-stall", "steps": 0, "extra": []},
         # the Results page's stall-only setting (the 0.1.0 synthetic set with a strong shared component)
         "stall-only": {
-            "preset": "cpu", "root": root / "stall", "steps": 400,
-            "extra": ["--synthetic-shared", "3.0", "--synthetic-train", "1500", "--synthetic-dev", "200",
-                      "--synthetic-test", "200", "--epochs", "8"],
+            "preset": "cpu",
+            "root": root / "stall",
+            "steps": 400,
+            "extra": [
+                "--synthetic-shared",
+                "3.0",
+                "--synthetic-train",
+                "1500",
+                "--synthetic-dev",
+                "200",
+                "--synthetic-test",
+                "200",
+                "--epochs",
+                "8",
+            ],
         },
-    }  # fmt: skip
+    }
 
 
-def compare_argv(setting: dict[str, Any], out: Path, seeds: list[int], losses: list[str],
-                 epsilons: list[float], extra: list[str]) -> list[str]:  # fmt: skip
+def compare_argv(
+    setting: dict[str, Any], out: Path, seeds: list[int], losses: list[str], epsilons: list[float], extra: list[str]
+) -> list[str]:
     """compare.py's command line for one setting of the study."""
     argv = [
-        "--preset", setting["preset"], "--root", str(setting["root"]), "--out", str(out),
-        "--seeds", *map(str, seeds), "--losses", *losses, "--epsilons", *map(str, epsilons),
-        "--eval-steps", str(EVAL_STEPS), "--log-every", str(LOG_EVERY),
-    ]  # fmt: skip
+        "--preset",
+        setting["preset"],
+        "--root",
+        str(setting["root"]),
+        "--out",
+        str(out),
+        "--seeds",
+        *map(str, seeds),
+        "--losses",
+        *losses,
+        "--epsilons",
+        *map(str, epsilons),
+        "--eval-steps",
+        str(EVAL_STEPS),
+        "--log-every",
+        str(LOG_EVERY),
+    ]
     if setting["steps"]:
         argv += ["--steps", str(setting["steps"])]
     return [*argv, "--", *COMMON, *setting["extra"], *extra]
@@ -88,9 +114,7 @@ def run_phase(jobs: list[list[str]], workers: int, threads: int) -> None:
     for setting_tasks in tasks:
         if setting_tasks:
             compare.prepare_data(setting_tasks[0][1])
-    order = sorted(
-        (task for setting_tasks in tasks for task in setting_tasks), key=lambda task: seed_of(task[1])
-    )  # fmt: skip
+    order = sorted((task for setting_tasks in tasks for task in setting_tasks), key=lambda task: seed_of(task[1]))
     failed = compare.train_all(order, workers, threads)
     if failed:
         raise SystemExit("runs that failed:\n" + "\n".join(failed))
@@ -154,8 +178,9 @@ def choose(calibrated: list[dict[str, Any]], stall: list[dict[str, Any]], candid
     return {"chosen": pool[0]["loss"], "why": why, "candidates": table}
 
 
-def verdict(chosen: str, calibrated: list[dict[str, Any]], stall: list[dict[str, Any]],
-            stall_only: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+def verdict(
+    chosen: str, calibrated: list[dict[str, Any]], stall: list[dict[str, Any]], stall_only: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Whether the chosen candidate wins on the held-out runs: W1 and W2 on seeds 5-9, and W1's
     step criterion on the stall-only setting."""
     held_out = criteria(chosen, calibrated, stall)
@@ -184,27 +209,38 @@ def main(argv: list[str] | None = None) -> None:
     candidates = list(RULES)
     if args.phase in ("select", "all"):
         seeds, losses = args.select_seeds, [*BASELINES, *candidates]
-        jobs = [compare_argv(where[name], out / "select" / name, seeds, losses, list(SWEEP), args.train_args)
-                for name in ("calibrated", "calibrated-stall")]  # fmt: skip
+        jobs = [
+            compare_argv(where[name], out / "select" / name, seeds, losses, list(SWEEP), args.train_args)
+            for name in ("calibrated", "calibrated-stall")
+        ]
         run_phase(jobs, args.jobs, args.threads)
         choice = choose(
             read_rows(out / "select" / "calibrated" / "runs.csv"),
-            read_rows(out / "select" / "calibrated-stall" / "runs.csv"), candidates,
-        )  # fmt: skip
+            read_rows(out / "select" / "calibrated-stall" / "runs.csv"),
+            candidates,
+        )
         (out / "choice.json").write_text(json.dumps(choice, indent=1))
         print(f"chosen: {choice['chosen']} ({choice['why']})", flush=True)
     if args.phase in ("confirm", "all"):
         chosen = json.loads((out / "choice.json").read_text())["chosen"]
         losses = [*BASELINES, chosen]
-        jobs = [compare_argv(where[name], out / "confirm" / name, args.confirm_seeds, losses, [], args.train_args)
-                for name in ("calibrated", "calibrated-stall")]  # fmt: skip
-        jobs.append(compare_argv(where["stall-only"], out / "confirm" / "stall-only", args.stall_only_seeds, losses,
-                                 [], args.train_args))  # fmt: skip
+        jobs = [
+            compare_argv(where[name], out / "confirm" / name, args.confirm_seeds, losses, [], args.train_args)
+            for name in ("calibrated", "calibrated-stall")
+        ]
+        jobs.append(
+            compare_argv(
+                where["stall-only"], out / "confirm" / "stall-only", args.stall_only_seeds, losses, [], args.train_args
+            )
+        )
         run_phase(jobs, args.jobs, args.threads)
         result = verdict(
-            chosen, *(read_rows(out / "confirm" / name / "runs.csv")
-                      for name in ("calibrated", "calibrated-stall", "stall-only")),
-        )  # fmt: skip
+            chosen,
+            *(
+                read_rows(out / "confirm" / name / "runs.csv")
+                for name in ("calibrated", "calibrated-stall", "stall-only")
+            ),
+        )
         (out / "verdict.json").write_text(json.dumps(result, indent=1))
         print(f"{chosen}: {'wins' if result['wins'] else 'does not win'} on the held-out runs", flush=True)
 

@@ -1,0 +1,396 @@
+"""The selection study (examples/selection_study): its candidate rules against literal loop
+references, through the library's rule API; the comparison and the study's protocol."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from examples.rvsepp.evaluate import evaluate_embeddings
+from examples.selection_study.rules import RULES, candidate
+from selhn.functional import rule_loss as library_rule_loss
+
+
+def rule_loss(name, scores, margin=0.2, epsilon=0.01, *, mask=None, reduction="sum"):
+    """A candidate's loss over a score matrix, at the study's VSE++ scale (summed)."""
+    return library_rule_loss(scores, candidate(name, epsilon), margin, mask=mask, reduction=reduction)
+
+
+def literal(name: str, scores: torch.Tensor, margin: float, epsilon: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """Each rule as its definition reads, anchor by anchor, in both directions (summed)."""
+    rule, param = RULES[name]
+    size = scores.shape[0]
+    total = scores.new_zeros(())
+    for matrix, excluded in ((scores, mask), (scores.t(), None if mask is None else mask.t())):
+        for i in range(size):
+            positive = matrix[i, i]
+            negatives = [j for j in range(size) if j != i and not (excluded is not None and bool(excluded[i, j]))]
+            if not negatives:
+                continue
+            hinge = {j: torch.clamp(margin - positive + matrix[i, j], min=0) for j in negatives}
+            hardest = negatives[0]
+            for j in negatives:
+                if matrix[i, j] > matrix[i, hardest]:
+                    hardest = j
+            if rule == "selhn-sum":
+                tied = abs((positive - matrix[i, hardest]).item()) < epsilon
+                total = total + (sum(hinge.values()) if tied else hinge[hardest])
+            elif rule == "share":
+                violating = sum(1 for j in negatives if hinge[j].item() > 0)
+                total = total + (sum(hinge.values()) if violating / len(negatives) > param else hinge[hardest])
+            elif rule == "tempered":
+                top = matrix[i, hardest].item()
+                total = total + sum(math.exp((matrix[i, j].item() - top) / param) * hinge[j] for j in negatives)
+            else:  # semihard
+                below = [j for j in negatives if matrix[i, j].item() < positive.item()]
+                if below:
+                    chosen = max(below, key=lambda j: matrix[i, j].item())
+                else:
+                    chosen = min(negatives, key=lambda j: matrix[i, j].item())
+                total = total + hinge[chosen]
+    return total
+
+
+@given(
+    name=st.sampled_from(sorted(RULES)),
+    size=st.integers(1, 7),
+    seed=st.integers(0, 2**31 - 1),
+    spread=st.sampled_from([0.005, 0.05, 0.5]),
+    margin=st.sampled_from([0.0, 0.2, 0.5]),
+    masked=st.booleans(),
+)
+def test_rules_match_their_literal_definition_in_values_and_gradients(name, size, seed, spread, margin, masked):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(size, size, generator=generator, dtype=torch.float64) * spread
+    mask = torch.rand(size, size, generator=generator) < 0.3 if masked else None
+    scores = base.clone().requires_grad_()
+    value = rule_loss(name, scores, margin, 0.01, mask=mask)
+    (grad,) = torch.autograd.grad(value, scores)
+    reference_scores = base.clone().requires_grad_()
+    expected = literal(name, reference_scores, margin, 0.01, mask)
+    expected_grad = (
+        torch.autograd.grad(expected, reference_scores)[0] if expected.requires_grad else torch.zeros_like(base)
+    )
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_reductions_and_finiteness(name):
+    scores = torch.randn(6, 6, dtype=torch.float64)
+    per_anchor = rule_loss(name, scores, reduction="none")
+    assert per_anchor.shape == (2, 6)
+    torch.testing.assert_close(rule_loss(name, scores, reduction="sum"), per_anchor.sum())
+    torch.testing.assert_close(rule_loss(name, scores, reduction="mean"), per_anchor.mean())
+    # one anchor whose every pair is masked: no negative, a zero loss and finite gradients
+    mask = torch.zeros(6, 6, dtype=torch.bool)
+    mask[0, :] = True
+    mask[:, 0] = True
+    scores.requires_grad_()
+    value = rule_loss(name, scores, mask=mask, reduction="none")
+    assert value[0, 0] == 0 and value[1, 0] == 0
+    value.sum().backward()
+    assert torch.isfinite(scores.grad).all()
+
+
+@pytest.mark.parametrize("name", ["share-0.5", "tempered-0.02", "selhn-sum"])
+def test_a_collapsed_batch_gets_the_sum_of_hinges(name):
+    # every score equal (a full collapse): these rules fall back to the sum of hinges (SelHN's mean would be
+    # B - 1 times smaller), which is what keeps them off the plateau
+    scores = torch.full((5, 5), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(rule_loss(name, scores), torch.tensor(2 * 5 * 4 * 0.2, dtype=torch.float64))
+
+
+def test_the_candidates_train_as_criteria_of_the_pipeline():
+    """Each candidate is a criterion factory of the study's table: a RuleLoss of its rule at
+    the VSE++ scale, and the pipeline's own losses are there too."""
+    from examples.rvsepp import train as train_module
+    from examples.selection_study.presets import STUDY_PRESETS
+    from examples.selection_study.rules import STUDY_CRITERIA
+
+    args = train_module.parse_args(["--preset", "calibrated", "--loss", "tempered-0.02"], STUDY_PRESETS, STUDY_CRITERIA)
+    criterion = train_module.make_criterion(args, STUDY_CRITERIA)
+    assert repr(criterion.rule) == "Tempered(0.02)" and criterion.reduction == "sum"
+    assert args.synthetic_twins == 0.75 and args.epochs == 4  # the calibrated preset
+    assert set(train_module.CRITERIA) < set(STUDY_CRITERIA)
+    with pytest.raises(SystemExit):  # the pipeline alone knows neither
+        train_module.parse_args(["--preset", "calibrated"])
+
+
+# ------------------------------------------------------------------ the comparison and the protocol
+# ------------------------------------------------------------------ the comparison and the demo
+def test_compare_smoke(data_root, tmp_path, capsys):
+    from examples.selection_study import compare
+
+    compare.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--root",
+            str(data_root),
+            "--preset",
+            "smoke",
+            "--seeds",
+            "0",
+            "--losses",
+            "hn",
+            "selhn",
+            "--epsilons",
+            "0.05",
+            "--steps",
+            "4",
+            "--eval-steps",
+            "2",
+            "--log-every",
+            "1",
+        ]
+    )
+    for name in (
+        "comparison.md",
+        "comparison.csv",
+        "comparison.png",
+        "steps.csv",
+        "dev.csv",
+        "per_seed.csv",
+        "facts.md",
+    ):
+        assert (tmp_path / name).is_file(), name
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| hn |" in table and "| selhn eps=0.01 |" in table and "| selhn eps=0.05 |" in table
+    assert "steps until dev rsum > 10x chance" in capsys.readouterr().out
+    with open(tmp_path / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    required = [
+        "loss",
+        "epsilon",
+        "seed",
+        "steps_to_leave_plateau",
+        "steps_to_10x_chance",
+        "best_dev_rsum",
+        "test_rsum",
+        "test_i2t_r1",
+        "test_t2i_r1",
+    ]
+    assert list(rows[0])[: len(required)] == required
+    assert sorted((r["loss"], r["epsilon"], r["seed"]) for r in rows) == [
+        ("hn", "nan", "0"),
+        ("selhn", "0.01", "0"),
+        ("selhn", "0.05", "0"),
+    ]
+    for row in rows:
+        values = {key: float(value) for key, value in row.items() if key != "loss"}  # every column a number
+        assert values["steps_to_10x_chance"] in (2.0, 4.0, math.inf)
+        assert values["test_rsum"] == pytest.approx(
+            sum(values[f"test_{d}_{k}"] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
+        )
+    per_seed = (tmp_path / "per_seed.csv").read_text().splitlines()
+    assert per_seed[0].startswith("loss,seed,leaves plateau at step") and len(per_seed) == 4
+    assert [line.split(",")[0] for line in per_seed[1:]] == ["hn", "selhn eps=0.01", "selhn eps=0.05"]
+    # a finished run is reused, an unfinished one is trained again from its start
+    finished = tmp_path / "runs" / "hn_seed0" / "results.json"
+    stamp = finished.stat().st_mtime_ns
+    unfinished = tmp_path / "runs" / "selhn_eps=0.05_seed0"
+    (unfinished / "results.json").unlink()
+    (unfinished / "dev.jsonl").write_text("not json\n")
+    compare.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--root",
+            str(data_root),
+            "--preset",
+            "smoke",
+            "--seeds",
+            "0",
+            "--losses",
+            "hn",
+            "selhn",
+            "--epsilons",
+            "0.05",
+            "--steps",
+            "4",
+            "--eval-steps",
+            "2",
+            "--log-every",
+            "1",
+        ]
+    )
+    assert finished.stat().st_mtime_ns == stamp and (unfinished / "results.json").is_file()
+
+
+def fact_row(loss: str, seed: int, r1: float, rsum: float, at_switch: float = math.nan, low: float = math.nan):
+    return {
+        "loss": loss,
+        "seed": seed,
+        "test_mean_r1": r1,
+        "test_rsum": rsum,
+        "dev_rsum_at_switch": at_switch,
+        "min_dev_rsum_after_switch": low,
+    }
+
+
+def test_compare_checks_the_three_facts_by_their_criteria():
+    from examples.selection_study.compare import facts
+
+    rows = [fact_row("sum", s, 70.0, 500.0) for s in range(3)]
+    rows += [fact_row("warmup", s, 72.5, 480.0, 300.0, 290.0) for s in range(3)]
+    rows += [fact_row("hn", s, 1.0, 100.0) for s in range(3)]
+    table = facts(rows)
+    assert "| F1 | warmup R@1 - sum R@1 >= 2" in table and "| 2.5 | yes |" in table
+    assert "| F3 |" in table and "| 96.0 | yes |" in table
+    assert "| F2 |" in table and "| 20.0 | yes |" in table
+    # a collapse after the switch fails F3 whatever the final rsum; a 1.9-point gain fails F1
+    rows[3] = fact_row("warmup", 0, 71.9 - 5.0, 480.0, 300.0, 149.0)
+    table = facts(rows)
+    assert "collapsed: [0]" in table and "| F3 |" in table and table.count("| no |") == 2
+    assert "No fact can be checked" in facts([fact_row("hn", 0, 1.0, 10.0)])
+
+
+def test_compare_metrics():
+    from examples.selection_study.compare import chance_rsum, first_exceeding, first_recovery
+
+    assert chance_rsum(1) == pytest.approx(600.0)  # one image: every ranking is right
+    generator = torch.Generator().manual_seed(0)
+    n = 10
+    hits = 0.0
+    for _ in range(300):  # Monte Carlo check of the chance level
+        sims = torch.rand(n, 5 * n, generator=generator, dtype=torch.float64)
+        hits += evaluate_embeddings([torch.eye(n, dtype=torch.float64)], [sims.t().contiguous()])["rsum"]
+    assert hits / 300 == pytest.approx(chance_rsum(n), rel=0.05)
+    steps = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert first_recovery(steps, [0.05, 0.2, 0.05, 0.1, 0.1]) == 0.0  # never on the plateau
+    assert first_recovery(steps, [0.0, 0.9, 1.0, 0.3, 0.05]) == 5.0
+    assert first_recovery(steps, [0.0, 0.9, 1.0, 0.9, 0.9]) == math.inf
+    assert first_exceeding(steps, [1, 2, 3, 4, 5], 3.5) == 4.0
+
+
+def test_compare_trains_in_parallel_workers_like_one_by_one(data_root, tmp_path):
+    # --jobs 2: the same runs, trained in spawned worker processes, give the same records as in-process ones
+    from examples.selection_study import compare
+
+    common = [
+        "--root",
+        str(data_root),
+        "--preset",
+        "smoke",
+        "--seeds",
+        "0",
+        "--losses",
+        "sum",
+        "tempered-0.02",
+        "--epsilons",
+        "--steps",
+        "3",
+        "--eval-steps",
+        "3",
+        "--log-every",
+        "1",
+    ]
+    compare.main(["--out", str(tmp_path / "serial"), *common])
+    threads = str(torch.get_num_threads())  # the same intra-op threads: the same float sums on a CPU
+    compare.main(["--out", str(tmp_path / "pool"), "--jobs", "2", "--threads", threads, *common])
+    for name in ("sum_seed0", "tempered-0.02_seed0"):
+        serial, pool = (
+            json.loads((tmp_path / kind / "runs" / name / "results.json").read_text()) for kind in ("serial", "pool")
+        )
+        assert serial.pop("step_seconds") > 0 and pool.pop("step_seconds") > 0
+        assert serial == pool
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(tmp_path / "bad"), "--jobs", "0", *common])
+
+
+def test_compare_reports_failed_runs_by_name_and_goes_on(data_root, tmp_path, monkeypatch):
+    from examples.selection_study import compare
+
+    def broken(args, criteria):
+        if args.loss == "hn":
+            raise SystemExit("non-finite loss (nan) at epoch 0, step 1: stopping.")
+        return real(args, criteria)
+
+    real = compare.train_module.train
+    monkeypatch.setattr(compare.train_module, "train", broken)
+    with pytest.raises(SystemExit, match=r"hn_seed0: non-finite loss") as error:
+        compare.main(
+            [
+                "--out",
+                str(tmp_path),
+                "--root",
+                str(data_root),
+                "--preset",
+                "smoke",
+                "--seeds",
+                "0",
+                "--losses",
+                "hn",
+                "sum",
+                "--steps",
+                "2",
+                "--eval-steps",
+                "2",
+            ]
+        )
+    assert "sum_seed0" not in str(error.value) and (tmp_path / "runs" / "sum_seed0" / "results.json").is_file()
+
+
+def study_row(loss: str, seed: int, r1: float, step: float, epsilon: float = math.nan) -> dict:
+    return {"loss": loss, "seed": float(seed), "epsilon": epsilon, "test_mean_r1": r1, "steps_to_10x_chance": step}
+
+
+def test_study_choice_and_verdict_follow_the_protocol():
+    from examples.selection_study import study
+
+    def rows(values: dict[str, tuple[float, float]]) -> list[dict]:
+        return [
+            study_row(loss, s, r1, step, 0.01 if loss == "selhn" else math.nan)
+            for loss, (r1, step) in values.items()
+            for s in range(2)
+        ]
+
+    base = {"sum": (78.0, 30.0), "warmup": (81.0, 30.0), "selhn": (75.0, 200.0)}
+    calibrated = rows({**base, "a": (80.5, 30.0), "b": (83.0, 30.0), "c": (90.0, 30.0)})
+    stall = rows({**base, "a": (0, 40.0), "b": (0, 45.0), "c": (0, 50.0)})
+    stall[-1]["steps_to_10x_chance"] = math.inf  # c never gets there on one seed: W1 fails for c
+    choice = study.choose(calibrated, stall, ["a", "b", "c"])
+    assert choice["chosen"] == "b" and "W1 and W2" in choice["why"]  # a: W2 holds (80.5 >= 80) but b's R@1 is higher
+    table = {c["loss"]: c for c in choice["candidates"]}
+    assert table["c"]["W1"] is False and table["c"]["W2"] is True and table["a"]["W2"] is True
+    # no candidate meets W2: the best R@1 among those meeting W1; none meets W1: the earliest on stall
+    calibrated = rows({**base, "a": (70.0, 30.0), "b": (60.0, 30.0)})
+    assert study.choose(calibrated, rows({**base, "a": (0, 40.0), "b": (0, 40.0)}), ["a", "b"])["chosen"] == "a"
+    late = rows({**base, "a": (0, 300.0), "b": (0, 250.0)})
+    choice = study.choose(calibrated, late, ["a", "b"])
+    assert choice["chosen"] == "b" and "no candidate met W1" in choice["why"]
+    # the verdict needs W1 and W2 on the held-out seeds and the step criterion on the stall-only setting
+    held_calibrated, held_stall = rows({**base, "b": (83.0, 30.0)}), rows({**base, "b": (0, 40.0)})
+    assert study.verdict("b", held_calibrated, held_stall, rows({**base, "b": (0, 40.0)}))["wins"] is True
+    assert study.verdict("b", held_calibrated, held_stall, rows({**base, "b": (0, 46.0)}))["wins"] is False
+    assert study.verdict("b", rows({**base, "b": (79.0, 30.0)}), held_stall, held_stall)["wins"] is False
+
+
+def test_the_study_trains_one_run_from_its_own_command_line(data_root, tmp_path):
+    from examples.selection_study.train import main
+
+    main(
+        [
+            "--preset",
+            "smoke",
+            "--root",
+            str(data_root),
+            "--out",
+            str(tmp_path),
+            "--loss",
+            "semihard",
+            "--max-steps",
+            "1",
+            "--tensorboard",
+            "off",
+            "--no-eval-test",
+        ]
+    )
+    assert (tmp_path / "last.pth").is_file()
