@@ -7,7 +7,7 @@ collectives are left out), forward + backward, D = 1024 by default, for
 
 * ``bare``: the two rectangles' ``(img @ all_txt.T).sum() + (txt @ all_img.T).sum()``, the
   cost every loss sits on;
-* ``EmbeddingLoss`` (``selhn._fast.embedding_losses`` with a simulated rank, what
+* ``EmbeddingLoss`` (``selhn._core.embedding_losses`` with a simulated rank, what
   ``global_loss`` calls) and ``autograd``, a plain autograd implementation of the same
   per-anchor definitions written here (dense L x G hinge temporaries), for SelHN on a random
   batch (steady state: hard branch), SelHN on a near-collapsed batch (cold start: every
@@ -35,7 +35,7 @@ from functools import partial
 import torch
 from _timing import cuda_peak_bytes, device_label, time_rounds
 
-from selhn import _fast
+from selhn import _core
 
 Case = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -91,7 +91,7 @@ def batches(local: int, total: int, dim: int, device: str) -> dict[str, Rank]:
 
 def cases(rank: dict[str, Rank], margin: float, epsilon: float) -> dict[str, tuple[str, Case]]:
     def lean(mode: str, kind: str) -> Case:  # SelHN with the authors' fallback, the mean
-        return lambda i, t: _fast.embedding_losses(i, t, None, margin, epsilon, mode, "mean", rank[kind]).sum()
+        return lambda i, t: _core.embedding_losses(i, t, None, margin, epsilon, mode, "mean", rank[kind]).sum()
 
     def plain(mode: str, kind: str) -> Case:
         def both(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

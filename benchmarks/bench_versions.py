@@ -56,9 +56,12 @@ def import_other(checkout: Path, folder: Path) -> ModuleType:
 def cases(package: ModuleType) -> dict[str, tuple[str, Case]]:
     """The timed cases of one version: (batch kind, loss)."""
 
+    # the core module is selhn._core (selhn._fast before it was renamed): either version runs
+    core = getattr(package, "_core", None) or importlib.import_module(f"{package.__name__}._fast")
+
     def dense(loss: Case) -> Case:
         def run(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-            with package._fast.forced_pair_form_fractions(0.0, 0.0):
+            with core.forced_pair_form_fractions(0.0, 0.0):
                 return loss(img, txt)
 
         return run

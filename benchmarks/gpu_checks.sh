@@ -28,7 +28,7 @@ stage() {
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-stage tests 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_fast.py tests/test_functional.py tests/test_losses.py
+stage tests 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_core.py tests/test_functional.py tests/test_losses.py
 stage bench 130 bash -c "python3 benchmarks/bench_losses.py --device cuda --sizes 4096 16384 --rounds 10 --min-seconds 2 --dtype float32 && python3 benchmarks/bench_losses.py --device cuda --sizes 4096 16384 --rounds 10 --min-seconds 2 --dtype bfloat16"
 stage forms 90 python3 benchmarks/bench_forms.py --device cuda --sizes 4096 16384 --rounds 5
 stage distributed 60 bash -c "python3 benchmarks/bench_distributed.py --device cuda --local 1024 --candidates 8192 && python3 benchmarks/bench_distributed.py --device cuda --local 4096 --candidates 32768"

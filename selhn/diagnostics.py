@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from selhn import _fast
+from selhn import _core
 from selhn import _selection as sel
 from selhn._validation import (
     as_fallback,
@@ -322,7 +322,7 @@ def gradient_norms(
     txt = txt_emb.detach().to(dtype)
     lean = lean_settings(rule)
     if lean is not None:
-        d_img, d_txt, anchor_img, anchor_txt = _fast.embedding_gradients(
+        d_img, d_txt, anchor_img, anchor_txt = _core.embedding_gradients(
             img, txt, mask, margin, lean.epsilon, lean.mode, lean.fallback
         )
     else:

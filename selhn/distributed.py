@@ -5,7 +5,7 @@ batch. :func:`global_loss` mines them in the global batch: it scores this rank's
 against every rank's captions and its captions against every rank's images (each positive at
 its global offset), so the memory per rank grows with :math:`B_\text{local} \times
 B_\text{global}`, not :math:`B_\text{global}^2`. Both rectangles go through the modules' own
-autograd Function (``selhn._fast.EmbeddingLoss``), which all-gathers in forward and
+autograd Function (``selhn._core.EmbeddingLoss``), which all-gathers in forward and
 reduce-scatters in backward, and keeps only what the modules keep in between.
 
 Equivalence: the value returned on every rank is exactly the loss of one process on the
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from selhn import _fast, _validation
+from selhn import _core, _validation
 from selhn.losses import RuleLoss
 from selhn.rules import SelectionRule, check_rule, lean_settings, rule_for, side_losses
 from selhn.types import Fallback, LossName
@@ -55,7 +55,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 class _Ranks:
-    """This rank's rows in the global batch and the loss's collectives (``_fast.Ranks``). Sizes
+    """This rank's rows in the global batch and the loss's collectives (``_core.Ranks``). Sizes
     may differ by rank (exchanged once; tensors are padded to the largest). :meth:`scatter`,
     the gather's adjoint, sums over ranks the gradient at this rank's rows: a reduce-scatter
     on NCCL, an all-reduce and a slice on backends without one (gloo)."""
@@ -176,7 +176,7 @@ def global_loss(
         excluded = own_ids.unsqueeze(1) == ranks.rows(own_ids).unsqueeze(0)
     lean = lean_settings(rule)
     if lean is not None:
-        share = _fast.embedding_losses(
+        share = _core.embedding_losses(
             img_emb, txt_emb, excluded, margin, lean.epsilon, lean.mode, lean.fallback, ranks
         ).sum()
     else:

@@ -1,6 +1,6 @@
 r"""Triplet losses over a score matrix (SCAN-style models, and any precomputed scores).
 
-The per-anchor computation itself lives once, in :mod:`selhn._fast` (one core over anchors x
+The per-anchor computation itself lives once, in :mod:`selhn._core` (one core over anchors x
 candidates; its internal API: ``score_losses``, ``embedding_losses``, ``embedding_gradients``,
 ``reduce``), shared with the modules of :mod:`selhn.losses` (which score embeddings with a
 leaner backward), the distributed loss and the diagnostic; the literal loop references in
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from selhn import _fast
+from selhn import _core
 from selhn import _selection as sel
 from selhn._validation import REDUCTIONS, as_fallback, check_choice, check_mask, check_nonnegative, check_scores
 from selhn.rules import SelectionRule, check_rule, lean_settings, square_losses
@@ -103,8 +103,8 @@ def selhn_loss(
     fallback_ = as_fallback(fallback)
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _fast.reduce(
-        _fast.score_losses(scores, mask, margin, epsilon, "selhn", fallback_),
+    return _core.reduce(
+        _core.score_losses(scores, mask, margin, epsilon, "selhn", fallback_),
         reduction,
     )
 
@@ -153,7 +153,7 @@ def max_violation_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, "hn"), reduction)
+    return _core.reduce(_core.score_losses(scores, mask, margin, 0.0, "hn"), reduction)
 
 
 def sum_hinge_loss(
@@ -200,7 +200,7 @@ def sum_hinge_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _fast.reduce(_fast.score_losses(scores, mask, margin, 0.0, "sum"), reduction)
+    return _core.reduce(_core.score_losses(scores, mask, margin, 0.0, "sum"), reduction)
 
 
 def rule_loss(
@@ -263,7 +263,7 @@ def rule_loss(
     check_choice(reduction, "reduction", REDUCTIONS)
     lean = lean_settings(rule)
     if lean is not None:
-        per_anchor = _fast.score_losses(scores, mask, margin, lean.epsilon, lean.mode, lean.fallback)
+        per_anchor = _core.score_losses(scores, mask, margin, lean.epsilon, lean.mode, lean.fallback)
     else:
         per_anchor = square_losses(scores.to(sel.compute_dtype(scores.dtype)), mask, rule, margin)
-    return _fast.reduce(per_anchor, reduction)
+    return _core.reduce(per_anchor, reduction)

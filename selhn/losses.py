@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selhn import _fast
+from selhn import _core
 from selhn._validation import (
     Mode,
     as_fallback,
@@ -63,10 +63,10 @@ class _TripletLoss(nn.Module):
         check_embeddings(img_emb, txt_emb)
         mask = ids_to_mask(ids, img_emb.shape[0], img_emb.device)
         observe = (lambda scores: self._keep(scores, mask)) if self.keep_scores else None
-        per_anchor = _fast.embedding_losses(
+        per_anchor = _core.embedding_losses(
             img_emb, txt_emb, mask, self.margin, epsilon, mode, fallback, observe=observe
         )
-        return _fast.reduce(per_anchor, self.reduction)
+        return _core.reduce(per_anchor, self.reduction)
 
     def max_violation_on(self) -> None:
         """No-op, for drop-in use in VSE-infinity's training loop.
@@ -370,7 +370,7 @@ class RuleLoss(_TripletLoss):
             scores = img_emb.to(dtype) @ txt_emb.to(dtype).t()
             self._keep(scores, mask)
             per_anchor = square_losses(scores, mask, self._rule, self.margin)
-        return _fast.reduce(per_anchor, self.reduction)
+        return _core.reduce(per_anchor, self.reduction)
 
     def extra_repr(self) -> str:
         return f"rule={self._rule!r}, margin={self.margin}, reduction={self.reduction!r}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from selhn import _fast
+from selhn import _core
 
 
 class OneRank:
@@ -35,5 +35,5 @@ def rank_losses(img, txt, offset, local, excluded, epsilon, loss, fallback, reco
     """The distributed loss's (2, local) per-anchor losses of one simulated rank, and the rank."""
     ranks = OneRank(img.detach(), txt.detach(), offset, local, record)
     rows = slice(offset, offset + local)
-    out = _fast.embedding_losses(img[rows], txt[rows], excluded, 0.2, epsilon, loss, fallback, ranks)
+    out = _core.embedding_losses(img[rows], txt[rows], excluded, 0.2, epsilon, loss, fallback, ranks)
     return out, ranks

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 
 import selhn
-from selhn import _fast, _selection
+from selhn import _core, _selection
 from selhn import functional as F
 from selhn.testing import batch_sizes, embedding_pairs, half_dtypes, score_matrices
 from tests.reference import reference_loss
@@ -43,7 +43,7 @@ def test_modules_on_cuda_match_cpu(loss, fractions, pair):
     results = []
     for device in ("cpu", "cuda"):
         img, txt = (x.detach().clone().to(device).requires_grad_() for x in pair)
-        with _fast.forced_pair_form_fractions(*fractions):
+        with _core.forced_pair_form_fractions(*fractions):
             value = MODULES[loss](reduction="sum")(img, txt, ids=torch.arange(img.shape[0]) // 2)
         value.backward()
         results.append((value.cpu(), img.grad.cpu(), txt.grad.cpu()))
@@ -119,7 +119,7 @@ def test_row_loss_on_cuda_matches_cpu(loss, fractions, pair):
     results = []
     for device in ("cpu", "cuda"):
         a, b = img.clone().to(device).requires_grad_(), txt.clone().to(device).requires_grad_()
-        with _fast.forced_pair_form_fractions(*fractions):  # epsilon 10: every SelHN anchor falls back
+        with _core.forced_pair_form_fractions(*fractions):  # epsilon 10: every SelHN anchor falls back
             value, rank = rank_losses(a, b, 1, local, excluded.to(device), 10.0, loss, "mean")
         (value * torch.arange(2 * local, device=device).view(2, local)).sum().backward()
         results.append((value.cpu(), a.grad.cpu(), b.grad.cpu(), *(g.cpu() for g in rank.grads)))

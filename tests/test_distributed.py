@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import selhn
-from selhn import _fast
+from selhn import _core
 from selhn import distributed as D
 from selhn import functional as F
 from selhn.rules import Anchors, SelectionRule
@@ -234,7 +234,7 @@ def test_gather_refuses_second_derivatives_by_name(tmp_path):
         txt = unit(torch.randn(3, 4, dtype=torch.float64), dim=1).requires_grad_()
         ranks = D._Ranks(3, img.device)
         assert (ranks.offset, ranks.sizes) == (0, [3])
-        value = _fast.embedding_losses(img, txt, None, 0.2, 0.5, "selhn", "mean", ranks).sum()
+        value = _core.embedding_losses(img, txt, None, 0.2, 0.5, "selhn", "mean", ranks).sum()
         expected = selhn.SelHNLoss(0.2, 0.5, reduction="sum")(img, txt)
         torch.testing.assert_close(value, expected)
         first = torch.autograd.grad(value, (img, txt), retain_graph=True)  # first order: fine
