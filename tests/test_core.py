@@ -444,7 +444,7 @@ def test_functional_form_never_modifies_the_callers_scores():
     assert torch.equal(scores, before)
 
 
-def row_loss_matches_reference(loss, img, txt, offset, local, ids, epsilon, mean, generator_seed=0):
+def rank_rectangles_match_reference(loss, img, txt, offset, local, ids, epsilon, mean, generator_seed=0):
     """One rank's anchors [offset, offset + local) against the global candidates, in both
     directions, equal those anchors' losses in the loop reference over the global batch, in
     values and in the global gradients of a random weighting of them."""
@@ -472,7 +472,7 @@ def row_loss_matches_reference(loss, img, txt, offset, local, ids, epsilon, mean
 @pytest.mark.parametrize("loss", sorted(MODULES))
 @settings(max_examples=40)
 @given(pair=embedding_pairs(batch_sizes(1, 10)), data=st.data())
-def test_row_loss_matches_reference(loss, epsilon, form, pair, data):
+def test_rank_rectangles_match_reference(loss, epsilon, form, pair, data):
     img, txt = pair
     size = img.shape[0]
     for _ in range(data.draw(st.integers(0, 2), label="n_ties")):  # exact copies: tied negatives
@@ -486,15 +486,17 @@ def test_row_loss_matches_reference(loss, epsilon, form, pair, data):
         else None
     )
     with _core.forced_pair_form_fractions(*FORMS[form]):
-        row_loss_matches_reference(loss, img, txt, offset, local, ids, epsilon, data.draw(st.booleans(), label="mean"))
+        rank_rectangles_match_reference(
+            loss, img, txt, offset, local, ids, epsilon, data.draw(st.booleans(), label="mean")
+        )
 
 
-def test_row_loss_mixed_batch_forms_only_the_fallback_rows():
+def test_rank_rectangles_with_a_few_fallbacks_form_only_their_rows():
     """A few vanishing anchors: only their rows are formed, and saved as a boolean mask."""
     img, txt = mixed_batch(12, 3)  # a few image anchors among 0-3 fall back
     n_fallback = sum(reference_fallback_flags(img @ txt.T, 0.05)[0][1:8])
     assert 0 < n_fallback <= 3
-    row_loss_matches_reference("selhn", img, txt, 1, 7, None, 0.05, True)
+    rank_rectangles_match_reference("selhn", img, txt, 1, 7, None, 0.05, True)
     value, _ = rank_losses(
         img.clone().requires_grad_(), txt.clone().requires_grad_(), 1, 7, None, 0.05, "selhn", "mean"
     )
@@ -657,7 +659,7 @@ def test_a_gradient_penalty_through_a_module_equals_the_functional_form(loss):
 
 @pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("loss", sorted(MODULES))
-def test_row_loss_gradients_pass_gradcheck(loss, form):
+def test_rank_rectangles_pass_gradcheck(loss, form):
     u, w, ids = twice_differentiable_batch()
     unit = torch.nn.functional.normalize
     # (first order only: the distributed loss refuses create_graph, see test_distributed)

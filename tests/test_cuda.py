@@ -110,7 +110,7 @@ def test_torch_compile_on_cuda():
 @pytest.mark.parametrize("loss", sorted(MODULES))
 @settings(max_examples=10)
 @given(pair=embedding_pairs(batch_sizes(2, 12)))
-def test_row_loss_on_cuda_matches_cpu(loss, fractions, pair):
+def test_rank_rectangles_on_cuda_match_cpu(loss, fractions, pair):
     """The distributed loss's rectangles: rank rows 1.. against the whole batch, in both directions."""
     img, txt = pair
     local = img.shape[0] - 1

@@ -222,7 +222,7 @@ def test_pipeline_under_torchrun_with_global_negatives(tmp_path):
     assert "rsum" in result.stdout
 
 
-def test_gather_refuses_second_derivatives_by_name(tmp_path):
+def test_the_distributed_loss_refuses_second_derivatives_by_name(tmp_path):
     """create_graph=True through the cross-rank gather would drop the other ranks' terms
     silently: it is refused with a message that says what to use instead. (A one-rank group,
     driven through the collectives global_loss uses with more ranks.)"""
