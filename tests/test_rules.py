@@ -229,3 +229,14 @@ def test_bad_rules_are_refused_by_name():
     torch.testing.assert_close(F.rule_loss(scores, ignored), F.sum_hinge_loss(scores))
     with pytest.raises(TypeError, match="loss must be a selhn.rules.SelectionRule"):
         selhn.distributed.global_loss(scores, scores, loss=3)
+
+
+def test_rules_benchmark_script_smoke():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rules.py"
+    command = [sys.executable, str(script), "--sizes", "32", "--dim", "8", "--rounds", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    assert "SelHN, plain" in result.stdout and "SumOfHinges, lean" in result.stdout
