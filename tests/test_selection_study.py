@@ -242,9 +242,9 @@ def test_compare_checks_the_three_facts_by_their_criteria():
     rows += [fact_row("warmup", s, 72.5, 480.0, 300.0, 290.0) for s in range(3)]
     rows += [fact_row("hn", s, 1.0, 100.0) for s in range(3)]
     table = facts(rows)
-    assert "| F1 | warmup R@1 - sum R@1 >= 2" in table and "| 2.5 | yes |" in table
-    assert "| F3 |" in table and "| 96.0 | yes |" in table
-    assert "| F2 |" in table and "| 20.0 | yes |" in table
+    assert "| F1 | warmup R@1 - sum R@1 >= 2" in table and "| 2.5 | [2.5, 2.5] | yes |" in table
+    assert "| F3 |" in table and "| 96.0 | [96.0, 96.0] | yes |" in table
+    assert "| F2 |" in table and "| 20.0 | [20.0, 20.0] | yes |" in table
     # a collapse after the switch fails F3 whatever the final rsum; a 1.9-point gain fails F1
     rows[3] = fact_row("warmup", 0, 71.9 - 5.0, 480.0, 300.0, 149.0)
     table = facts(rows)
@@ -394,3 +394,51 @@ def test_the_study_trains_one_run_from_its_own_command_line(data_root, tmp_path)
         ]
     )
     assert (tmp_path / "last.pth").is_file()
+
+
+# ------------------------------------------------------------------ paired intervals
+def test_paired_intervals_by_the_textbook():
+    from examples.selection_study.intervals import interval, paired_interval, t_quantile
+
+    assert t_quantile(1) == 12.706 and t_quantile(4) == 2.776 and t_quantile(35) == 2.042 and t_quantile(500) == 1.98
+    # d = 1, 2, 3: mean 2, sd 1, half width t(2) / sqrt(3) = 4.303 / 1.732
+    got = paired_interval({0: 3.0, 1: 5.0, 2: 7.0, 9: 1.0}, {0: 2.0, 1: 3.0, 2: 4.0})  # seed 9: no pair
+    assert got.n == 3 and got.mean == pytest.approx(2.0)
+    assert (got.low, got.high) == pytest.approx((2 - 4.303 / 3**0.5, 2 + 4.303 / 3**0.5))
+    assert not got.excludes_zero() and str(got) == "+2.00 [-0.48, +4.48]"  # t(2) is wide: 0 is inside
+    assert interval([2.0, 2.1, 1.9, 2.05]).excludes_zero()
+    assert not interval([1.0, -1.0, 0.5]).excludes_zero()
+    assert interval([1.5]).n == 1 and "no interval" in str(interval([1.5]))
+    assert math.isnan(interval([]).mean)
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_quantile(0)
+
+
+def test_the_interval_covers_the_mean_95_percent_of_the_time_at_five_seeds():
+    """Student's t, not the normal quantile (which covers about 88% at n = 5)."""
+    from examples.selection_study.intervals import interval
+
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randn(4000, 5, generator=generator, dtype=torch.float64) + 1.5
+    covered = sum(interval(row.tolist()).low <= 1.5 <= interval(row.tolist()).high for row in draws)
+    assert 0.935 <= covered / 4000 <= 0.965
+
+
+def test_facts_carry_intervals_and_the_tables_come_from_a_runs_csv(tmp_path):
+    from examples.selection_study import compare
+
+    rows = [fact_row("sum", s, 80.0 + s, 500.0) for s in range(3)]
+    rows += [fact_row("warmup", s, 82.0 + s + 0.1 * s * s, 505.0, at_switch=400.0, low=450.0) for s in range(3)]
+    rows += [fact_row("hn", s, 10.0, 50.0 + s) for s in range(3)]
+    with open(tmp_path / "runs.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    compare.main(["--out", str(tmp_path / "tables"), "--from-runs", str(tmp_path / "runs.csv")])
+    text = (tmp_path / "tables" / "facts.md").read_text()
+    assert "| F1 | warmup R@1 - sum R@1 >= 2" in text and "95% interval" in text
+    f1 = next(line for line in text.splitlines() if line.startswith("| F1"))
+    assert "[" in f1.split("|")[5]  # the interval of the per-seed gains 2.0, 2.1, 2.4
+    assert "| warmup | - | +2.17 [" in text  # warmup - sum, paired by seed
+    with open(tmp_path / "tables" / "paired.csv") as handle:
+        assert next(csv.reader(handle))[0] == "loss"

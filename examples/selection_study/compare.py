@@ -58,6 +58,7 @@ import torch
 from examples.rvsepp import cli
 from examples.rvsepp import train as train_module
 from examples.rvsepp.evaluate import load_checkpoint
+from examples.selection_study.intervals import interval, paired_interval
 from examples.selection_study.presets import STUDY_PRESETS
 from examples.selection_study.rules import RULES, STUDY_CRITERIA
 
@@ -371,11 +372,13 @@ def facts(rows: list[dict[str, Any]]) -> str:
         return {int(r["seed"]): r for r in rows if r["loss"] == loss}
 
     hn, total, warm = by_seed("hn"), by_seed("sum"), by_seed("warmup")
-    lines = ["| fact | criterion | per seed | mean | holds |", "|---|---|---|---|---|"]
+    lines = ["| fact | criterion | per seed | mean | 95% interval | holds |", "|---|---|---|---|---|---|"]
 
     def line(name: str, criterion: str, values: dict[int, float], mean: float, holds: bool) -> None:
         per_seed = ", ".join(f"{seed}: {value:.1f}" for seed, value in sorted(values.items()))
-        lines.append(f"| {name} | {criterion} | {per_seed} | {mean:.1f} | {'yes' if holds else 'no'} |")
+        spread = interval(list(values.values()))
+        bounds = f"[{spread.low:.1f}, {spread.high:.1f}]" if spread.n > 1 else "-"
+        lines.append(f"| {name} | {criterion} | {per_seed} | {mean:.1f} | {bounds} | {'yes' if holds else 'no'} |")
 
     seeds = sorted(set(total) & set(warm))
     if seeds:
@@ -397,6 +400,32 @@ def facts(rows: list[dict[str, Any]]) -> str:
         line("F2", "hn rsum < 25% of sum's (%)", share, mean_share, mean_share < 25.0)
     if len(lines) == 2:
         return "No fact can be checked: they need the sum of hinges and hn or warmup.\n"
+    note = (
+        "\nThe interval is Student's t over the seeds' values (for F1 the per-seed differences, seeds paired "
+        "by number): a fact whose criterion the interval straddles holds on the mean, not beyond doubt.\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def paired_table(rows: list[dict[str, Any]]) -> str:
+    """Every loss's test R@1 (mean of both directions) against the warm-up's and the sum of
+    hinges', as paired differences over the seeds both ran, with 95% intervals."""
+    runs: dict[str, dict[int, float]] = {}
+    for row in rows:
+        name = label(row["loss"], float(row.get("epsilon", math.nan)))
+        runs.setdefault(name, {})[int(row["seed"])] = float(row["test_mean_r1"])
+    references = [name for name in ("warmup", "sum") if name in runs]
+    if not references:
+        return ""
+    header = "| loss | " + " | ".join(f"- {name}: mean [95% interval] (pairs)" for name in references) + " |"
+    lines = ["Paired differences in test R@1 (mean of i2t and t2i), per seed:", "", header]
+    lines.append("|---|" + "---|" * len(references))
+    for name, values in runs.items():
+        cells = []
+        for reference in references:
+            paired = paired_interval(values, runs[reference])
+            cells.append("-" if name == reference else f"{paired} ({paired.n})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -560,6 +589,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=cli.integer_at_least(1), default=1, help="intra-op threads of each worker (with --jobs > 1)"
     )
+    parser.add_argument(
+        "--from-runs",
+        default=None,
+        help="write facts.md, facts.csv and paired.csv into --out from this runs.csv, training nothing",
+    )
     parser.add_argument("train_args", nargs="*", help="after --: arguments for every training run")
     args = parser.parse_args(argv)
     if args.root is None:
@@ -575,10 +609,29 @@ def plan(args: argparse.Namespace) -> dict[tuple[str, float, int], Path]:
     return {key: Path(args.out) / "runs" / run_name(*key) for key in keys}
 
 
+def write_facts(out: Path, rows: list[dict[str, Any]]) -> str:
+    """facts.md (the facts' check, then every loss's paired differences), facts.csv and
+    paired.csv; returns facts.md's text."""
+    checked, paired = facts(rows), paired_table(rows)
+    (out / "facts.md").write_text(checked + "\n" + paired)
+    write_table_csv(out / "facts.csv", checked)
+    write_table_csv(out / "paired.csv", paired)
+    return checked + "\n" + paired
+
+
+def read_runs_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a runs.csv that compare wrote (numbers as floats, the loss as text)."""
+    with open(path, newline="") as handle:
+        return [{k: (v if k == "loss" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_runs is not None:  # the tables of a finished comparison, from its runs.csv alone
+        print(write_facts(out, read_runs_csv(Path(args.from_runs))))
+        return
     folders = plan(args)
     tasks = [(folder, train_argv(folder, loss, seed, eps, args)) for (loss, eps, seed), folder in folders.items()]
     if tasks:  # once, before any worker starts (and for the tables, if every run was trained elsewhere)
@@ -600,9 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(summarise(rows), chance, args.seeds, args.steps)
     (out / "comparison.md").write_text(table)
     write_table_csv(out / "comparison.csv", table)
-    checked = facts(rows)
-    (out / "facts.md").write_text(checked)
-    write_table_csv(out / "facts.csv", checked)
+    checked = write_facts(out, rows)
     plot(out, runs, chance, f"RVSE++, preset {args.preset} {' '.join(args.train_args)}".strip())
     print(table)
     print(checked)
