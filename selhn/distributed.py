@@ -150,7 +150,7 @@ def global_loss(
         True
     """
     if not is_distributed():  # the single-process loss: the module of the rule (the lean path for a built-in one)
-        rule, margin, _ = _checked(img_emb, txt_emb, loss, margin, epsilon, fallback, ids, reduction)
+        rule, margin = _checked(img_emb, txt_emb, loss, margin, epsilon, fallback, ids, reduction)
         value: Tensor = RuleLoss(rule, margin, reduction=reduction)(img_emb, txt_emb, ids)
         return value
 
@@ -158,7 +158,7 @@ def global_loss(
     # whose input is refused, or ranks that disagree, stop every rank with a clear error
     # (a rank that raised alone would leave the others waiting in a collective until a timeout).
     problem: Exception | None = None
-    checked: tuple[SelectionRule, float, Tensor | None] | None = None
+    checked: tuple[SelectionRule, float] | None = None
     try:
         checked = _checked(img_emb, txt_emb, loss, margin, epsilon, fallback, ids, reduction)
     except (TypeError, ValueError) as error:
@@ -166,7 +166,7 @@ def global_loss(
     agreed_rule = None if checked is None else checked[0]
     sizes = _agree(_signature(img_emb, agreed_rule, margin, ids, reduction, problem is None), problem, agreed_rule)
     assert checked is not None  # (_agree raised otherwise)
-    rule, margin, _ = checked
+    rule, margin = checked
     local = img_emb.shape[0]
     ranks = _Ranks(local, img_emb.device, sizes)
     excluded = None
@@ -191,8 +191,8 @@ def global_loss(
 
 def _checked(
     img_emb: Any, txt_emb: Any, loss: Any, margin: Any, epsilon: Any, fallback: Any, ids: Any, reduction: Any
-) -> tuple[SelectionRule, float, Tensor | None]:
-    """This rank's arguments, checked (the errors name the argument): the rule, the margin, the mask."""
+) -> tuple[SelectionRule, float]:
+    """This rank's arguments, checked (the errors name the argument): the rule and the margin."""
     _validation.check_embeddings(img_emb, txt_emb)
     if isinstance(loss, str):
         epsilon = _validation.check_nonnegative(epsilon, "epsilon")
@@ -201,8 +201,8 @@ def _checked(
         rule = check_rule(loss, "loss")
     _validation.check_choice(reduction, "reduction", tuple(r for r in _validation.REDUCTIONS if r != "none"))
     margin = _validation.check_nonnegative(margin, "margin")
-    mask = _validation.ids_to_mask(ids, img_emb.shape[0], img_emb.device)
-    return rule, margin, mask
+    _validation.ids_as_tensor(ids, img_emb.shape[0])  # (checked here; the mask is built where it is used)
+    return rule, margin
 
 
 class _Gathered(torch.autograd.Function):

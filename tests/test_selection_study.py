@@ -124,7 +124,6 @@ def test_the_candidates_train_as_criteria_of_the_pipeline():
 
 
 # ------------------------------------------------------------------ the comparison and the protocol
-# ------------------------------------------------------------------ the comparison and the demo
 def test_compare_smoke(data_root, tmp_path, capsys):
     from examples.selection_study import compare
 
