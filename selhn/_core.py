@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import logging
 import math
 import os
@@ -160,8 +159,12 @@ def _hinge_sums(scores: Tensor, threshold: Tensor, alongs: tuple[int, ...]) -> l
 
 def _blocks(scores: Tensor, thresholds: Sequence[Tensor], coefs: Sequence[Tensor], alongs: Sequence[int]) -> Tensor:
     """The ``full`` sides' coefficient matrix over ``scores``: ``coef[a]`` at each active hinge."""
-    terms = zip(thresholds, coefs, alongs, strict=True)
-    return functools.reduce(torch.add, (torch.where(scores > t.unsqueeze(a), k.unsqueeze(a), 0.0) for t, k, a in terms))
+    total: Tensor | None = None
+    for threshold, coef, along in zip(thresholds, coefs, alongs, strict=True):
+        block = torch.where(scores > threshold.unsqueeze(along), coef.unsqueeze(along), 0.0)
+        total = block if total is None else total + block
+    assert total is not None
+    return total
 
 
 _compiled: dict[str, Callable[..., Any]] = {}
@@ -521,9 +524,7 @@ def _full_blocks(
     coef: Tensor | None, state: State, layout: Layout, matrix: int, scores: Tensor, lean: bool
 ) -> Tensor | None:
     """The coefficient matrix :math:`K` of the ``full`` sides on ``matrices[matrix]``, or None."""
-    full = [
-        s for s, (form, (k, _)) in enumerate(zip(state.forms, layout, strict=True)) if (k, form) == (matrix, "full")
-    ]
+    full = [s for s, (k, _) in enumerate(layout) if k == matrix and state.forms[s] == "full"]
     if not full or coef is None:
         return None
     thresholds = [_full_data(state.data[s]).threshold for s in full]
@@ -615,12 +616,19 @@ def _add_rank_one_terms(coef: Tensor, forms: Sequence[Form], batch: Batch, d_img
     size = img_all.shape[0]
     pad = (offset, size - offset - img.shape[0])  # this rank's rows within the global batch
     ones = img_all.new_ones(size)
-    weights = [
-        (F.pad(coef[s], pad) if any(pad) else coef[s]) if form == "low_rank" else None for s, form in enumerate(forms)
-    ]
+    weights: list[Tensor | None] = []  # per side, k over the global rows (None: not low rank)
+    for s, form in enumerate(forms):
+        if form != "low_rank":
+            weights.append(None)
+        else:
+            weights.append(F.pad(coef[s], pad) if any(pad) else coef[s])
     for s, (d, other) in enumerate(((d_img, txt_all), (d_txt, img_all))):
-        # set s gets k_a * sum_c other_c from its own side, sum_c k'_c other_c from the other side
-        terms = [(c, r) for c, r in ((weights[s], ones), (ones, weights[1 - s])) if c is not None and r is not None]
+        terms: list[tuple[Tensor, Tensor]] = []  # (column over set s, row over the other set)
+        own, opposite = weights[s], weights[1 - s]
+        if own is not None:  # set s's own anchors: k_a times the sum of the other set
+            terms.append((own, ones))
+        if opposite is not None:  # the other side's anchors: sum_c k'_c other_c, to every row of set s
+            terms.append((ones, opposite))
         if terms:
             d.addmm_(torch.stack([c for c, _ in terms], dim=1), torch.stack([r for _, r in terms]) @ other)
 
@@ -714,7 +722,9 @@ class EmbeddingLoss(torch.autograd.Function):
         d_img, d_txt = _embedding_grads(grad.contiguous(), state, ctx.layout, matrices, batch, ctx.lean)
         if ctx.ranks is not None:
             d_img, d_txt = ctx.ranks.scatter(d_img, d_txt)
-        return d_img if ctx.needs_input_grad[0] else None, d_txt if ctx.needs_input_grad[1] else None, *[None] * 7
+        d_img_out = d_img if ctx.needs_input_grad[0] else None
+        d_txt_out = d_txt if ctx.needs_input_grad[1] else None
+        return d_img_out, d_txt_out, *([None] * 7)  # (no gradient for the 7 other arguments)
 
 
 # --------------------------------------------------------------------------- the internal API
