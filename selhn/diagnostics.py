@@ -39,7 +39,7 @@ from selhn._validation import (
     check_positive_int,
     check_scores,
 )
-from selhn.rules import SelectionRule, check_rule, lean_settings, rule_for, square_losses
+from selhn.rules import SelectionRule, SelHN, SumOfHinges, check_rule, lean_settings, rule_for, square_losses
 from selhn.types import Fallback, LossName
 
 __all__ = [
@@ -414,8 +414,10 @@ class CollapseAlarm:
         # NaN compares False: a batch with non-finite scores never reads as the plateau
         return bool(((losses - self.margin).abs() <= limit).all() & (vanishing >= self.min_vanishing).all())
 
-    def check(self, stats: VanishingStats, batch_size: int | None = None) -> bool:
-        """Update with one batch; return ``True`` exactly when the alarm fires."""
+    def check(self, stats: VanishingStats, batch_size: int | None = None, rule: SelectionRule | None = None) -> bool:
+        """Update with one batch; return ``True`` exactly when the alarm fires. ``rule``, the
+        selection rule being trained (when known), decides the advice: a run that already
+        trains with SelHN is not told to switch to SelHN."""
         self.streak = self.streak + 1 if self.on_plateau(stats) else 0
         if self.fired or self.streak < self.patience:
             return False
@@ -426,12 +428,31 @@ class CollapseAlarm:
             f"selhn: training looks stuck on the collapse plateau. For {self.streak} checks in a row the "
             f"hardest-negative loss per anchor has been the margin, {self.margin:g}{scale}, and "
             f"{vanishing:.0f}% of anchors have their hardest negative within epsilon of their positive: the "
-            "hard-negative gradients to both encoders vanish here and recall stays at chance. Fix: train with "
-            "selhn.SelHNLoss (it falls back to all negatives for exactly these anchors), or warm up with the sum "
-            "of hinges (selhn.ContrastiveLoss with max_violation_off() for the first epoch)."
+            "hard-negative gradients to both encoders vanish here and recall stays at chance. " + advice(rule)
         )
         warnings.warn(message, CollapseWarning, stacklevel=2)
         return True
+
+
+def advice(rule: SelectionRule | None) -> str:
+    """What the collapse alarm suggests, for the rule being trained (None: not known)."""
+    if isinstance(rule, SelHN):
+        return (
+            f"This run trains with SelHN (epsilon {rule.epsilon:g}), which takes its fallback, the "
+            f"{rule.fallback} over all negatives, for exactly these anchors, so their gradients do not vanish; "
+            "it leaves this plateau later than the sum of hinges does. If it stays here, warm up with the sum of "
+            "hinges for one epoch (selhn.ContrastiveLoss with max_violation_off(), then max_violation_on()), or "
+            "try a larger epsilon (see the docs' Results page for what was measured)."
+        )
+    if isinstance(rule, SumOfHinges):
+        return (
+            "This run trains with the sum of hinges, whose gradients do not vanish here: the plateau should end "
+            "by itself; if it does not, check the learning rate and the features' scale."
+        )
+    return (
+        "Fix: train with selhn.SelHNLoss (it falls back to all negatives for exactly these anchors), or warm up "
+        "with the sum of hinges (selhn.ContrastiveLoss with max_violation_off() for the first epoch)."
+    )
 
 
 # --------------------------------------------------------------------------- the monitor
@@ -471,6 +492,8 @@ class TrainingMonitor:
         history: most steps kept (older ones are dropped).
         log_every: read values back (and check the alarm) every this many steps.
         alarm: a :class:`CollapseAlarm`, ``True`` for a default one, ``False`` for none.
+        rule: the selection rule being trained (a loss module's ``rule``), for the alarm's
+            advice; set :attr:`rule` again when it changes (a warm-up's switch).
 
     Example:
         >>> import torch, selhn
@@ -499,6 +522,7 @@ class TrainingMonitor:
         history: int = 100_000,
         log_every: int = 50,
         alarm: CollapseAlarm | bool = True,
+        rule: SelectionRule | None = None,
     ) -> None:
         self.image_params = _parameters(image_encoder, "image_encoder")
         self.text_params = _parameters(text_encoder, "text_encoder")
@@ -508,6 +532,7 @@ class TrainingMonitor:
         history = check_positive_int(history, "history")
         self.log_every = log_every
         self.alarm: CollapseAlarm | None = CollapseAlarm(margin) if alarm is True else (alarm or None)
+        self.rule = None if rule is None else check_rule(rule)
         self.steps = 0
         self._records: deque[Tensor] = deque(maxlen=history)
         self._last: dict[str, float] = {}
@@ -558,7 +583,7 @@ class TrainingMonitor:
             return None
         self._last = dict(zip(names, record.tolist(), strict=True))
         if self.alarm is not None and stats is not None:
-            self.alarm.check(stats, batch_size=scores.shape[0] if scores is not None else None)
+            self.alarm.check(stats, batch_size=scores.shape[0] if scores is not None else None, rule=self.rule)
         return dict(self._last)
 
     def scalars(self) -> dict[str, float]:

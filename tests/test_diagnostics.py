@@ -467,3 +467,29 @@ def test_monitor_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     monitor.to_csv(path)
     assert len(path.read_text().splitlines()) == 3
+
+
+def test_the_alarm_advises_for_the_rule_being_trained():
+    """A run on the plateau with SelHN is not told to switch to SelHN; without a rule, or with
+    hard negatives, the advice stays to use SelHN or a warm-up."""
+    from selhn.rules import MaxViolation, SelHN
+
+    collapsed = D.vanishing_stats(torch.full((8, 8), 0.3))
+    messages = {}
+    for name, rule in (("none", None), ("hn", MaxViolation()), ("selhn", SelHN(0.01))):
+        alarm = D.CollapseAlarm(margin=0.2, patience=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            alarm.check(collapsed, rule=rule)
+        messages[name] = str(caught[0].message)
+    assert "Fix: train with selhn.SelHNLoss" in messages["none"] and "Fix: train with selhn.SelHNLoss" in messages["hn"]
+    assert "Fix: train with selhn.SelHNLoss" not in messages["selhn"]
+    assert "This run trains with SelHN (epsilon 0.01)" in messages["selhn"] and "warm up" in messages["selhn"]
+    encoder = torch.nn.Linear(2, 2)
+    monitor = D.TrainingMonitor(encoder, encoder, log_every=1, alarm=D.CollapseAlarm(patience=1), rule=SelHN())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor.step(torch.full((8, 8), 0.3), torch.tensor(0.2))
+    assert "This run trains with SelHN" in str(caught[0].message)
+    with pytest.raises(TypeError, match="rule must be a SelectionRule instance"):
+        D.TrainingMonitor(encoder, encoder, rule=SelHN)

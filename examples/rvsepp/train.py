@@ -840,6 +840,7 @@ class Run:
             self.sampler.set_epoch(epoch, start=state["step_in_epoch"])
             name = loss_for_step(args, epoch)
             set_epoch(self.criterion, args, epoch)
+            self.monitor.rule = self.criterion.rule  # the alarm's advice follows the loss being trained
             self.ddp_model.train()
             progress = progress_bar(self.loader, f"epoch {epoch} ({name})", disable=not is_main())
             for batch in progress:
