@@ -752,7 +752,7 @@ def embedding_losses(
     """Per-anchor losses (2, L) of ``img`` and ``txt`` against the batch (every rank's with
     ``ranks``), scored in float32 or wider outside autocast, with the lean backward.
     ``observe`` (the square batch only) is handed the score matrix before it is used."""
-    dtype = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)
+    dtype = sel.embedding_compute_dtype(img, txt)
     with torch.autocast(device_type=img.device.type, enabled=False):
         losses: Tensor = EmbeddingLoss.apply(  # type: ignore[no-untyped-call]
             img.to(dtype), txt.to(dtype), excluded, margin, epsilon, mode, fallback, ranks, observe

@@ -49,6 +49,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def embedding_compute_dtype(img: Tensor, txt: Tensor) -> torch.dtype:
+    """The dtype embeddings are scored in: their common dtype, float32 at the least."""
+    return torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)
+
+
 def hinge(positive: Tensor, negative: Tensor, margin: float) -> Tensor:
     """``max(0, margin - positive + negative)``; ``negative = -inf`` gives exactly 0."""
     return torch.relu(margin - positive + negative)

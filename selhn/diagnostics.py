@@ -317,7 +317,7 @@ def gradient_norms(
     for name, norms in (("img_norms", img_norms), ("txt_norms", txt_norms)):
         if norms is not None and (not isinstance(norms, Tensor) or norms.shape != (batch,)):
             raise ValueError(f"{name} must be a ({batch},) tensor of feature norms, got {norms!r}")
-    dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
+    dtype = sel.embedding_compute_dtype(img_emb, txt_emb)
     img = img_emb.detach().to(dtype)
     txt = txt_emb.detach().to(dtype)
     lean = lean_settings(rule)

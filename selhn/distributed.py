@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from selhn import _core, _validation
+from selhn._selection import embedding_compute_dtype
 from selhn.losses import RuleLoss
 from selhn.rules import SelectionRule, check_rule, lean_settings, rule_for, side_losses
 from selhn.types import Fallback, LossName
@@ -225,7 +226,7 @@ def _plain_share(
 ) -> Tensor:
     """This rank's anchors' summed losses under any rule, by plain autograd: its images against
     every rank's captions, its captions against every rank's images (positives at the offset)."""
-    dtype = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)
+    dtype = embedding_compute_dtype(img, txt)
     with torch.autocast(device_type=img.device.type, enabled=False):
         img, txt = img.to(dtype), txt.to(dtype)
         img_all, txt_all = _Gathered.apply(img, txt, ranks)  # type: ignore[no-untyped-call]

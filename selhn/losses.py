@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from selhn import _core
+from selhn._selection import embedding_compute_dtype
 from selhn._validation import (
     Mode,
     as_fallback,
@@ -365,7 +366,7 @@ class RuleLoss(_TripletLoss):
             return self._loss(img_emb, txt_emb, ids, lean.mode, lean.epsilon, lean.fallback)
         check_embeddings(img_emb, txt_emb)
         mask = ids_to_mask(ids, img_emb.shape[0], img_emb.device)
-        dtype = torch.promote_types(torch.promote_types(img_emb.dtype, txt_emb.dtype), torch.float32)
+        dtype = embedding_compute_dtype(img_emb, txt_emb)
         with torch.autocast(device_type=img_emb.device.type, enabled=False):
             scores = img_emb.to(dtype) @ txt_emb.to(dtype).t()
             self._keep(scores, mask)
