@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def test_smoke_trains_and_evaluates(data_root, tmp_path):
     results = run(["--preset", "smoke", "--root", str(data_root), "--out", str(tmp_path), "--tensorboard", "off"])
     assert results["test_rsum"] > 0 and math.isfinite(results["best_dev_rsum"])
     assert (tmp_path / "best.pth").is_file() and (tmp_path / "last.pth").is_file()
-    assert json.loads((tmp_path / "results.json").read_text())["test_rsum"] == results["test_rsum"]
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["test_rsum"] == results["test_rsum"] and stored["commit"] and stored["machine"]
     header = (tmp_path / "steps.csv").read_text().splitlines()[0]
     assert "i2t/vanishing_fraction" in header and "image_grad_norm" in header
 
@@ -616,6 +618,24 @@ def test_sigterm_during_set_up_stops_at_once(tmp_path, monkeypatch, capsys):
 
 def test_results_json_is_strict_json():
     assert train_module.finite_or_none({"a": 1.0, "b": math.nan, "c": math.inf}) == {"a": 1.0, "b": None, "c": None}
+    assert train_module.finite_or_none({"commit": "abc", "n": 3}) == {"commit": "abc", "n": 3}
+
+
+def test_a_run_records_the_code_and_the_machine_that_produced_it(monkeypatch, tmp_path):
+    """results.json names the commit (this checkout's, +dirty when tracked files were edited) and
+    the machine; outside a git checkout the commit is 'unknown' rather than an error."""
+    from examples.rvsepp import cli
+
+    version = cli.code_version()
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", version), version
+    machine = cli.machine_description(torch.device("cpu"))
+    assert f"{os.cpu_count()} cores" in machine and "CPU" in machine
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(cli.subprocess, "run", no_git)
+    assert cli.code_version() == "unknown"
 
 
 def test_a_user_rule_trains_through_the_pipeline_and_the_monitor_reads_its_own_scores(data_root, tmp_path, monkeypatch):

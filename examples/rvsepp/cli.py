@@ -9,7 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
+import platform
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -102,3 +106,28 @@ def tensorboard_available() -> bool:
 def default_test_split(name: str) -> str:
     """The split a data set is tested on: COCO's ``testall`` (5-fold 1K and 5K), else ``test``."""
     return "testall" if name == "coco" else "test"
+
+
+def code_version() -> str:
+    """The git commit of the code that runs (``+dirty`` when tracked files differ from it), or
+    ``unknown`` outside a git checkout: what a run records of the code that produced it."""
+    folder = Path(__file__).resolve().parent
+
+    def git(*arguments: str) -> str:
+        done = subprocess.run(["git", *arguments], cwd=folder, capture_output=True, text=True, timeout=30, check=True)
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def machine_description(device: torch.device) -> str:
+    """The machine a run trains on, as a results table records it: host, CPU cores and the
+    device (a GPU by name)."""
+    cpu = f"CPU ({torch.get_num_threads()} threads)"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    return f"{platform.node() or 'unknown host'}, {platform.machine()}, {os.cpu_count()} cores, {where}"

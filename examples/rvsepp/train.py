@@ -647,9 +647,9 @@ def check_data(args: argparse.Namespace, train: PrecompDataset, dev: PrecompData
             )
 
 
-def finite_or_none(results: dict[str, float]) -> dict[str, float | None]:
-    """results.json is strict JSON: NaN / inf become null."""
-    return {k: (v if math.isfinite(v) else None) for k, v in results.items()}
+def finite_or_none(results: dict[str, Any]) -> dict[str, Any]:
+    """results.json is strict JSON: NaN / inf become null (text stays as it is)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in results.items()}
 
 
 # --------------------------------------------------------------------------- the run
@@ -915,7 +915,9 @@ class Run:
             print(format_table(test, f"{args.name} {args.test_split}, {args.loss}, best dev checkpoint"), flush=True)
             results.update({f"test_{k}": v for k, v in test.items()})
         if is_main():
-            write_atomic(self.out / "results.json", json.dumps(finite_or_none(results), indent=1, allow_nan=False))
+            provenance = {"commit": cli.code_version(), "machine": cli.machine_description(self.device)}
+            text = json.dumps(finite_or_none({**results, **provenance}), indent=1, allow_nan=False)
+            write_atomic(self.out / "results.json", text)
         if self.writer is not None:
             self.writer.close()
         if self.world > 1:

@@ -14,8 +14,9 @@ fraction, the loss, and every ``--eval-steps`` steps the dev rsum. The command w
 * ``runs.csv``: one row per run (the contract scripts rely on; ``inf`` for never, ``nan``
   where a column does not apply): ``loss, epsilon, seed, steps_to_leave_plateau,
   steps_to_10x_chance, best_dev_rsum, test_rsum, test_i2t_r1, test_t2i_r1, test_mean_r1``,
-  the other test recalls, ``step_ms`` and, for ``warmup``, ``switch_step``,
-  ``dev_rsum_at_switch`` and ``min_dev_rsum_after_switch``;
+  the other test recalls, ``step_ms``, for ``warmup`` ``switch_step``,
+  ``dev_rsum_at_switch`` and ``min_dev_rsum_after_switch``, and the ``commit`` and ``machine``
+  that trained the run (``unknown`` for runs older than that record);
 * ``per_seed.csv``: the key numbers of every run, one line each (the docs' per-seed tables);
 * ``facts.md`` (and ``facts.csv``): whether the three facts known from real data (the Results docs page) hold
   in these runs, each with its criterion and its per-seed values.
@@ -268,6 +269,8 @@ def run_row(
     row["switch_step"] = switch_step if warm else math.nan
     row["dev_rsum_at_switch"] = at_switch[-1] if warm else math.nan
     row["min_dev_rsum_after_switch"] = min(after) if warm and after else math.nan
+    row["commit"] = str(results.get("commit") or "unknown")  # runs trained before runs recorded them: unknown
+    row["machine"] = str(results.get("machine") or "unknown")
     return row
 
 
@@ -290,7 +293,11 @@ RUN_COLUMNS = (
     "switch_step",
     "dev_rsum_at_switch",
     "min_dev_rsum_after_switch",
+    "commit",
+    "machine",
 )
+#: the columns of runs.csv that hold text; every other one is a number
+TEXT_COLUMNS = ("loss", "commit", "machine")
 
 
 def write_runs_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -620,9 +627,11 @@ def write_facts(out: Path, rows: list[dict[str, Any]]) -> str:
 
 
 def read_runs_csv(path: Path) -> list[dict[str, Any]]:
-    """The rows of a runs.csv that compare wrote (numbers as floats, the loss as text)."""
+    """The rows of a runs.csv that compare wrote (numbers as floats; the loss, commit and
+    machine as text)."""
     with open(path, newline="") as handle:
-        return [{k: (v if k == "loss" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
+        rows = csv.DictReader(handle)
+        return [{k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()} for row in rows]
 
 
 def main(argv: list[str] | None = None) -> None:

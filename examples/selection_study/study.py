@@ -25,7 +25,6 @@ Every run trains through :mod:`examples.selection_study.compare`, which writes e
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -127,8 +126,7 @@ def seed_of(argv: list[str]) -> int:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    with open(path) as handle:
-        return [{k: (v if k == "loss" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
+    return compare.read_runs_csv(path)
 
 
 def mean_of(rows: list[dict[str, Any]], loss: str, key: str, epsilon: float = 0.01) -> float:
