@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from examples.rvsepp.evaluate import evaluate_embeddings
+from examples.selection_study.intervals import PairedInterval
 from examples.selection_study.rules import RULES, candidate
 from selhn.functional import rule_loss as library_rule_loss
 
@@ -183,7 +185,9 @@ def test_compare_smoke(data_root, tmp_path, capsys):
         ("selhn", "0.05", "0"),
     ]
     for row in rows:
-        values = {key: float(value) for key, value in row.items() if key != "loss"}  # every column a number
+        # every column a number, but the loss and what trained the run: this checkout's commit, this machine
+        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", row["commit"]) and "cores" in row["machine"]
+        values = {key: float(value) for key, value in row.items() if key not in ("loss", "commit", "machine")}
         assert values["steps_to_10x_chance"] in (2.0, 4.0, math.inf)
         assert values["test_rsum"] == pytest.approx(
             sum(values[f"test_{d}_{k}"] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
@@ -441,3 +445,62 @@ def test_facts_carry_intervals_and_the_tables_come_from_a_runs_csv(tmp_path):
     assert "| warmup | - | +2.17 [" in text  # warmup - sum, paired by seed
     with open(tmp_path / "tables" / "paired.csv") as handle:
         assert next(csv.reader(handle))[0] == "loss"
+
+
+# ------------------------------------------------------------------ the epsilon confirmation's verdict
+def confirmation_rows(offsets: dict[str, list[float]], seeds: int = 8) -> list[dict]:
+    """runs.csv rows: each variant's test R@1 = 80 + its per-seed offsets (cycled)."""
+    rows = []
+    for name, values in offsets.items():
+        loss, epsilon = ("selhn", float(name.split("=")[1])) if name.startswith("selhn") else (name, math.nan)
+        for seed in range(20, 20 + seeds):
+            r1 = 80.0 + values[(seed - 20) % len(values)]
+            rows.append({"loss": loss, "epsilon": epsilon, "seed": float(seed), "test_mean_r1": r1})
+    return rows
+
+
+def test_the_confirmation_verdict_follows_its_fixed_rule(tmp_path):
+    from examples.selection_study import confirm
+
+    assert confirm.grade(PairedInterval(1.0, 0.2, 1.8, 8)) == "beats"
+    assert confirm.grade(PairedInterval(-1.0, -1.8, -0.2, 8)) == "worse"
+    assert confirm.grade(PairedInterval(0.1, -0.9, 1.1, 8)) == "not worse"
+    assert confirm.grade(PairedInterval(0.1, -1.1, 1.3, 8)) == "undecided"
+    assert confirm.grade(PairedInterval(5.0, 5.0, 5.0, 1)) == "undecided"  # one pair: no interval
+    noise = [0.0, 0.3, -0.2, 0.1, -0.1, 0.2, -0.3, 0.0]
+    good = {
+        "sum": [x - 3 for x in noise],
+        "warmup": noise,
+        "selhn eps=0.01": [x - 2 + 0.4 * (i % 2) for i, x in enumerate(noise)],
+        "selhn eps=0.05": [x + 0.5 + 0.2 * (i % 3) for i, x in enumerate(noise)],
+        "selhn eps=0.1": [x - 0.2 + 0.3 * (i % 2) for i, x in enumerate(noise)],
+    }
+    sentences, table = confirm.verdict({p: confirmation_rows(good) for p in confirm.PRESETS})
+    assert sentences[0].startswith("Cold start: SelHN at epsilon 0.05")  # 0.1 qualifies too, with a lower mean
+    assert "pass 0.05 or 0.1 instead" in sentences[1]
+    assert len(table) == 2 * 8  # per preset: three epsilons x (warmup, sum) + two against 0.01
+    bad = {
+        **good,
+        "selhn eps=0.05": [x - 4 for x in noise],
+        "selhn eps=0.1": [x - 4 + 0.1 * i for i, x in enumerate(noise)],
+    }
+    sentences, _ = confirm.verdict({"calibrated": confirmation_rows(good), "calibrated-stall": confirmation_rows(bad)})
+    assert "the warm-up stays" in sentences[0] and "the default 0.01 stays" in sentences[1]
+    # a seed counts only once every variant finished on it; too few complete seeds: no verdict
+    partial = confirmation_rows(good) + [
+        r for r in confirmation_rows(good, 9) if r["seed"] == 28 and r["loss"] != "sum"
+    ]
+    sentences, _ = confirm.verdict({"calibrated": partial, "calibrated-stall": confirmation_rows(good, 5)})
+    assert sentences[0].startswith("No verdict") and "calibrated-stall (5 of 8)" in sentences[0]
+    assert "calibrated (" not in sentences[0]
+    # from the runs.csv files compare writes
+    for preset in confirm.PRESETS:
+        (tmp_path / preset).mkdir()
+        rows = confirmation_rows(good)
+        with open(tmp_path / preset / "runs.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    confirm.main([str(tmp_path)])
+    assert "| calibrated | selhn eps=0.05 | warmup |" in (tmp_path / "verdict.md").read_text()
+    assert (tmp_path / "verdict.csv").read_text().startswith("preset,SelHN,minus,mean,low,high,pairs,grade")

@@ -1,0 +1,175 @@
+"""The confirmation of epsilon on fresh seeds: the decision rule, written before the runs.
+
+``benchmarks/confirm_epsilon.sh`` trains, on seeds never used before, the sum of hinges, the
+one-epoch warm-up and SelHN at epsilon 0.01, 0.05 and 0.1 on the ``calibrated`` and
+``calibrated-stall`` presets. This module turns the two ``runs.csv`` files into the verdict, by
+a rule fixed in ``docs/_results/confirmation/PROTOCOL.txt`` before any of those runs:
+
+* the measure is the test R@1 (mean of i2t and t2i) of the best dev checkpoint, compared per
+  seed (paired), with the 95% Student-t interval of the differences
+  (:mod:`examples.selection_study.intervals`);
+* a difference *beats* when its interval lies above 0, is *worse* when it lies below 0, is
+  *not worse* when its lower end is above -:data:`NON_INFERIORITY` (one R@1 point), and is
+  *undecided* otherwise;
+* SelHN at an epsilon is advised over the warm-up schedule when it is not worse than the
+  warm-up on both presets (among several, the one with the larger mean difference over the
+  two presets); with none, the warm-up schedule stays the advice for a cold start;
+* users are told to pass an epsilon instead of the authors' 0.01 when it beats SelHN at 0.01
+  on one preset and is not worse on the other; ``SelHNLoss``'s default stays 0.01 whatever
+  the verdict;
+* a preset with fewer than :data:`SEEDS_NEEDED` complete seeds (all five variants finished)
+  gives no verdict: its table is reported as incomplete and no advice changes on its basis.
+
+Run: ``python -m examples.selection_study.confirm runs/confirmation`` (writes ``verdict.md``
+and ``verdict.csv`` there, from ``<folder>/<preset>/runs.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+from typing import Any
+
+from examples.selection_study.compare import label, read_runs_csv
+from examples.selection_study.intervals import PairedInterval, paired_interval
+
+PRESETS = ("calibrated", "calibrated-stall")
+EPSILONS = (0.01, 0.05, 0.1)
+#: every variant a seed needs before it counts (the labels compare gives them)
+VARIANTS = ("sum", "warmup", *(label("selhn", epsilon) for epsilon in EPSILONS))
+#: complete seeds a preset needs for a verdict
+SEEDS_NEEDED = 8
+#: how far below the reference (R@1 points) a lower interval end may lie for "not worse"
+NON_INFERIORITY = 1.0
+
+
+def grade(difference: PairedInterval) -> str:
+    """beats / worse / not worse / undecided, by where the interval lies (see the module's rules)."""
+    if difference.n < 2:
+        return "undecided"
+    if difference.low > 0:
+        return "beats"
+    if difference.high < 0:
+        return "worse"
+    if difference.low > -NON_INFERIORITY:
+        return "not worse"
+    return "undecided"
+
+
+def r1_by_variant(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """Per variant label, per seed: test R@1 (mean of i2t and t2i), kept only for the seeds on
+    which every variant finished (complete pairs)."""
+    values: dict[str, dict[int, float]] = {}
+    for row in rows:
+        epsilon = float(row["epsilon"]) if row["loss"] == "selhn" else 0.01
+        values.setdefault(label(str(row["loss"]), epsilon), {})[int(row["seed"])] = float(row["test_mean_r1"])
+    complete = set.intersection(*(set(values.get(name, {})) for name in VARIANTS))
+    return {name: {s: v for s, v in values.get(name, {}).items() if s in complete} for name in VARIANTS}
+
+
+def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every SelHN epsilon against the warm-up, the sum of hinges and SelHN at 0.01, graded."""
+    values = r1_by_variant(rows)
+    lines = []
+    for epsilon in EPSILONS:
+        name = label("selhn", epsilon)
+        for reference in ("warmup", "sum", label("selhn", 0.01)):
+            if reference == name:
+                continue
+            difference = paired_interval(values[name], values[reference])
+            lines.append(
+                {"variant": name, "reference": reference, "difference": difference, "grade": grade(difference)}
+            )
+    return lines
+
+
+def verdict(rows_by_preset: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The protocol's verdict: its sentences, and the graded comparisons of every preset."""
+    table: list[dict[str, Any]] = []
+    complete: dict[str, int] = {}
+    for preset in PRESETS:
+        rows = rows_by_preset.get(preset, [])
+        values = r1_by_variant(rows) if rows else {name: {} for name in VARIANTS}
+        complete[preset] = len(values["warmup"])
+        table += [{"preset": preset, **line} for line in comparisons(rows)] if rows else []
+    missing = [
+        f"{preset} ({complete[preset]} of {SEEDS_NEEDED})" for preset in PRESETS if complete[preset] < SEEDS_NEEDED
+    ]
+    if missing:
+        sentence = (
+            f"No verdict: too few complete seeds on {', '.join(missing)}. The tables are reported as incomplete, "
+            "and no advice changes on their basis."
+        )
+        return [sentence], table
+
+    def graded(variant: str, reference: str) -> dict[str, dict[str, Any]]:
+        return {line["preset"]: line for line in table if line["variant"] == variant and line["reference"] == reference}
+
+    sentences = []
+    candidates = []
+    for epsilon in EPSILONS:
+        name = label("selhn", epsilon)
+        against_warmup = graded(name, "warmup")
+        if all(against_warmup[p]["grade"] in ("beats", "not worse") for p in PRESETS):
+            mean = sum(against_warmup[p]["difference"].mean for p in PRESETS) / len(PRESETS)
+            candidates.append((mean, epsilon))
+    if candidates:
+        best = max(candidates)[1]
+        sentences.append(f"Cold start: SelHN at epsilon {best:g} is not worse than the warm-up on both presets.")
+    else:
+        sentences.append("Cold start: no epsilon is not worse than the warm-up on both presets: the warm-up stays.")
+    advised = []
+    for epsilon in EPSILONS[1:]:
+        against_default = graded(label("selhn", epsilon), label("selhn", 0.01))
+        grades = sorted(against_default[p]["grade"] for p in PRESETS)
+        if grades in (["beats", "beats"], ["beats", "not worse"]):
+            advised.append(epsilon)
+    if advised:
+        sentences.append(
+            "Epsilon: pass " + " or ".join(f"{e:g}" for e in advised) + " instead of the authors' 0.01 "
+            "(it beats 0.01 on one preset and is not worse on the other); the default stays 0.01."
+        )
+    else:
+        sentences.append("Epsilon: no other value beats 0.01 by the rule; the default 0.01 stays the advice.")
+    return sentences, table
+
+
+def write_verdict(folder: Path) -> str:
+    """verdict.md and verdict.csv in ``folder``, from ``folder/<preset>/runs.csv``."""
+    rows_by_preset = {
+        preset: read_runs_csv(folder / preset / "runs.csv")
+        for preset in PRESETS
+        if (folder / preset / "runs.csv").is_file()
+    }
+    sentences, table = verdict(rows_by_preset)
+    lines = [
+        "| preset | SelHN | minus | mean [95% interval] | pairs | grade |",
+        "|---|---|---|---|---|---|",
+    ]
+    for line in table:
+        difference = line["difference"]
+        lines.append(
+            f"| {line['preset']} | {line['variant']} | {line['reference']} | {difference} | {difference.n} "
+            f"| {line['grade']} |"
+        )
+    text = "\n".join(sentences) + "\n\n" + "\n".join(lines) + "\n"
+    (folder / "verdict.md").write_text(text)
+    with open(folder / "verdict.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["preset", "SelHN", "minus", "mean", "low", "high", "pairs", "grade"])
+        for line in table:
+            d = line["difference"]
+            row = [line["preset"], line["variant"], line["reference"], f"{d.mean:.2f}", f"{d.low:.2f}", f"{d.high:.2f}"]
+            writer.writerow([*row, d.n, line["grade"]])
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="the confirmation's output folder (holding <preset>/runs.csv)")
+    print(write_verdict(Path(parser.parse_args(argv).folder)))
+
+
+if __name__ == "__main__":
+    main()
