@@ -245,6 +245,12 @@ def _check_entries(path: Path, checkpoint: dict, resumable: bool) -> None:
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{path}: its 'model_config' needs a positive integer '{key}', got {value!r}")
+    unknown = sorted(set(config) - set(MODEL_CONFIG_KEYS) - {"backbone_blocks"})
+    if unknown:
+        raise ValueError(f"{path}: its 'model_config' holds entries no model has: {', '.join(map(str, unknown))}")
+    blocks = config.get("backbone_blocks", 1)
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"{path}: its 'model_config' 'backbone_blocks' must be a positive integer, got {blocks!r}")
     if not all(isinstance(word, str) for word in checkpoint["vocab"]):
         raise ValueError(f"{path}: its 'vocab' must be a list of words (strings)")
     state = checkpoint["state"]

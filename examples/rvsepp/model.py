@@ -13,6 +13,14 @@
   0.1 over the N valid positions gives weights; every feature channel is sorted in descending
   order over the valid elements and pooled as the weighted sum of its k-th largest values.
   The weights depend on N alone: one-hot on the first gives max pooling, uniform gives mean.
+* Backbone (optional, off in the paper's recipe): VSE-infinity fine-tunes the image backbone
+  that produced the region features. Here it is a stack of per-region blocks, each a
+  Linear(img_dim -> img_dim) followed by a ReLU, pretrained to reproduce the features it is
+  given: identity weights and zero biases, so that on non-negative (post-ReLU) features, the
+  synthetic ones and bottom-up-attention ones alike, the frozen backbone passes them through
+  unchanged and a model with it computes exactly what the model without it computes.
+  Fine-tuning moves it away from the identity, which changes every region feature at once:
+  the situation in which users see hard negatives stall mid-training.
 """
 
 from __future__ import annotations
@@ -75,11 +83,49 @@ def l2_normalize(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
-class ImageEncoder(nn.Module):
-    """Regions (B, K, img_dim) -> L2-normalised embeddings (B, embed)."""
+class Backbone(nn.Module):
+    """Per-region blocks ``relu(W x + b)`` with ``W = I``, ``b = 0`` at the start (see the module's
+    docstring); block 0 meets the features first, the last block feeds the image encoder.
 
-    def __init__(self, img_dim: int = 2048, embed: int = 1024) -> None:
+    :meth:`train_top` chooses how many of the blocks, counted from the top (the last ones), are
+    trained; the others are frozen (``requires_grad`` off: no gradient, so no optimiser step
+    and no weight decay touches them).
+    """
+
+    def __init__(self, dim: int, blocks: int) -> None:
         super().__init__()
+        if blocks < 1:
+            raise ValueError(f"a backbone needs at least one block, got {blocks}")
+        # skip_init: no random draw is spent on weights overwritten below, so a model with a backbone
+        # starts its other parameters from the same draws as the model without one
+        self.blocks = nn.ModuleList(nn.utils.skip_init(nn.Linear, dim, dim) for _ in range(blocks))
+        for block in self.blocks:
+            nn.init.eye_(block.weight)
+            nn.init.zeros_(block.bias)
+
+    def train_top(self, count: int) -> None:
+        """Train the last ``count`` blocks (0: all frozen; the number of blocks or more: all)."""
+        first_trained = len(self.blocks) - max(0, min(count, len(self.blocks)))
+        for index, block in enumerate(self.blocks):
+            block.requires_grad_(index >= first_trained)
+
+    def trained_blocks(self) -> int:
+        """How many blocks are trained now."""
+        return sum(block.weight.requires_grad for block in self.blocks)
+
+    def forward(self, regions: Tensor) -> Tensor:
+        for block in self.blocks:
+            regions = torch.relu(block(regions))
+        return regions
+
+
+class ImageEncoder(nn.Module):
+    """Regions (B, K, img_dim) -> L2-normalised embeddings (B, embed), through the backbone first
+    when it has one (``backbone_blocks`` > 0)."""
+
+    def __init__(self, img_dim: int = 2048, embed: int = 1024, backbone_blocks: int = 0) -> None:
+        super().__init__()
+        self.backbone = Backbone(img_dim, backbone_blocks) if backbone_blocks > 0 else None
         self.fc = nn.Linear(img_dim, embed)
         bound = math.sqrt(6.0) / math.sqrt(img_dim + embed)
         nn.init.uniform_(self.fc.weight, -bound, bound)
@@ -91,6 +137,8 @@ class ImageEncoder(nn.Module):
 
     def features(self, regions: Tensor, lengths: Tensor) -> Tensor:
         """Pre-pooling region features (B, K, embed); BatchNorm sees valid regions only."""
+        if self.backbone is not None:
+            regions = self.backbone(regions)
         x = self.fc(regions)
         mask = valid_mask(lengths, regions.shape[1])
         residual = torch.zeros_like(x)
@@ -120,12 +168,18 @@ class TextEncoder(nn.Module):
 
 
 class RVSEPP(nn.Module):
-    """The two encoders; ``forward`` returns (image embeddings, caption embeddings)."""
+    """The two encoders; ``forward`` returns (image embeddings, caption embeddings).
+    ``backbone_blocks`` > 0 puts a :class:`Backbone` of that many blocks in front of the image
+    encoder (``model.image.backbone``)."""
 
-    def __init__(self, vocab_size: int, img_dim: int = 2048, embed: int = 1024, word_dim: int = 300) -> None:
+    def __init__(
+        self, vocab_size: int, img_dim: int = 2048, embed: int = 1024, word_dim: int = 300, backbone_blocks: int = 0
+    ) -> None:
         super().__init__()
         self.config = {"vocab_size": vocab_size, "img_dim": img_dim, "embed": embed, "word_dim": word_dim}
-        self.image = ImageEncoder(img_dim, embed)
+        if backbone_blocks:  # only then: checkpoints of models without one keep their config
+            self.config["backbone_blocks"] = backbone_blocks
+        self.image = ImageEncoder(img_dim, embed, backbone_blocks)
         self.text = TextEncoder(vocab_size, word_dim, embed)
 
     def forward(

@@ -17,6 +17,14 @@ Data: ``--name synthetic`` (the default) generates the embedded synthetic data s
 ``--root`` on first use; ``--name f30k`` / ``coco`` read the standard precomputed
 bottom-up-attention features (``<root>/<name>_precomp``, see the README).
 
+Backbone fine-tuning (off by default, so the paper's recipe is unchanged): ``--backbone`` puts
+an image backbone in front of the image encoder (blocks pretrained to pass the region
+features through, see ``model.py``) and fine-tunes it on VSE-infinity's schedule: frozen for
+``--embedding-warmup-epochs``, then unfrozen from the top one block per
+``--backbone-warmup-epochs`` (0: all at once), at ``--backbone-lr-factor`` times the learning
+rate, with the loss scaled by a ramp from 0 to 1 over the first epoch it trains
+(``--backbone-ramp``). VSE-infinity's own defaults are the flags' defaults.
+
 Checkpoints (``<out>/last.pth`` every epoch and on Ctrl-C / SIGTERM, ``<out>/best.pth`` by
 dev rsum) are plain data, loaded with ``weights_only=True``, and written atomically. A new
 run refuses an ``--out`` that holds a run (``--overwrite`` replaces it); ``--resume``
@@ -189,6 +197,32 @@ def parse_args(
     add("--margin", type=number_at_least(0.0), default=0.2, help="triplet margin")
     add("--epsilon", type=number_at_least(0.0), default=0.01, help="SelHN's gap threshold (the paper's 0.01)")
     add("--warmup-epochs", type=integer_at_least(0), default=1, help="epochs of sum of hinges for --loss warmup")
+    add("--backbone", action="store_true", help="fine-tune an image backbone in front of the image encoder")
+    add("--backbone-blocks", type=integer_at_least(1), default=4, help="blocks of the backbone (with --backbone)")
+    add(
+        "--embedding-warmup-epochs",
+        type=integer_at_least(0),
+        default=2,
+        help="epochs with the backbone frozen (with --backbone; VSE-infinity's embedding_warmup_epochs)",
+    )
+    add(
+        "--backbone-warmup-epochs",
+        type=integer_at_least(0),
+        default=5,
+        help="then one more backbone block unfrozen every this many epochs, from the top (0: all at once)",
+    )
+    add(
+        "--backbone-lr-factor",
+        type=number_at_least(0.0),
+        default=0.01,
+        help="the backbone's learning rate as a multiple of --lr",
+    )
+    add(
+        "--backbone-ramp",
+        choices=["on", "off"],
+        default="on",
+        help="scale the loss from 0 to 1 over the first epoch the backbone trains (VSE-infinity's warmup_alpha)",
+    )
     add("--mask-duplicates", action="store_true", help="captions of one image are not negatives of each other")
     add("--global-negatives", action="store_true", help="with DDP: mine negatives across all ranks")
     add("--epochs", type=integer_at_least(1), default=30, help="epochs in all")
@@ -356,6 +390,40 @@ def set_epoch(criterion: Criterion, args: argparse.Namespace, epoch: int) -> Non
         criterion.max_violation_off()
 
 
+def backbone_blocks_trained(args: argparse.Namespace, epoch: int) -> int:
+    """VSE-infinity's unfreezing schedule: how many backbone blocks, counted from the top, train
+    in ``epoch``. None for --embedding-warmup-epochs; then one, and one more every
+    --backbone-warmup-epochs epochs (every block at once when it is 0)."""
+    if not args.backbone or epoch < args.embedding_warmup_epochs:
+        return 0
+    if args.backbone_warmup_epochs == 0:
+        return int(args.backbone_blocks)
+    unfrozen = 1 + (epoch - args.embedding_warmup_epochs) // args.backbone_warmup_epochs
+    return int(min(args.backbone_blocks, unfrozen))
+
+
+def loss_scale(args: argparse.Namespace, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    """VSE-infinity's ramp (``warmup_alpha``): over the first epoch in which the backbone trains,
+    the loss is scaled by ``step / steps_per_epoch``, from 0 at its first step towards 1; 1
+    everywhere else, and always without --backbone or with --backbone-ramp off."""
+    ramping = args.backbone and args.backbone_ramp == "on" and epoch == args.embedding_warmup_epochs
+    return step_in_epoch / steps_per_epoch if ramping else 1.0
+
+
+def parameter_groups(model: RVSEPP, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: the backbone (when there is one) at --backbone-lr-factor
+    times the learning rate, everything else at --lr."""
+    backbone = model.image.backbone
+    if backbone is None:
+        return [{"params": list(model.parameters()), "lr": args.lr}]
+    inside = {id(parameter) for parameter in backbone.parameters()}
+    rest = [parameter for parameter in model.parameters() if id(parameter) not in inside]
+    return [
+        {"params": rest, "lr": args.lr},
+        {"params": list(backbone.parameters()), "lr": args.lr * args.backbone_lr_factor},
+    ]
+
+
 def args_use_global(args: argparse.Namespace) -> bool:
     """Whether the loss mines negatives across DDP ranks (--global-negatives under DDP)."""
     return bool(args.global_negatives and dist.is_available() and dist.is_initialized())
@@ -437,6 +505,12 @@ SAME_RUN = (
     "margin",
     "epsilon",
     "warmup_epochs",
+    "backbone",
+    "backbone_blocks",
+    "embedding_warmup_epochs",
+    "backbone_warmup_epochs",
+    "backbone_lr_factor",
+    "backbone_ramp",
     "mask_duplicates",
     "global_negatives",
     "batch_size",
@@ -531,7 +605,8 @@ def build_model(args: argparse.Namespace, vocab_size: int, feature_dim: int, dev
     """RVSE++ on ``device``; a model that cannot be made there (too large, a device that fails)
     is a RunError that names the sizes."""
     try:
-        return RVSEPP(vocab_size, feature_dim, args.embed_size, args.word_dim).to(device)
+        blocks = args.backbone_blocks if args.backbone else 0
+        return RVSEPP(vocab_size, feature_dim, args.embed_size, args.word_dim, backbone_blocks=blocks).to(device)
     except (RuntimeError, MemoryError) as error:
         raise RunError(
             f"cannot build the model on {device} (--embed-size {args.embed_size}, --word-dim {args.word_dim}, "
@@ -663,6 +738,11 @@ class Run:
         delete the previous run, so a run that fails to start leaves it intact."""
         self.args, self.stop = args, stop
         self.device, self.rank, self.world = setup_distributed(args)
+        if args.backbone and self.world > 1:
+            raise RunError(
+                "--backbone is not supported with more than one process: DDP cannot follow parameters that the "
+                "unfreezing schedule switches on during the run; fine-tune the backbone on one device"
+            )
         seed_everything(args.seed)
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -678,7 +758,7 @@ class Run:
             raise RunError(str(error)) from error
         check_data(args, self.train_set, self.dev_set, self.test_set)
         self.model = build_model(args, len(self.vocab), self.train_set.feature_dim, self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, args), lr=args.lr)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=[args.lr_decay_epoch], gamma=0.1
         )
@@ -787,13 +867,14 @@ class Run:
         img, txt = img.float(), txt.float()
         ids = batch["image_id"].to(device)
         loss = compute_loss(self.criterion, args, img, txt, ids)
+        scale = loss_scale(args, self.state["epoch"], self.state["step_in_epoch"], len(self.sampler))
         # the first non-finite loss, kept on the device (no sync per step); read on logging steps
         # and before every checkpoint, so that a non-finite loss never reaches one
         self.device_step += 1
         fresh = ~torch.isfinite(loss.detach()) & torch.isnan(self.first_bad[0])
         self.first_bad = torch.where(fresh, torch.stack([self.device_step, loss.detach().float()]), self.first_bad)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale if scale != 1.0 else loss).backward()  # the monitor records the loss itself, unscaled
         scores, mask = self.monitored_scores(img, txt, ids)
         logged = self.monitor.step(scores, loss, mask=mask)
         if logged is not None:
@@ -841,6 +922,7 @@ class Run:
             name = loss_for_step(args, epoch)
             set_epoch(self.criterion, args, epoch)
             self.monitor.rule = self.criterion.rule  # the alarm's advice follows the loss being trained
+            self.set_backbone(epoch)
             self.ddp_model.train()
             progress = progress_bar(self.loader, f"epoch {epoch} ({name})", disable=not is_main())
             for batch in progress:
@@ -872,6 +954,17 @@ class Run:
             state["pending_eval"], state["eval_epoch"] = True, epoch
             self.save_last()
             self.end_of_epoch()
+
+    def set_backbone(self, epoch: int) -> None:
+        """Freeze and unfreeze the backbone's blocks for ``epoch`` (see :func:`backbone_blocks_trained`)."""
+        backbone = self.model.image.backbone
+        if backbone is None:
+            return
+        before, now = backbone.trained_blocks(), backbone_blocks_trained(self.args, epoch)
+        backbone.train_top(now)
+        if is_main() and (now != before or epoch == self.state["epoch"] == 0):
+            ramp = " (loss ramped from 0 over this epoch)" if loss_scale(self.args, epoch, 0, 1) == 0 else ""
+            print(f"epoch {epoch}: backbone trains {now} of {len(backbone.blocks)} blocks{ramp}", flush=True)
 
     def log(self, logged: dict[str, float], progress: Any) -> None:
         if self.writer is not None:
