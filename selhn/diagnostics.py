@@ -373,7 +373,10 @@ class CollapseAlarm:
     fraction of the margin) of the margin and at least ``min_vanishing`` of the anchors have
     their hardest negative within epsilon of their positive (the hinge alone cannot tell a
     collapse from a separated batch at margin 0). Non-finite statistics never read as the
-    plateau. It warns once (a :class:`CollapseWarning`) with the fix, then stays quiet.
+    plateau. It warns once (a :class:`CollapseWarning`) with the fix, then stays quiet until
+    training has left the plateau: once the vanishing fraction falls below ``rearm_below`` in
+    both directions it re-arms, so that a second collapse later in the run (the one that
+    unfreezing a backbone can cause) is reported too.
 
     Args:
         margin: the triplet margin.
@@ -381,6 +384,8 @@ class CollapseAlarm:
         patience: consecutive plateau checks before firing.
         min_vanishing: share of anchors in the vanishing regime, per direction, that the
             plateau needs.
+        rearm_below: vanishing fraction, in both directions, below which a fired alarm
+            re-arms; ``None`` never re-arms (one warning per run).
 
     Example:
         >>> import torch, warnings
@@ -395,7 +400,12 @@ class CollapseAlarm:
     """
 
     def __init__(
-        self, margin: float = 0.2, tolerance: float = 0.02, patience: int = 3, min_vanishing: float = 0.5
+        self,
+        margin: float = 0.2,
+        tolerance: float = 0.02,
+        patience: int = 3,
+        min_vanishing: float = 0.5,
+        rearm_below: float | None = 0.1,
     ) -> None:
         self.margin = check_nonnegative(margin, "margin")
         self.tolerance = check_nonnegative(tolerance, "tolerance")
@@ -403,6 +413,12 @@ class CollapseAlarm:
         self.min_vanishing = check_nonnegative(min_vanishing, "min_vanishing")
         if self.min_vanishing > 1:
             raise ValueError(f"min_vanishing is a share of anchors, so in [0, 1], got {min_vanishing}")
+        self.rearm_below = None if rearm_below is None else check_nonnegative(rearm_below, "rearm_below")
+        if self.rearm_below is not None and self.rearm_below > self.min_vanishing:
+            raise ValueError(
+                f"rearm_below ({rearm_below}) must not exceed min_vanishing ({min_vanishing}): the alarm re-arms "
+                "only once training has left the plateau"
+            )
         self.streak = 0
         self.fired = False
 
@@ -414,11 +430,18 @@ class CollapseAlarm:
         # NaN compares False: a batch with non-finite scores never reads as the plateau
         return bool(((losses - self.margin).abs() <= limit).all() & (vanishing >= self.min_vanishing).all())
 
+    def left_plateau(self, stats: VanishingStats) -> bool:
+        """Whether the vanishing fraction is below ``rearm_below`` in both directions (NaN: no)."""
+        vanishing = torch.stack([stats.i2t.vanishing_fraction, stats.t2i.vanishing_fraction])
+        return bool((vanishing < (self.rearm_below or 0.0)).all())
+
     def check(self, stats: VanishingStats, batch_size: int | None = None, rule: SelectionRule | None = None) -> bool:
         """Update with one batch; return ``True`` exactly when the alarm fires. ``rule``, the
         selection rule being trained (when known), decides the advice: a run that already
         trains with SelHN is not told to switch to SelHN."""
         self.streak = self.streak + 1 if self.on_plateau(stats) else 0
+        if self.fired and self.rearm_below is not None and self.left_plateau(stats):
+            self.fired = False
         if self.fired or self.streak < self.patience:
             return False
         self.fired = True
@@ -495,6 +518,9 @@ class TrainingMonitor:
         rule: the selection rule being trained (a loss module's ``rule``), for the alarm's
             advice; set :attr:`rule` again when it changes (a warm-up's switch).
 
+    Attributes:
+        alarm_steps: the steps at which the alarm fired (empty while it never has).
+
     Example:
         >>> import torch, selhn
         >>> from selhn.diagnostics import TrainingMonitor
@@ -534,6 +560,7 @@ class TrainingMonitor:
         self.alarm: CollapseAlarm | None = CollapseAlarm(margin) if alarm is True else (alarm or None)
         self.rule = None if rule is None else check_rule(rule)
         self.steps = 0
+        self.alarm_steps: list[int] = []
         self._records: deque[Tensor] = deque(maxlen=history)
         self._last: dict[str, float] = {}
         self.columns: list[str] = []
@@ -583,7 +610,9 @@ class TrainingMonitor:
             return None
         self._last = dict(zip(names, record.tolist(), strict=True))
         if self.alarm is not None and stats is not None:
-            self.alarm.check(stats, batch_size=scores.shape[0] if scores is not None else None, rule=self.rule)
+            batch_size = scores.shape[0] if scores is not None else None
+            if self.alarm.check(stats, batch_size=batch_size, rule=self.rule):
+                self.alarm_steps.append(self.steps)
         return dict(self._last)
 
     def scalars(self) -> dict[str, float]:

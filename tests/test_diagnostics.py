@@ -306,6 +306,44 @@ def test_alarm_fires_once_on_the_plateau_and_not_on_healthy_batches():
         D.CollapseAlarm(patience=0)
 
 
+def test_alarm_re_arms_once_training_has_left_the_plateau():
+    """A second collapse (a backbone unfrozen mid-training) is reported again, but only after
+    the run has left the plateau: not while it lingers near it."""
+    collapsed = D.vanishing_stats(torch.full((16, 16), 0.4))
+    healthy = D.vanishing_stats(torch.eye(16) * 0.9)
+    half = torch.eye(16) * 0.9
+    half[:4, :4] = 0.4  # a quarter of the anchors still on the plateau: between 10% and 50%
+    lingering = D.vanishing_stats(half)
+    assert 0.1 < float(lingering.i2t.vanishing_fraction) < 0.5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        alarm = D.CollapseAlarm(margin=0.2, patience=2)
+        first = [alarm.check(collapsed) for _ in range(3)]
+        alarm.check(lingering)  # not off the plateau yet: stays quiet
+        lingered = [alarm.check(collapsed) for _ in range(3)]
+        alarm.check(healthy)  # left it: re-arms
+        second = [alarm.check(collapsed) for _ in range(3)]
+        once = D.CollapseAlarm(margin=0.2, patience=2, rearm_below=None)
+        never_again = [once.check(stats) for stats in (collapsed, collapsed, healthy, collapsed, collapsed)]
+    assert first == [False, True, False] and lingered == [False, False, False] and second == [False, True, False]
+    assert never_again == [False, True, False, False, False]
+    assert sum(issubclass(w.category, D.CollapseWarning) for w in caught) == 3
+    with pytest.raises(ValueError, match="rearm_below .* must not exceed min_vanishing"):
+        D.CollapseAlarm(min_vanishing=0.3, rearm_below=0.4)
+
+
+def test_the_monitor_records_the_steps_at_which_the_alarm_fired():
+    torch.manual_seed(0)
+    img_enc, txt_enc = torch.nn.Linear(4, 3), torch.nn.Linear(5, 3)
+    monitor = D.TrainingMonitor(img_enc, txt_enc, log_every=1, alarm=D.CollapseAlarm(patience=2))
+    collapsed, healthy = torch.full((16, 16), 0.4), torch.eye(16) * 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", D.CollapseWarning)
+        for scores in [collapsed] * 3 + [healthy] + [collapsed] * 2:
+            monitor.step(scores)
+    assert monitor.alarm_steps == [2, 6]
+
+
 # ------------------------------------------------------------------ the monitor
 def small_step(monitor, img_enc, txt_enc, collapse=False):
     x = torch.rand(8, 4) + (5.0 if collapse else 0.0)
