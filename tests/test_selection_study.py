@@ -185,9 +185,9 @@ def test_compare_smoke(data_root, tmp_path, capsys):
         ("selhn", "0.05", "0"),
     ]
     for row in rows:
-        # every column a number, but the loss and what trained the run: this checkout's commit, this machine
+        # every column a number but the text ones: loss, alarm steps, and what trained the run (commit, machine)
         assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", row["commit"]) and "cores" in row["machine"]
-        values = {key: float(value) for key, value in row.items() if key not in ("loss", "commit", "machine")}
+        values = {key: float(value) for key, value in row.items() if key not in compare.TEXT_COLUMNS}
         assert values["steps_to_10x_chance"] in (2.0, 4.0, math.inf)
         assert values["test_rsum"] == pytest.approx(
             sum(values[f"test_{d}_{k}"] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
@@ -504,3 +504,81 @@ def test_the_confirmation_verdict_follows_its_fixed_rule(tmp_path):
     confirm.main([str(tmp_path)])
     assert "| calibrated | selhn eps=0.05 | warmup |" in (tmp_path / "verdict.md").read_text()
     assert (tmp_path / "verdict.csv").read_text().startswith("preset,SelHN,minus,mean,low,high,pairs,grade")
+
+
+# ------------------------------------------------------------------ the mid-training stall (F4)
+def test_longest_stall_counts_consecutive_plateau_steps_after_the_unfreeze():
+    from examples.selection_study.compare import longest_stall
+
+    steps = [5.0 * i for i in range(1, 13)]  # 5, 10, ..., 60
+    vanishing = [0.9, 0.9, 0.1, 0.1, 0.6, 0.7, 0.8, 0.2, 0.9, 0.9, 0.9, 0.9]
+    # before step 10 nothing counts; 25-35 is three logged steps (15 steps since 20), 45-60 four (20 since 40)
+    assert longest_stall(steps, vanishing, after=10.0) == (20.0, 40.0, 60.0)
+    assert longest_stall(steps, [0.0] * 12, after=10.0)[0] == 0.0
+    assert longest_stall(steps, [0.9] * 12, after=30.0) == (30.0, 30.0, 60.0)
+
+
+def stall_row(loss: str, seed: int, stalled: float, share: float = 0.95) -> dict:
+    return {
+        **fact_row(loss, seed, 70.0, 500.0),
+        "unfreeze_step": 156.0,
+        "stalled_steps_after_unfreeze": stalled,
+        "stall_loss_share": share if stalled else math.nan,
+    }
+
+
+def test_f4_holds_when_the_abrupt_unfreeze_stalls_on_most_seeds_and_the_full_schedule_does_not():
+    from examples.selection_study.compare import facts
+
+    rows = [stall_row("warmup", s, stalled) for s, stalled in enumerate([40.0, 25.0, 0.0])]
+    rows += [stall_row("vse-infinity-full", s, stalled) for s, stalled in enumerate([0.0, 30.0, 5.0])]
+    f4 = next(line for line in facts(rows).splitlines() if line.startswith("| F4"))
+    assert "(on it: [0, 1])" in f4 and "vse-infinity-full on fewer than half (on it: [1])" in f4
+    assert "0: 40.0, 1: 25.0, 2: 0.0" in f4 and f4.endswith("| yes |")
+    # a stall whose loss is not the plateau's (hard negatives still learning) does not count
+    rows[1] = stall_row("warmup", 1, 25.0, share=0.5)
+    assert next(line for line in facts(rows).splitlines() if line.startswith("| F4")).endswith("| no |")
+    # the full schedule stalling on half the seeds or more fails it too
+    rows[1] = stall_row("warmup", 1, 25.0)
+    rows[5] = stall_row("vse-infinity-full", 2, 20.0)
+    assert next(line for line in facts(rows).splitlines() if line.startswith("| F4")).endswith("| no |")
+
+
+def test_the_unfreeze_comparison_runs_vse_infinitys_schedule_and_records_the_stall(data_root, tmp_path):
+    """compare with a backbone: vse-infinity-full trains the warm-up with staging and the ramp,
+    the abrupt warm-up the preset's schedule; runs.csv carries the unfreeze step, the stall,
+    the alarm's steps, the commit and the machine."""
+    from examples.selection_study import compare
+
+    backbone = ["--backbone", "--backbone-blocks", "2", "--embedding-warmup-epochs", "1"]
+    backbone += ["--backbone-warmup-epochs", "0", "--backbone-ramp", "off", "--epochs", "2"]
+    args = compare.parse_args(["--preset", "smoke", "--root", str(data_root), "--", *backbone])
+    full = compare.parse_train(compare.train_argv(tmp_path / "x", "vse-infinity-full", 0, 0.01, args))
+    assert (full.loss, full.backbone_warmup_epochs, full.backbone_ramp, full.backbone) == ("warmup", 1, "on", True)
+    abrupt = compare.parse_train(compare.train_argv(tmp_path / "x", "warmup", 0, 0.01, args))
+    assert (abrupt.loss, abrupt.backbone_warmup_epochs, abrupt.backbone_ramp) == ("warmup", 0, "off")
+    common = ["--out", str(tmp_path), "--root", str(data_root), "--preset", "smoke", "--seeds", "0"]
+    common += ["--eval-steps", "6", "--log-every", "1", "--losses", "warmup", "vse-infinity-full"]
+    compare.main([*common, "--", *backbone])
+    rows = compare.read_runs_csv(tmp_path / "runs.csv")
+    assert sorted(row["loss"] for row in rows) == ["vse-infinity-full", "warmup"]
+    for row in rows:
+        assert row["unfreeze_step"] == 18.0  # one epoch of 300 captions in batches of 16
+        assert row["stalled_steps_after_unfreeze"] >= 0 and isinstance(row["alarm_steps"], str)
+    assert "| F4 |" in (tmp_path / "facts.md").read_text()
+
+
+def test_run_row_says_whether_the_alarm_fired_during_the_stall():
+    from examples.selection_study.compare import run_row
+
+    steps = [
+        {"step": str(s), "loss": "50.0", "i2t/vanishing_fraction": v, "t2i/vanishing_fraction": v}
+        for s, v in [(10, "0.0"), (20, "0.0"), (30, "0.9"), (40, "0.9"), (50, "0.9"), (60, "0.0")]
+    ]
+    run = {"steps": steps, "dev": [{"global_step": 60, "rsum": 100.0}], "results": {"alarm_steps": [40, 5]}}
+    row = run_row("warmup", math.nan, 0, run, 3.0, 10.0, unfreeze_step=15.0, plateau_loss=51.2)
+    assert row["stalled_steps_after_unfreeze"] == 30.0 and row["stall_loss_share"] == pytest.approx(50 / 51.2)
+    assert row["alarm_steps"] == "40 5" and row["alarm_in_stall"] == 1.0
+    run["results"]["alarm_steps"] = [5]
+    assert run_row("warmup", math.nan, 0, run, 3.0, 10.0, 15.0, 51.2)["alarm_in_stall"] == 0.0
+    assert math.isnan(run_row("warmup", math.nan, 0, run, 3.0, 10.0)["stalled_steps_after_unfreeze"])

@@ -808,6 +808,7 @@ class Run:
             raise RunError(f"--resume: {self.last_path} holds state this run cannot load: {error}") from error
         self.state = dict(checkpoint["state"])
         self.monitor.steps = self.state["global_step"]  # step numbers go on
+        self.monitor.alarm_steps = [int(step) for step in self.state.get("alarm_steps", [])]
         if is_main():
             self.earlier_steps = records_until(self.out, self.state["global_step"], self.state["pending_eval"])
             print(
@@ -879,6 +880,7 @@ class Run:
         logged = self.monitor.step(scores, loss, mask=mask)
         if logged is not None:
             self.check_finite()
+            self.state["alarm_steps"] = list(self.monitor.alarm_steps)  # kept by checkpoints, for results.json
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
         self.optimizer.step()
         self.state["step_in_epoch"] += 1
@@ -1008,8 +1010,12 @@ class Run:
             print(format_table(test, f"{args.name} {args.test_split}, {args.loss}, best dev checkpoint"), flush=True)
             results.update({f"test_{k}": v for k, v in test.items()})
         if is_main():
-            provenance = {"commit": cli.code_version(), "machine": cli.machine_description(self.device)}
-            text = json.dumps(finite_or_none({**results, **provenance}), indent=1, allow_nan=False)
+            recorded: dict[str, Any] = {
+                "commit": cli.code_version(),
+                "machine": cli.machine_description(self.device),
+                "alarm_steps": list(self.monitor.alarm_steps),  # where the collapse alarm fired
+            }
+            text = json.dumps(finite_or_none({**results, **recorded}), indent=1, allow_nan=False)
             write_atomic(self.out / "results.json", text)
         if self.writer is not None:
             self.writer.close()

@@ -60,7 +60,7 @@ from examples.rvsepp import cli
 from examples.rvsepp import train as train_module
 from examples.rvsepp.evaluate import load_checkpoint
 from examples.selection_study.intervals import interval, paired_interval
-from examples.selection_study.presets import STUDY_PRESETS
+from examples.selection_study.presets import SCHEDULES, STUDY_PRESETS
 from examples.selection_study.rules import RULES, STUDY_CRITERIA
 
 LOSSES = ("hn", "sum", "warmup", "selhn")
@@ -97,7 +97,8 @@ def first_exceeding(steps: list[float], values: list[float], level: float) -> fl
 
 
 def train_argv(out: Path, loss: str, seed: int, epsilon: float, args: argparse.Namespace) -> list[str]:
-    """The training command line of one run of the comparison."""
+    """The training command line of one run of the comparison. A schedule of
+    :data:`~examples.selection_study.presets.SCHEDULES` adds its flags last, so they win."""
     return [
         "--preset",
         args.preset,
@@ -105,8 +106,7 @@ def train_argv(out: Path, loss: str, seed: int, epsilon: float, args: argparse.N
         args.root,
         "--out",
         str(out),
-        "--loss",
-        loss,
+        *(["--loss", loss] if loss not in SCHEDULES else []),  # a schedule names its loss
         "--seed",
         str(seed),
         "--epsilon",
@@ -119,6 +119,7 @@ def train_argv(out: Path, loss: str, seed: int, epsilon: float, args: argparse.N
         "off",
         *(["--max-steps", str(args.steps)] if args.steps else []),
         *args.train_args,
+        *SCHEDULES.get(loss, []),
     ]
 
 
@@ -240,10 +241,45 @@ def mean_vanishing(rows: list[dict[str, str]]) -> list[float]:
     return [(float(r["i2t/vanishing_fraction"]) + float(r["t2i/vanishing_fraction"])) / 2 for r in rows]
 
 
+#: the vanishing fraction above which a logged step counts as on the plateau
+ON_PLATEAU = 0.5
+
+
+def longest_stall(steps: list[float], vanishing: list[float], after: float) -> tuple[float, float, float]:
+    """The longest stretch of consecutive logged steps after step ``after`` whose vanishing
+    fraction exceeds :data:`ON_PLATEAU`: (its length in training steps, first step, last step);
+    (0, nan, nan) when there is none. A stretch of one logged step counts the steps since the
+    logged step before it."""
+    best = (0.0, math.nan, math.nan)
+    start: float | None = None
+    previous = after
+    for step, value in zip(steps, vanishing, strict=True):
+        if step <= after:
+            previous = step
+            continue
+        if value > ON_PLATEAU:
+            start = previous if start is None else start
+            if step - start > best[0]:
+                best = (step - start, start, step)
+        else:
+            start = None
+        previous = step
+    return best
+
+
 def run_row(
-    loss: str, epsilon: float, seed: int, run: dict[str, Any], chance: float, switch_step: float
+    loss: str,
+    epsilon: float,
+    seed: int,
+    run: dict[str, Any],
+    chance: float,
+    switch_step: float,
+    unfreeze_step: float = math.nan,
+    plateau_loss: float = math.nan,
 ) -> dict[str, float | str | int]:
-    """One run's row of ``runs.csv``."""
+    """One run's row of ``runs.csv``. ``unfreeze_step`` is the step at which the backbone starts
+    to train (NaN without one); ``plateau_loss`` the loss the plateau reads at this run's scale
+    (2 * B * margin for the summed hard negatives; NaN where it is not known)."""
     steps = [float(r["step"]) for r in run["steps"]]
     vanishing = mean_vanishing(run["steps"])
     dev_steps = [float(d["global_step"]) for d in run["dev"]]
@@ -269,6 +305,15 @@ def run_row(
     row["switch_step"] = switch_step if warm else math.nan
     row["dev_rsum_at_switch"] = at_switch[-1] if warm else math.nan
     row["min_dev_rsum_after_switch"] = min(after) if warm and after else math.nan
+    # back on the plateau after the backbone unfreezes: how long, at what loss, and the alarm
+    alarms = [float(step) for step in results.get("alarm_steps") or []]
+    stalled, first, last = longest_stall(steps, vanishing, unfreeze_step) if math.isfinite(unfreeze_step) else (0, 0, 0)
+    losses = [float(r["loss"]) for r, s in zip(run["steps"], steps, strict=True) if stalled and first < s <= last]
+    row["unfreeze_step"] = unfreeze_step
+    row["stalled_steps_after_unfreeze"] = float(stalled) if math.isfinite(unfreeze_step) else math.nan
+    row["stall_loss_share"] = statistics.fmean(losses) / plateau_loss if losses and plateau_loss > 0 else math.nan
+    row["alarm_steps"] = " ".join(f"{step:.0f}" for step in alarms)
+    row["alarm_in_stall"] = float(any(first < step <= last for step in alarms)) if stalled else math.nan
     row["commit"] = str(results.get("commit") or "unknown")  # runs trained before runs recorded them: unknown
     row["machine"] = str(results.get("machine") or "unknown")
     return row
@@ -293,11 +338,16 @@ RUN_COLUMNS = (
     "switch_step",
     "dev_rsum_at_switch",
     "min_dev_rsum_after_switch",
+    "unfreeze_step",
+    "stalled_steps_after_unfreeze",
+    "stall_loss_share",
+    "alarm_steps",
+    "alarm_in_stall",
     "commit",
     "machine",
 )
 #: the columns of runs.csv that hold text; every other one is a number
-TEXT_COLUMNS = ("loss", "commit", "machine")
+TEXT_COLUMNS = ("loss", "alarm_steps", "commit", "machine")
 
 
 def write_runs_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -305,7 +355,7 @@ def write_runs_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(RUN_COLUMNS))
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: row[key] for key in RUN_COLUMNS})
+            writer.writerow({key: row.get(key, math.nan) for key in RUN_COLUMNS})
 
 
 PER_SEED = (
@@ -335,7 +385,7 @@ def write_per_seed_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             return "never"
         return f"{float(value):.0f}" if key.startswith("steps") else f"{float(value):.1f}"
 
-    order = {loss: i for i, loss in enumerate((*LOSSES, *RULES))}
+    order = {loss: i for i, loss in enumerate((*LOSSES, *SCHEDULES, *RULES))}
     ordered = sorted(
         rows, key=lambda r: (order[r["loss"]], float(r["epsilon"]) if r["loss"] == "selhn" else 0, r["seed"])
     )
@@ -363,16 +413,30 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 COLLAPSE = 0.5  # warmup "collapses" when a later dev rsum falls below this share of its value at the switch
+#: F4: back on the plateau after the unfreeze means this many steps in a row with the vanishing
+#: fraction above ON_PLATEAU and the loss at least PLATEAU_LOSS_SHARE of the plateau's 2 * B * margin
+STALL_STEPS = 20
+PLATEAU_LOSS_SHARE = 0.9
+
+
+def back_on_plateau(row: dict[str, Any]) -> bool:
+    """Whether a run went back to the plateau after its backbone was unfrozen (see STALL_STEPS)."""
+    stalled, share = float(row["stalled_steps_after_unfreeze"]), float(row["stall_loss_share"])
+    return math.isfinite(stalled) and stalled >= STALL_STEPS and share >= PLATEAU_LOSS_SHARE
 
 
 def facts(rows: list[dict[str, Any]]) -> str:
-    """The three facts known from real data (docs: Results), checked on these runs.
+    """The facts known from real data (docs: Results), checked on these runs.
 
     F1 (hard negatives' final accuracy): warmup's test R@1 (mean of i2t and t2i), averaged
     over seeds, exceeds the sum of hinges' by at least 2 points. F2 (the cold-start stall):
     hn's mean test rsum is below a quarter of the sum of hinges'. F3 (the warm-up works):
     warmup's mean test rsum is at least 90% of the sum of hinges', and no seed's dev rsum
-    falls after the switch below half its value at the switch. Seeds are paired by number.
+    falls after the switch below half its value at the switch. F4 (the mid-training stall,
+    where a backbone is fine-tuned): unfreezing the backbone at once, without a ramp, sends
+    the warm-up's hard negatives back to the plateau on most seeds (:func:`back_on_plateau`),
+    and VSE-infinity's full schedule (``vse-infinity-full``) on fewer than half. Seeds are
+    paired by number.
     """
 
     def by_seed(loss: str) -> dict[int, dict[str, Any]]:
@@ -405,8 +469,25 @@ def facts(rows: list[dict[str, Any]]) -> str:
     if seeds:
         share, mean_share = percent_of(hn, total, seeds)
         line("F2", "hn rsum < 25% of sum's (%)", share, mean_share, mean_share < 25.0)
+    full = by_seed("vse-infinity-full")
+    seeds = sorted(set(warm) & set(full))
+    if seeds and all(math.isfinite(float(warm[s]["unfreeze_step"])) for s in seeds):
+        stalled = {s: float(warm[s]["stalled_steps_after_unfreeze"]) for s in seeds}
+        abrupt = [s for s in seeds if back_on_plateau(warm[s])]
+        scheduled = [s for s in seeds if back_on_plateau(full[s])]
+        line(
+            "F4",
+            f"after the unfreeze, warmup back on the plateau (vanishing > {ON_PLATEAU:.0%}, loss >= "
+            f"{PLATEAU_LOSS_SHARE:.0%} of 2*B*m, >= {STALL_STEPS} steps; per seed: steps) on most seeds "
+            f"(on it: {abrupt or 'none'}), vse-infinity-full on fewer than half (on it: {scheduled or 'none'})",
+            stalled,
+            statistics.fmean(stalled.values()),
+            len(abrupt) > len(seeds) / 2 and len(scheduled) < len(seeds) / 2,
+        )
     if len(lines) == 2:
-        return "No fact can be checked: they need the sum of hinges and hn or warmup.\n"
+        return (
+            "No fact can be checked: they need the sum of hinges and hn or warmup (F4: warmup and vse-infinity-full).\n"
+        )
     note = (
         "\nThe interval is Student's t over the seeds' values (for F1 the per-seed differences, seeds paired "
         "by number): a fact whose criterion the interval straddles holds on the mean, not beyond doubt.\n"
@@ -518,7 +599,7 @@ def plot(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]], chance: 
     # three stacked panels, sized to stay readable at a documentation page's width (~750 px)
     with plt.rc_context({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10}):
         fig, axes = plt.subplots(3, 1, figsize=(8, 10.5), sharex=True)
-        for loss in (*LOSSES, *RULES):
+        for loss in (*LOSSES, *SCHEDULES, *RULES):
             seeds = [
                 run for (name, epsilon, _), run in runs.items() if name == loss and (loss != "selhn" or epsilon == 0.01)
             ]
@@ -571,9 +652,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--losses",
         nargs="+",
-        choices=[*LOSSES, *RULES],
+        choices=[*LOSSES, *SCHEDULES, *RULES],
         default=list(LOSSES),
-        help="hn sum warmup selhn, and the rule study's candidates (examples/selection_study/rules.py)",
+        help="hn sum warmup selhn, the schedules (examples/selection_study/presets.py: vse-infinity-full) and "
+        "the rule study's candidates (examples/selection_study/rules.py)",
     )
     parser.add_argument(
         "--epsilons", type=cli.number_at_least(0.0), nargs="*", default=list(SWEEP), help="extra SelHN epsilons"
@@ -626,6 +708,16 @@ def write_facts(out: Path, rows: list[dict[str, Any]]) -> str:
     return checked + "\n" + paired
 
 
+def unfreeze_and_plateau(run_args: argparse.Namespace, loss: str, steps_per_epoch: int) -> tuple[float, float]:
+    """A run's unfreezing step (NaN without --backbone) and the loss its hard negatives read on
+    the plateau: 2 * B * margin at VSE++'s summed scale (NaN for the sum of hinges, and at the
+    mean scale)."""
+    unfreeze = float(run_args.embedding_warmup_epochs * steps_per_epoch) if run_args.backbone else math.nan
+    summed = train_module.reduction_of(run_args, "mean" if run_args.loss == "selhn" else "sum") == "sum"
+    plateau = 2 * run_args.batch_size * run_args.margin if summed and loss != "sum" else math.nan
+    return unfreeze, plateau
+
+
 def read_runs_csv(path: Path) -> list[dict[str, Any]]:
     """The rows of a runs.csv that compare wrote (numbers as floats; the loss, commit and
     machine as text)."""
@@ -654,8 +746,13 @@ def main(argv: list[str] | None = None) -> None:
     dev_captions = (folder / "dev_caps.txt").read_text().splitlines()
     chance = chance_rsum(min(len(dev_captions), 5000) // 5)
     train_captions = len((folder / "train_caps.txt").read_text().splitlines())
-    switch_step = float(train_args.warmup_epochs * (train_captions // train_args.batch_size))
-    rows = [run_row(loss, eps, seed, run, chance, switch_step) for (loss, eps, seed), run in runs.items()]
+    steps_per_epoch = train_captions // train_args.batch_size
+    switch_step = float(train_args.warmup_epochs * steps_per_epoch)
+    argvs = dict(zip(folders, (argv for _, argv in tasks), strict=True))
+    rows = []
+    for key, run in runs.items():
+        unfreeze_step, plateau_loss = unfreeze_and_plateau(parse_train(argvs[key]), key[0], steps_per_epoch)
+        rows.append(run_row(*key, run, chance, switch_step, unfreeze_step, plateau_loss))
     write_runs_csv(out / "runs.csv", rows)
     write_per_seed_csv(out / "per_seed.csv", rows)
     write_csvs(out, runs)

@@ -1,4 +1,5 @@
-"""The calibrated benchmark's presets (docs: Results), added to the RVSE++ pipeline's own.
+"""The calibrated benchmark's presets (docs: Results), added to the RVSE++ pipeline's own, and
+the named schedules the comparison runs beside the losses.
 
 Captions that describe the whole scene (no in-batch false negatives), families of
 near-duplicate images that differ in one attribute (the top of the ranking hinges on it),
@@ -24,7 +25,25 @@ CALIBRATED: dict[str, Any] = {
     "synthetic_variants": 3,
 }
 
-#: The pipeline's presets and the benchmark's two.
+#: The mid-training stall: the calibrated data, with a backbone in front of the image encoder
+#: that is unfrozen all at once after two epochs (the first of them the warm-up's sum of hinges),
+#: every block together, at ten times the learning rate, without the loss ramp. Chosen on
+#: calibration seed 100 (docs/_results/unfreeze/pilots.csv): with four blocks at factor 10 the
+#: warm-up's hard negatives went back to the plateau (loss 51.2-51.5 = 2*B*m, every anchor
+#: vanishing, dev rsum 560 -> 11); at factor 1, or with two blocks, they did not.
+CALIBRATED_UNFREEZE: dict[str, Any] = {
+    **CALIBRATED,
+    "epochs": 6,
+    "lr_decay_epoch": 5,
+    "backbone": True,
+    "backbone_blocks": 4,
+    "embedding_warmup_epochs": 2,
+    "backbone_warmup_epochs": 0,
+    "backbone_lr_factor": 10.0,
+    "backbone_ramp": "off",
+}
+
+#: The pipeline's presets and the benchmark's three.
 STUDY_PRESETS: dict[str, Preset] = {
     **PRESETS,
     "calibrated": Preset("a benchmark on which hard negatives are worth having, as on real data", CALIBRATED),
@@ -32,4 +51,17 @@ STUDY_PRESETS: dict[str, Preset] = {
         "the same with bottom-up-like features (a strong shared component): hard negatives stall from a cold start",
         {**CALIBRATED, "synthetic_shared": 3.0},
     ),
+    "calibrated-unfreeze": Preset(
+        "the same data with a backbone unfrozen abruptly after two epochs: the mid-training stall",
+        CALIBRATED_UNFREEZE,
+    ),
+}
+
+
+#: Named schedules that ``compare --losses`` runs beside the losses: the flags each adds to a run
+#: (after the preset's and the command's, so they win). ``vse-infinity-full`` is VSE-infinity's
+#: whole schedule: its one-epoch warm-up with the sum of hinges, then the backbone unfrozen one
+#: block per epoch from the top, with the loss ramped over the first epoch it trains.
+SCHEDULES: dict[str, list[str]] = {
+    "vse-infinity-full": ["--loss", "warmup", "--backbone-warmup-epochs", "1", "--backbone-ramp", "on"],
 }
