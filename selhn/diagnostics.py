@@ -474,7 +474,9 @@ def advice(rule: SelectionRule | None) -> str:
         )
     return (
         "Fix: train with selhn.SelHNLoss (it falls back to all negatives for exactly these anchors), or warm up "
-        "with the sum of hinges (selhn.ContrastiveLoss with max_violation_off() for the first epoch)."
+        "with the sum of hinges (selhn.ContrastiveLoss with max_violation_off() for the first epoch). If it "
+        "started when a backbone was unfrozen, unfreeze it at a lower learning rate and block by block, as "
+        "VSE-infinity does (the docs' page 'Which loss, which epsilon?')."
     )
 
 

@@ -165,6 +165,7 @@ def test_compare_smoke(data_root, tmp_path, capsys):
     table = (tmp_path / "comparison.md").read_text()
     assert "| hn |" in table and "| selhn eps=0.01 |" in table and "| selhn eps=0.05 |" in table
     assert "steps until dev rsum > 10x chance" in capsys.readouterr().out
+    assert "after the unfreeze" not in (tmp_path / "per_seed.csv").read_text()  # no backbone: no such column
     with open(tmp_path / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
     required = [
@@ -566,6 +567,9 @@ def test_the_unfreeze_comparison_runs_vse_infinitys_schedule_and_records_the_sta
         assert row["unfreeze_step"] == 18.0  # one epoch of 300 captions in batches of 16
         assert row["stalled_steps_after_unfreeze"] >= 0 and isinstance(row["alarm_steps"], str)
     assert "| F4 |" in (tmp_path / "facts.md").read_text()
+    header = (tmp_path / "per_seed.csv").read_text().splitlines()[0]
+    assert "last dev rsum" in header and "steps back on the plateau after the unfreeze" in header
+    assert all(math.isfinite(row["final_dev_rsum"]) for row in rows)
 
 
 def test_run_row_says_whether_the_alarm_fired_during_the_stall():

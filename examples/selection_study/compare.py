@@ -18,8 +18,15 @@ fraction, the loss, and every ``--eval-steps`` steps the dev rsum. The command w
   ``dev_rsum_at_switch`` and ``min_dev_rsum_after_switch``, and the ``commit`` and ``machine``
   that trained the run (``unknown`` for runs older than that record);
 * ``per_seed.csv``: the key numbers of every run, one line each (the docs' per-seed tables);
-* ``facts.md`` (and ``facts.csv``): whether the three facts known from real data (the Results docs page) hold
-  in these runs, each with its criterion and its per-seed values.
+* ``facts.md`` (and ``facts.csv``): whether the facts known from real data (the Results docs page) hold
+  in these runs, each with its criterion and its per-seed values: F1-F3, and F4 where a backbone is
+  unfrozen (``--losses warmup vse-infinity-full`` on ``calibrated-unfreeze``).
+
+With a backbone (``--backbone``), ``runs.csv`` also gives the step at which it unfreezes, the
+longest stretch after it with the vanishing fraction above 50% (``stalled_steps_after_unfreeze``),
+the loss there as a share of 2 * B * margin, the steps at which the collapse alarm fired, and
+whether it fired during that stretch. ``vse-infinity-full`` (examples/selection_study/presets.py)
+is VSE-infinity's whole schedule, run beside the losses.
 
 Table columns: steps until the vanishing fraction (mean of both directions) falls below 10%
 after having exceeded 50% (leaving the plateau: "0" if it never entered it, "never" if it
@@ -292,6 +299,7 @@ def run_row(
         "steps_to_leave_plateau": first_recovery(steps, vanishing),
         "steps_to_10x_chance": first_exceeding(dev_steps, dev_rsum, 10 * chance),
         "best_dev_rsum": max(dev_rsum, default=math.nan),
+        "final_dev_rsum": dev_rsum[-1] if dev_rsum else math.nan,
         "test_rsum": results.get("test_rsum", math.nan),
     }
     for direction in ("i2t", "t2i"):
@@ -330,6 +338,7 @@ RUN_COLUMNS = (
     "test_i2t_r1",
     "test_t2i_r1",
     "test_mean_r1",
+    "final_dev_rsum",
     "test_i2t_r5",
     "test_i2t_r10",
     "test_t2i_r5",
@@ -368,7 +377,11 @@ PER_SEED = (
     ("test_i2t_r1", "test i2t R@1"),
     ("test_t2i_r1", "test t2i R@1"),
     ("test_mean_r1", "test mean R@1"),
+    ("final_dev_rsum", "last dev rsum"),
+    ("stalled_steps_after_unfreeze", "steps back on the plateau after the unfreeze"),
+    ("alarm_steps", "alarm fired at step"),
 )
+UNFREEZE_COLUMNS = ("stalled_steps_after_unfreeze", "alarm_steps")
 
 
 def write_per_seed_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -379,11 +392,17 @@ def write_per_seed_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         value = row[key]
         if key == "loss":
             return label(str(value), float(row["epsilon"]) if row["loss"] == "selhn" else 0.01)
-        if key == "seed":
-            return str(value)
+        if key in ("seed", "alarm_steps"):
+            return str(value) or "-"
+        if key == "stalled_steps_after_unfreeze":
+            return f"{float(value):.0f}" if math.isfinite(float(value)) else "-"
         if not math.isfinite(float(value)):
             return "never"
         return f"{float(value):.0f}" if key.startswith("steps") else f"{float(value):.1f}"
+
+    # the unfreeze's columns only where a backbone was unfrozen
+    unfrozen = any(math.isfinite(float(row.get("unfreeze_step", math.nan))) for row in rows)
+    columns = [(key, title) for key, title in PER_SEED if unfrozen or key not in UNFREEZE_COLUMNS]
 
     order = {loss: i for i, loss in enumerate((*LOSSES, *SCHEDULES, *RULES))}
     ordered = sorted(
@@ -391,8 +410,8 @@ def write_per_seed_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     )
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([title for _, title in PER_SEED])
-        writer.writerows([cell(key, row) for key, _ in PER_SEED] for row in ordered)
+        writer.writerow([title for _, title in columns])
+        writer.writerows([cell(key, row) for key, _ in columns] for row in ordered)
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
