@@ -507,6 +507,35 @@ def test_the_confirmation_verdict_follows_its_fixed_rule(tmp_path):
     assert (tmp_path / "verdict.csv").read_text().startswith("preset,SelHN,minus,mean,low,high,pairs,grade")
 
 
+def test_the_unfreeze_verdict_grades_selhn_against_the_full_schedule(tmp_path):
+    from examples.selection_study import confirm
+
+    noise = [0.0, 0.3, -0.2, 0.1, -0.1]
+    offsets = {
+        "vse-infinity-full": noise,
+        "warmup": [x - 20 for x in noise],
+        "selhn eps=0.01": [x - 5 + i for i, x in enumerate(noise)],  # -5 .. -1: worse
+        "selhn eps=0.05": [x + 0.2 * (i % 2) for i, x in enumerate(noise)],  # within 1 point: matches
+    }
+    rows = [{**row, "seed": row["seed"] - 20} for row in confirmation_rows(offsets, seeds=5)]
+    sentences, table = confirm.unfreeze_verdict(rows)
+    grades = {line["variant"]: line["grade"] for line in table}
+    assert grades == {"selhn eps=0.01": "worse", "selhn eps=0.05": "matches"}
+    assert sentences[1].startswith("selhn eps=0.05, with no schedule, matches vse-infinity-full (+0.")
+    # fewer than five seeds: a pilot, no verdict
+    sentences, _ = confirm.unfreeze_verdict([row for row in rows if row["seed"] < 3])
+    assert all("a pilot (3 of 5 seeds), no verdict" in sentence for sentence in sentences)
+    with pytest.raises(ValueError, match="vse-infinity-full"):
+        confirm.unfreeze_verdict([row for row in rows if row["loss"] != "vse-infinity-full"])
+    with open(tmp_path / "runs.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    confirm.main(["--unfreeze", str(tmp_path)])
+    text = (tmp_path / "verdict.md").read_text()
+    assert "| calibrated-unfreeze | selhn eps=0.05 | vse-infinity-full |" in text and "| matches |" in text
+
+
 # ------------------------------------------------------------------ the mid-training stall (F4)
 def test_longest_stall_counts_consecutive_plateau_steps_after_the_unfreeze():
     from examples.selection_study.compare import longest_stall
@@ -568,7 +597,8 @@ def test_the_unfreeze_comparison_runs_vse_infinitys_schedule_and_records_the_sta
         assert row["stalled_steps_after_unfreeze"] >= 0 and isinstance(row["alarm_steps"], str)
     assert "| F4 |" in (tmp_path / "facts.md").read_text()
     header = (tmp_path / "per_seed.csv").read_text().splitlines()[0]
-    assert "last dev rsum" in header and "steps back on the plateau after the unfreeze" in header
+    assert "last dev rsum" in header and "vanishing > 50% after the unfreeze" in header
+    assert "- vse-infinity-full" in (tmp_path / "paired.csv").read_text().splitlines()[0]
     assert all(math.isfinite(row["final_dev_rsum"]) for row in rows)
 
 

@@ -378,7 +378,7 @@ PER_SEED = (
     ("test_t2i_r1", "test t2i R@1"),
     ("test_mean_r1", "test mean R@1"),
     ("final_dev_rsum", "last dev rsum"),
-    ("stalled_steps_after_unfreeze", "steps back on the plateau after the unfreeze"),
+    ("stalled_steps_after_unfreeze", "longest run of steps with vanishing > 50% after the unfreeze"),
     ("alarm_steps", "alarm fired at step"),
 )
 UNFREEZE_COLUMNS = ("stalled_steps_after_unfreeze", "alarm_steps")
@@ -516,12 +516,13 @@ def facts(rows: list[dict[str, Any]]) -> str:
 
 def paired_table(rows: list[dict[str, Any]]) -> str:
     """Every loss's test R@1 (mean of both directions) against the warm-up's and the sum of
-    hinges', as paired differences over the seeds both ran, with 95% intervals."""
+    hinges' (and VSE-infinity's full schedule's, where it ran), as paired differences over the
+    seeds both ran, with 95% intervals."""
     runs: dict[str, dict[int, float]] = {}
     for row in rows:
         name = label(row["loss"], float(row.get("epsilon", math.nan)))
         runs.setdefault(name, {})[int(row["seed"])] = float(row["test_mean_r1"])
-    references = [name for name in ("warmup", "sum") if name in runs]
+    references = [name for name in ("warmup", "sum", "vse-infinity-full") if name in runs]
     if not references:
         return ""
     header = "| loss | " + " | ".join(f"- {name}: mean [95% interval] (pairs)" for name in references) + " |"

@@ -22,6 +22,14 @@ a rule fixed in ``docs/_results/confirmation/PROTOCOL.txt`` before any of those 
 
 Run: ``python -m examples.selection_study.confirm runs/confirmation`` (writes ``verdict.md``
 and ``verdict.csv`` there, from ``<folder>/<preset>/runs.csv``).
+
+The unfreeze comparison (``docs/_results/unfreeze/PROTOCOL.txt``, fixed before its runs) is
+decided here too, by the same grades: SelHN at each epsilon, with no schedule, against
+VSE-infinity's full schedule (``vse-infinity-full``) on the ``calibrated-unfreeze`` preset; it
+*matches* the schedule when it is not worse by the rule above, and a verdict needs
+:data:`UNFREEZE_SEEDS_NEEDED` seeds on which both ran. Run:
+``python -m examples.selection_study.confirm --unfreeze runs/unfreeze`` (reads that folder's
+``runs.csv``).
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ VARIANTS = ("sum", "warmup", *(label("selhn", epsilon) for epsilon in EPSILONS))
 SEEDS_NEEDED = 8
 #: how far below the reference (R@1 points) a lower interval end may lie for "not worse"
 NON_INFERIORITY = 1.0
+#: the unfreeze comparison: its reference, and the seeds a verdict needs
+UNFREEZE_REFERENCE = "vse-infinity-full"
+UNFREEZE_SEEDS_NEEDED = 5
 
 
 def grade(difference: PairedInterval) -> str:
@@ -135,14 +146,46 @@ def verdict(rows_by_preset: dict[str, list[dict[str, Any]]]) -> tuple[list[str],
     return sentences, table
 
 
-def write_verdict(folder: Path) -> str:
-    """verdict.md and verdict.csv in ``folder``, from ``folder/<preset>/runs.csv``."""
-    rows_by_preset = {
-        preset: read_runs_csv(folder / preset / "runs.csv")
-        for preset in PRESETS
-        if (folder / preset / "runs.csv").is_file()
-    }
-    sentences, table = verdict(rows_by_preset)
+def unfreeze_verdict(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The unfreeze comparison's verdict: per SelHN epsilon in ``rows`` (a ``runs.csv`` of
+    ``compare --preset calibrated-unfreeze``), its paired difference to the full schedule, graded
+    (``not worse`` reads "matches"), and one sentence each; with fewer than
+    :data:`UNFREEZE_SEEDS_NEEDED` pairs the sentence says the runs are a pilot, with no verdict."""
+    values: dict[str, dict[int, float]] = {}
+    for row in rows:
+        epsilon = float(row["epsilon"]) if row["loss"] == "selhn" else 0.01
+        values.setdefault(label(str(row["loss"]), epsilon), {})[int(row["seed"])] = float(row["test_mean_r1"])
+    if UNFREEZE_REFERENCE not in values:
+        raise ValueError(f"the unfreeze comparison needs {UNFREEZE_REFERENCE} runs; runs.csv has {sorted(values)}")
+    words = {"beats": "beats", "not worse": "matches", "worse": "is worse than", "undecided": "is undecided against"}
+    sentences: list[str] = []
+    table: list[dict[str, Any]] = []
+    for name in sorted(v for v in values if v.startswith("selhn")):
+        difference = paired_interval(values[name], values[UNFREEZE_REFERENCE])
+        graded = grade(difference)
+        table.append(
+            {
+                "variant": name,
+                "reference": UNFREEZE_REFERENCE,
+                "difference": difference,
+                "grade": "matches" if graded == "not worse" else graded,
+            }
+        )
+        if difference.n < UNFREEZE_SEEDS_NEEDED:
+            sentences.append(
+                f"{name}: a pilot ({difference.n} of {UNFREEZE_SEEDS_NEEDED} seeds), no verdict; "
+                f"minus {UNFREEZE_REFERENCE}: {difference}."
+            )
+        else:
+            sentences.append(
+                f"{name}, with no schedule, {words[graded]} {UNFREEZE_REFERENCE} "
+                f"({difference}, {difference.n} seeds)."
+            )
+    return sentences, table
+
+
+def write_tables(folder: Path, sentences: list[str], table: list[dict[str, Any]]) -> str:
+    """verdict.md and verdict.csv in ``folder``: the sentences, then one line per graded comparison."""
     lines = [
         "| preset | SelHN | minus | mean [95% interval] | pairs | grade |",
         "|---|---|---|---|---|---|",
@@ -165,10 +208,34 @@ def write_verdict(folder: Path) -> str:
     return text
 
 
+def write_unfreeze_verdict(folder: Path) -> str:
+    """verdict.md and verdict.csv in ``folder``, from ``folder/runs.csv`` (the unfreeze comparison)."""
+    sentences, table = unfreeze_verdict(read_runs_csv(folder / "runs.csv"))
+    return write_tables(folder, sentences, [{"preset": "calibrated-unfreeze", **line} for line in table])
+
+
+def write_verdict(folder: Path) -> str:
+    """verdict.md and verdict.csv in ``folder``, from ``folder/<preset>/runs.csv``."""
+    rows_by_preset = {
+        preset: read_runs_csv(folder / preset / "runs.csv")
+        for preset in PRESETS
+        if (folder / preset / "runs.csv").is_file()
+    }
+    sentences, table = verdict(rows_by_preset)
+    return write_tables(folder, sentences, table)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="the confirmation's output folder (holding <preset>/runs.csv)")
-    print(write_verdict(Path(parser.parse_args(argv).folder)))
+    parser.add_argument(
+        "--unfreeze",
+        action="store_true",
+        help="the folder is the unfreeze comparison's (holding runs.csv): grade SelHN against vse-infinity-full",
+    )
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    print(write_unfreeze_verdict(folder) if args.unfreeze else write_verdict(folder))
 
 
 if __name__ == "__main__":
