@@ -178,8 +178,7 @@ def unfreeze_verdict(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[s
             )
         else:
             sentences.append(
-                f"{name}, with no schedule, {words[graded]} {UNFREEZE_REFERENCE} "
-                f"({difference}, {difference.n} seeds)."
+                f"{name}, with no schedule, {words[graded]} {UNFREEZE_REFERENCE} ({difference}, {difference.n} seeds)."
             )
     return sentences, table
 
