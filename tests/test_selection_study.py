@@ -166,6 +166,12 @@ def test_compare_smoke(data_root, tmp_path, capsys):
     assert "| hn |" in table and "| selhn eps=0.01 |" in table and "| selhn eps=0.05 |" in table
     assert "steps until dev rsum > 10x chance" in capsys.readouterr().out
     assert "after the unfreeze" not in (tmp_path / "per_seed.csv").read_text()  # no backbone: no such column
+    with open(tmp_path / "steps.csv") as handle:
+        steps = list(csv.DictReader(handle))
+    # the variant's name is not overwritten by the per-step loss value
+    assert {row["loss"] for row in steps} == {"hn", "selhn"}
+    assert {row["epsilon"] for row in steps if row["loss"] == "selhn"} == {"0.01", "0.05"}
+    assert all(math.isfinite(float(row["loss_value"])) for row in steps)
     with open(tmp_path / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
     required = [

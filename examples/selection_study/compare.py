@@ -5,7 +5,8 @@ For every seed, the same model initialisation and the same data order are traine
 epsilon of the sweep. Every run records per step the encoders' gradient norms, the vanishing
 fraction, the loss, and every ``--eval-steps`` steps the dev rsum. The command writes:
 
-* ``steps.csv``: one row per run and step (loss, gradient norms, vanishing fraction);
+* ``steps.csv``: one row per run and step (the variant in ``loss``, ``epsilon`` and ``seed``, then
+  ``loss_value``, gradient norms, vanishing fraction);
 * ``dev.csv``: one row per run and dev evaluation;
 * ``comparison.png``: gradient norm and vanishing fraction against the step for the four
   losses, dev rsum against the step (means over seeds, shaded min-max);
@@ -596,7 +597,9 @@ def write_csvs(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]]) ->
         writer = None
         for (loss, epsilon, seed), run in runs.items():
             for row in run["steps"]:
-                record = {"loss": loss, "epsilon": epsilon, "seed": seed, **row}
+                # the run's own "loss" column is the loss value; "loss" here names the variant
+                values = {("loss_value" if key == "loss" else key): value for key, value in row.items()}
+                record = {"loss": loss, "epsilon": epsilon, "seed": seed, **values}
                 if writer is None:
                     writer = csv.DictWriter(handle, fieldnames=list(record))
                     writer.writeheader()
