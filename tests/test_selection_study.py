@@ -229,9 +229,26 @@ def test_compare_smoke(data_root, tmp_path, capsys):
             "2",
             "--log-every",
             "1",
+            "--plot-epsilons",
+            "0.01",
+            "0.05",
+            "0.3",
         ]
     )
     assert finished.stat().st_mtime_ns == stamp and (unfinished / "results.json").is_file()
+    # both epsilons drawn, each under its own name; an epsilon without runs is named, not drawn
+    assert "comparison.png: no SelHN runs at epsilon 0.3 to draw" in capsys.readouterr().out
+    runs = {
+        (name, 0.01 if name != "selhn" else eps, 0): compare.read_run(tmp_path / "runs" / folder)
+        for name, eps, folder in (
+            ("hn", 0.01, "hn_seed0"),
+            ("selhn", 0.01, "selhn_eps=0.01_seed0"),
+            ("selhn", 0.05, "selhn_eps=0.05_seed0"),
+        )
+    }
+    drawn = compare.plot(tmp_path, runs, 10.0, "test", epsilons=(0.01, 0.05))
+    assert drawn == ["hn", "selhn eps=0.01", "selhn eps=0.05"]
+    assert compare.plot(tmp_path, runs, 10.0, "test") == ["hn", "selhn"]
 
 
 def fact_row(loss: str, seed: int, r1: float, rsum: float, at_switch: float = math.nan, low: float = math.nan):

@@ -620,8 +620,9 @@ def plot(
     chance: float,
     title: str,
     epsilons: Sequence[float] = (0.01,),
-) -> None:
-    """comparison.png: means over seeds (shaded min-max) of every variant, SelHN at ``epsilons``."""
+) -> list[str]:
+    """comparison.png: means over seeds (shaded min-max) of every variant, SelHN at ``epsilons``.
+    Returns the legend's names of the variants drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -630,6 +631,7 @@ def plot(
     # three stacked panels, sized to stay readable at a documentation page's width (~750 px)
     with plt.rc_context({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10}):
         fig, axes = plt.subplots(3, 1, figsize=(8, 10.5), sharex=True)
+        drawn: list[str] = []
         variants = [(loss, 0.01) for loss in (*LOSSES, *SCHEDULES, *RULES) if loss != "selhn"]
         variants[LOSSES.index("selhn") : LOSSES.index("selhn")] = [("selhn", epsilon) for epsilon in epsilons]
         for loss, wanted in variants:
@@ -641,6 +643,7 @@ def plot(
             if not seeds:
                 continue
             name = label(loss, wanted) if len(epsilons) > 1 else loss
+            drawn.append(name)
             length = min(len(run["steps"]) for run in seeds)
             steps = [float(r["step"]) for r in seeds[0]["steps"][:length]]
             for ax, key in ((axes[0], "grad"), (axes[1], "vanishing")):
@@ -677,6 +680,7 @@ def plot(
         fig.tight_layout()
         fig.savefig(out / "comparison.png", dpi=100)
         plt.close(fig)
+    return drawn
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -808,7 +812,11 @@ def main(argv: list[str] | None = None) -> None:
     write_table_csv(out / "comparison.csv", table)
     checked = write_facts(out, rows)
     title = f"RVSE++, preset {args.preset} {' '.join(args.train_args)}".strip()
-    plot(out, runs, chance, title, epsilons=args.plot_epsilons)
+    drawn = plot(out, runs, chance, title, epsilons=args.plot_epsilons)
+    if len(args.plot_epsilons) > 1:  # each epsilon under its own name: say which had no runs to draw
+        missing = [epsilon for epsilon in args.plot_epsilons if label("selhn", epsilon) not in drawn]
+        if missing:
+            print(f"comparison.png: no SelHN runs at epsilon {', '.join(f'{e:g}' for e in missing)} to draw")
     print(table)
     print(checked)
     print(
