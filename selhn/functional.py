@@ -72,7 +72,9 @@ def selhn_loss(
         scores: (B, B) score matrix, rows image anchors, columns caption anchors,
             positives on the diagonal.
         margin: triplet margin :math:`m` (>= 0).
-        epsilon: gap threshold :math:`\epsilon` (>= 0); ``0`` gives max violation.
+        epsilon: gap threshold :math:`\epsilon` (>= 0), in score units; ``0`` gives max
+            violation. The default 0.01 is the authors'; for training from scratch on cosine
+            scores the docs' page "Which loss, which epsilon?" advises 0.05.
         fallback: ``"mean"`` (the authors' code) averages the hinges over the negatives,
             ``"sum"`` adds them.
         mask: optional boolean (B, B); ``True`` marks a pair that is not a negative (e.g.

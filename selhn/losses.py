@@ -107,7 +107,9 @@ class SelHNLoss(_TripletLoss):
 
     Args:
         margin: triplet margin :math:`m` (>= 0).
-        epsilon: gap threshold :math:`\epsilon` (>= 0).
+        epsilon: gap threshold :math:`\epsilon` (>= 0), in score units. The default 0.01 is the
+            authors' and reproduces their loss exactly; for training from scratch on cosine
+            scores the docs' page "Which loss, which epsilon?" advises 0.05, measured there.
         fallback: ``"mean"`` (authors' code) or ``"sum"`` over the negatives.
         reduction: ``"none"`` | ``"mean"`` | ``"sum"`` over the 2B per-anchor losses.
 
@@ -123,7 +125,7 @@ class SelHNLoss(_TripletLoss):
         >>> _ = torch.manual_seed(0)
         >>> img = torch.nn.functional.normalize(torch.randn(8, 16), dim=1).requires_grad_()
         >>> txt = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
-        >>> criterion = selhn.SelHNLoss(margin=0.2, epsilon=0.01)
+        >>> criterion = selhn.SelHNLoss(margin=0.2, epsilon=0.05)
         >>> loss = criterion(img, txt)
         >>> loss.backward()
         >>> loss.shape, img.grad.shape

@@ -520,9 +520,21 @@ def test_the_alarm_advises_for_the_rule_being_trained():
             warnings.simplefilter("always")
             alarm.check(collapsed, rule=rule)
         messages[name] = str(caught[0].message)
-    assert "Fix: train with selhn.SelHNLoss" in messages["none"] and "Fix: train with selhn.SelHNLoss" in messages["hn"]
+    for name in ("none", "hn"):  # the docs' one answer: SelHN at 0.05, or the warm-up; a schedule at an unfreeze
+        assert "Fix: train with selhn.SelHNLoss(epsilon=0.05)" in messages[name]
+        assert "warm up with the sum of hinges" in messages[name] and "backbone was unfrozen" in messages[name]
     assert "Fix: train with selhn.SelHNLoss" not in messages["selhn"]
     assert "This run trains with SelHN (epsilon 0.01)" in messages["selhn"] and "warm up" in messages["selhn"]
+    assert "Pass epsilon=0.05" in messages["selhn"]  # below the advised epsilon: raise it
+    assert D.ADVISED_EPSILON == 0.05
+    alarm = D.CollapseAlarm(margin=0.2, patience=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        alarm.check(collapsed, rule=SelHN(0.05))
+    at_advised = str(caught[0].message)
+    assert "This run trains with SelHN (epsilon 0.05)" in at_advised and "Pass epsilon" not in at_advised
+    for message in messages.values():
+        assert "Which loss, which epsilon?" in message or "sum of hinges, whose gradients" in message
     encoder = torch.nn.Linear(2, 2)
     monitor = D.TrainingMonitor(encoder, encoder, log_every=1, alarm=D.CollapseAlarm(patience=1), rule=SelHN())
     with warnings.catch_warnings(record=True) as caught:

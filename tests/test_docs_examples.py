@@ -116,6 +116,8 @@ def test_the_swap_patches_add_lines_that_run_against_selhn():
             line[1:] for line in patch.read_text().splitlines() if line.startswith("+") and not line.startswith("+++")
         ]
         assert any("selhn" in line for line in added), patch.name
+        # the epsilon the docs advise (the docs' page "Which loss, which epsilon?"), in each patch
+        assert any("epsilon=0.05" in line for line in added), patch.name
         opt = types.SimpleNamespace(margin=0.2)
         holder = types.SimpleNamespace(margin=0.2, criterion=None)
         scope = {"opt": opt, "self": holder, "scores": torch.randn(5, 5)}
@@ -128,5 +130,47 @@ def test_the_swap_patches_add_lines_that_run_against_selhn():
         if criterion is not None:
             img = torch.nn.functional.normalize(torch.randn(4, 3), dim=1)
             assert criterion(img, img).ndim == 0
+            assert criterion.epsilon == 0.05 and criterion.reduction == "sum"
         else:
             assert scope["result"].ndim == 0
+
+
+def test_every_page_that_advises_gives_the_answer_of_the_decision_page():
+    """README, the decision page, the swap guides, the stall page, Results and the collapse
+    alarm advise the same thing (SelHN at epsilon 0.05, or the warm-up; a schedule or SelHN
+    at 0.05 where a backbone unfreezes), and the intervals the decision page quotes are the
+    ones its verdicts recorded."""
+    import csv
+
+    from selhn.diagnostics import advice
+    from selhn.rules import MaxViolation
+
+    pages = {
+        name: (ROOT / name).read_text()
+        for name in (
+            "README.md",
+            "docs/choose.rst",
+            "docs/swap.rst",
+            "docs/stall.rst",
+            "docs/results.rst",
+            "docs/getting_started.rst",
+        )
+    }
+    pages["the alarm"] = advice(MaxViolation())
+    for name, text in pages.items():
+        assert "epsilon=0.05" in text, name
+    for name in ("README.md", "docs/choose.rst", "docs/swap.rst", "docs/results.rst", "the alarm"):
+        assert "warm" in pages[name], name  # the warm-up stays the other answer
+    for name in ("README.md", "docs/choose.rst", "docs/stall.rst", "docs/results.rst", "the alarm"):
+        assert "backbone" in pages[name], name
+    stale = ("measured advice is to keep the warm-up", "try a larger epsilon", "Use it where hard negatives must")
+    for name, text in pages.items():
+        assert not any(phrase in text for phrase in stale), name
+    choose = " ".join(pages["docs/choose.rst"].split())
+    for verdicts in ("docs/_results/confirmation/verdict.csv", "docs/_results/unfreeze/verdict.csv"):
+        with open(ROOT / verdicts) as handle:
+            for row in csv.DictReader(handle):
+                if row["SelHN"] == "selhn eps=0.05" and row["minus"] in ("warmup", "vse-infinity-full"):
+                    quoted = f"{float(row['mean']):+.2f} R@1 [{float(row['low']):+.2f}, {float(row['high']):+.2f}]"
+                    shorter = f"{float(row['mean']):+.2f} [{float(row['low']):+.2f}, {float(row['high']):+.2f}]"
+                    assert quoted in choose or shorter in choose, (verdicts, row)
