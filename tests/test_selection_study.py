@@ -166,6 +166,8 @@ def test_compare_smoke(data_root, tmp_path, capsys):
     assert "| hn |" in table and "| selhn eps=0.01 |" in table and "| selhn eps=0.05 |" in table
     assert "steps until dev rsum > 10x chance" in capsys.readouterr().out
     assert "after the unfreeze" not in (tmp_path / "per_seed.csv").read_text()  # no backbone: no such column
+    # hn and SelHN alone: no fact can be checked, and facts.csv is its header with no rows
+    assert (tmp_path / "facts.csv").read_text().splitlines() == ["fact,criterion,per seed,mean,95% interval,holds"]
     with open(tmp_path / "steps.csv") as handle:
         steps = list(csv.DictReader(handle))
     # the variant's name is not overwritten by the per-step loss value

@@ -236,6 +236,10 @@ def read_run(out: Path) -> dict[str, Any]:
     return {"steps": steps, "dev": dev, "results": json.loads((out / "results.json").read_text())}
 
 
+#: The facts table's header (facts.md, and facts.csv's first row).
+FACTS_HEADER = "| fact | criterion | per seed | mean | 95% interval | holds |"
+
+
 def label(loss: str, epsilon: float) -> str:
     return f"selhn eps={epsilon:g}" if loss == "selhn" else loss
 
@@ -464,7 +468,7 @@ def facts(rows: list[dict[str, Any]]) -> str:
         return {int(r["seed"]): r for r in rows if r["loss"] == loss}
 
     hn, total, warm = by_seed("hn"), by_seed("sum"), by_seed("warmup")
-    lines = ["| fact | criterion | per seed | mean | 95% interval | holds |", "|---|---|---|---|---|---|"]
+    lines = [FACTS_HEADER, "|---|---|---|---|---|---|"]
 
     def line(name: str, criterion: str, values: dict[int, float], mean: float, holds: bool) -> None:
         per_seed = ", ".join(f"{seed}: {value:.1f}" for seed, value in sorted(values.items()))
@@ -751,10 +755,11 @@ def plan(args: argparse.Namespace) -> dict[tuple[str, float, int], Path]:
 
 def write_facts(out: Path, rows: list[dict[str, Any]]) -> str:
     """facts.md (the facts' check, then every loss's paired differences), facts.csv and
-    paired.csv; returns facts.md's text."""
+    paired.csv; returns facts.md's text. Where no fact can be checked, facts.csv holds its
+    header alone."""
     checked, paired = facts(rows), paired_table(rows)
     (out / "facts.md").write_text(checked + "\n" + paired)
-    write_table_csv(out / "facts.csv", checked)
+    write_table_csv(out / "facts.csv", checked if FACTS_HEADER in checked else FACTS_HEADER)
     write_table_csv(out / "paired.csv", paired)
     return checked + "\n" + paired
 
