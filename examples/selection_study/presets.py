@@ -62,6 +62,18 @@ STUDY_PRESETS: dict[str, Preset] = {
 #: (after the preset's and the command's, so they win). ``vse-infinity-full`` is VSE-infinity's
 #: whole schedule: its one-epoch warm-up with the sum of hinges, then the backbone unfrozen one
 #: block per epoch from the top, with the loss ramped over the first epoch it trains.
+#: ``selhn-staged`` is what the docs' VSE-infinity patch gives: SelHN at epsilon 0.05 in place of
+#: the loss and its warm-up, with VSE-infinity's backbone staging and ramp kept.
 SCHEDULES: dict[str, list[str]] = {
     "vse-infinity-full": ["--loss", "warmup", "--backbone-warmup-epochs", "1", "--backbone-ramp", "on"],
+    "selhn-staged": [
+        "--loss",
+        "selhn",
+        "--epsilon",
+        "0.05",
+        "--backbone-warmup-epochs",
+        "1",
+        "--backbone-ramp",
+        "on",
+    ],
 }
