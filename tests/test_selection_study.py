@@ -478,7 +478,7 @@ def confirmation_rows(offsets: dict[str, list[float]], seeds: int = 8) -> list[d
     """runs.csv rows: each variant's test R@1 = 80 + its per-seed offsets (cycled)."""
     rows = []
     for name, values in offsets.items():
-        loss, epsilon = ("selhn", float(name.split("=")[1])) if name.startswith("selhn") else (name, math.nan)
+        loss, epsilon = ("selhn", float(name.split("=")[1])) if name.startswith("selhn eps=") else (name, math.nan)
         for seed in range(20, 20 + seeds):
             r1 = 80.0 + values[(seed - 20) % len(values)]
             rows.append({"loss": loss, "epsilon": epsilon, "seed": float(seed), "test_mean_r1": r1})
@@ -541,12 +541,16 @@ def test_the_unfreeze_verdict_grades_selhn_against_the_full_schedule(tmp_path):
         "warmup": [x - 20 for x in noise],
         "selhn eps=0.01": [x - 5 + i for i, x in enumerate(noise)],  # -5 .. -1: worse
         "selhn eps=0.05": [x + 0.2 * (i % 2) for i, x in enumerate(noise)],  # within 1 point: matches
+        "selhn-staged": [x + 2 for x in noise],  # a schedule that runs SelHN: graded, and named by its schedule
     }
     rows = [{**row, "seed": row["seed"] - 20} for row in confirmation_rows(offsets, seeds=5)]
     sentences, table = confirm.unfreeze_verdict(rows)
     grades = {line["variant"]: line["grade"] for line in table}
-    assert grades == {"selhn eps=0.01": "worse", "selhn eps=0.05": "matches"}
+    assert grades == {"selhn eps=0.01": "worse", "selhn eps=0.05": "matches", "selhn-staged": "beats"}
     assert sentences[1].startswith("selhn eps=0.05, with no schedule, matches vse-infinity-full (+0.")
+    assert sentences[2].startswith(
+        "selhn-staged, with VSE-infinity's backbone staging and ramp, beats vse-infinity-full (+2.00"
+    )
     # fewer than five seeds: a pilot, no verdict
     sentences, _ = confirm.unfreeze_verdict([row for row in rows if row["seed"] < 3])
     assert all("a pilot (3 of 5 seeds), no verdict" in sentence for sentence in sentences)

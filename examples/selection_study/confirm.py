@@ -53,6 +53,9 @@ NON_INFERIORITY = 1.0
 #: the unfreeze comparison: its reference, and the seeds a verdict needs
 UNFREEZE_REFERENCE = "vse-infinity-full"
 UNFREEZE_SEEDS_NEEDED = 5
+#: SelHN variants of the unfreeze comparison that run a schedule (compare's SCHEDULES), and how
+#: the verdict names it; SelHN at an epsilon ("selhn eps=...") runs with no schedule
+UNFREEZE_SELHN_SCHEDULES = {"selhn-staged": "with VSE-infinity's backbone staging and ramp"}
 
 
 def grade(difference: PairedInterval) -> str:
@@ -160,7 +163,11 @@ def unfreeze_verdict(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[s
     words = {"beats": "beats", "not worse": "matches", "worse": "is worse than", "undecided": "is undecided against"}
     sentences: list[str] = []
     table: list[dict[str, Any]] = []
-    for name in sorted(v for v in values if v.startswith("selhn")):
+    graded_names = sorted(v for v in values if v.startswith("selhn eps=")) + [
+        v for v in UNFREEZE_SELHN_SCHEDULES if v in values
+    ]
+    for name in graded_names:
+        schedule = UNFREEZE_SELHN_SCHEDULES.get(name, "with no schedule")
         difference = paired_interval(values[name], values[UNFREEZE_REFERENCE])
         graded = grade(difference)
         table.append(
@@ -178,7 +185,7 @@ def unfreeze_verdict(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[s
             )
         else:
             sentences.append(
-                f"{name}, with no schedule, {words[graded]} {UNFREEZE_REFERENCE} ({difference}, {difference.n} seeds)."
+                f"{name}, {schedule}, {words[graded]} {UNFREEZE_REFERENCE} ({difference}, {difference.n} seeds)."
             )
     return sentences, table
 
