@@ -636,8 +636,12 @@ def plot(
     with plt.rc_context({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10}):
         fig, axes = plt.subplots(3, 1, figsize=(8, 10.5), sharex=True)
         drawn: list[str] = []
-        variants = [(loss, 0.01) for loss in (*LOSSES, *SCHEDULES, *RULES) if loss != "selhn"]
-        variants[LOSSES.index("selhn") : LOSSES.index("selhn")] = [("selhn", epsilon) for epsilon in epsilons]
+        variants: list[tuple[str, float]] = []  # (loss, epsilon): SelHN once per epsilon drawn
+        for loss in (*LOSSES, *SCHEDULES, *RULES):
+            if loss == "selhn":
+                variants += [("selhn", epsilon) for epsilon in epsilons]
+            else:
+                variants.append((loss, 0.01))
         for loss, wanted in variants:
             seeds = [
                 run
