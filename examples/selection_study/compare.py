@@ -520,14 +520,21 @@ def facts(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+def r1_by_label(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """Per variant label (``selhn eps=...`` for SelHN), per seed: the run's test R@1, mean of
+    i2t and t2i."""
+    values: dict[str, dict[int, float]] = {}
+    for row in rows:
+        name = label(str(row["loss"]), float(row.get("epsilon", math.nan)))
+        values.setdefault(name, {})[int(row["seed"])] = float(row["test_mean_r1"])
+    return values
+
+
 def paired_table(rows: list[dict[str, Any]]) -> str:
     """Every loss's test R@1 (mean of both directions) against the warm-up's and the sum of
     hinges' (and VSE-infinity's full schedule's, where it ran), as paired differences over the
     seeds both ran, with 95% intervals."""
-    runs: dict[str, dict[int, float]] = {}
-    for row in rows:
-        name = label(row["loss"], float(row.get("epsilon", math.nan)))
-        runs.setdefault(name, {})[int(row["seed"])] = float(row["test_mean_r1"])
+    runs = r1_by_label(rows)
     references = [name for name in ("warmup", "sum", "vse-infinity-full") if name in runs]
     if not references:
         return ""

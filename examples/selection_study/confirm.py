@@ -39,7 +39,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from examples.selection_study.compare import label, read_runs_csv
+from examples.selection_study.compare import label, r1_by_label, read_runs_csv
 from examples.selection_study.intervals import PairedInterval, paired_interval
 
 PRESETS = ("calibrated", "calibrated-stall")
@@ -74,10 +74,7 @@ def grade(difference: PairedInterval) -> str:
 def r1_by_variant(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
     """Per variant label, per seed: test R@1 (mean of i2t and t2i), kept only for the seeds on
     which every variant finished (complete pairs)."""
-    values: dict[str, dict[int, float]] = {}
-    for row in rows:
-        epsilon = float(row["epsilon"]) if row["loss"] == "selhn" else 0.01
-        values.setdefault(label(str(row["loss"]), epsilon), {})[int(row["seed"])] = float(row["test_mean_r1"])
+    values = r1_by_label(rows)
     complete = set.intersection(*(set(values.get(name, {})) for name in VARIANTS))
     return {name: {s: v for s, v in values.get(name, {}).items() if s in complete} for name in VARIANTS}
 
@@ -154,10 +151,7 @@ def unfreeze_verdict(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[s
     ``compare --preset calibrated-unfreeze``), its paired difference to the full schedule, graded
     (``not worse`` reads "matches"), and one sentence each; with fewer than
     :data:`UNFREEZE_SEEDS_NEEDED` pairs the sentence says the runs are a pilot, with no verdict."""
-    values: dict[str, dict[int, float]] = {}
-    for row in rows:
-        epsilon = float(row["epsilon"]) if row["loss"] == "selhn" else 0.01
-        values.setdefault(label(str(row["loss"]), epsilon), {})[int(row["seed"])] = float(row["test_mean_r1"])
+    values = r1_by_label(rows)
     if UNFREEZE_REFERENCE not in values:
         raise ValueError(f"the unfreeze comparison needs {UNFREEZE_REFERENCE} runs; runs.csv has {sorted(values)}")
     words = {"beats": "beats", "not worse": "matches", "worse": "is worse than", "undecided": "is undecided against"}
