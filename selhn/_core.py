@@ -285,6 +285,30 @@ def _load(ctx: Any) -> tuple[dict[str, Tensor | None], State]:
 SQUARE = ((0, 1), (0, 0))
 RECTANGLES = ((0, 1), (1, 1))
 Layout = tuple[tuple[int, int], ...]
+#: Per side, :func:`selhn._selection.first_copies` of its candidates (the captions for the image
+#: anchors, the images for the caption anchors); None where unknown (a score matrix) or none equal.
+Copies = tuple[Tensor | None, Tensor | None]
+
+
+def candidate_copies(img: Tensor, txt: Tensor) -> Copies:
+    """The exact copies among each side's candidates: the captions', then the images'."""
+    return sel.first_copies(txt), sel.first_copies(img)
+
+
+def _lowest_copies(
+    matrices: list[Tensor], layout: Layout, hard_index: Tensor, candidates: tuple[Tensor, Tensor]
+) -> Tensor:
+    """Each side's hardest negatives moved to the lowest-index exact copy among its candidates
+    (``candidates``: the images' and captions' embeddings the scores came from)."""
+    copies = candidate_copies(*candidates)
+    if copies == (None, None):
+        return hard_index
+    return torch.stack(
+        [
+            sel.lowest_copy(matrices[k] if along == 1 else matrices[k].t(), index, side_copies)
+            for (k, along), index, side_copies in zip(layout, hard_index, copies, strict=True)
+        ]
+    )
 
 
 class Selection(NamedTuple):
@@ -450,25 +474,38 @@ def _fallback_scale(
 
 
 def _forward(
-    matrices: list[Tensor], layout: Layout, offset: int, excluded: Tensor | None, opt: Options
+    matrices: list[Tensor],
+    layout: Layout,
+    offset: int,
+    excluded: Tensor | None,
+    opt: Options,
+    candidates: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, State]:
     """Both sides' per-anchor losses (2, L) and the backward state. Overwrites the matrices'
-    non-negatives with ``-inf``. See the module docs for the four steps."""
+    non-negatives with ``-inf``. See the module docs for the four steps. ``candidates``: the
+    (images, captions) the scores came from, whose exact copies tie (:func:`_lowest_copies`);
+    None for a score matrix."""
     positives = _take_positives(matrices, layout, offset, excluded, opt.lean)
     selection = _select(matrices, layout, positives, opt)
     hard_loss, hard_index, hard_coef, falls_back = selection
     no_forms: tuple[Form, ...] = ("none", "none")
     if falls_back is None:  # max violation: every anchor takes its hardest negative
-        assert hard_coef is not None
+        assert hard_coef is not None and hard_index is not None
+        if candidates is not None:
+            hard_index = _lowest_copies(matrices, layout, hard_index, candidates)
         return hard_loss, State(hard_index, hard_coef, None, hard_coef, no_forms, (None, None))
     n_anchors = positives.shape[1]
     # how many anchors fall back, per side (eager SelHN: one device read; else every anchor)
     n_falling = falls_back.sum(1).tolist() if opt.lean and opt.mode == "selhn" else [n_anchors] * 2
     if not any(n_falling):  # (an empty batch of the sum of hinges has no coefficient: zeros)
+        if hard_index is not None and candidates is not None:
+            hard_index = _lowest_copies(matrices, layout, hard_index, candidates)
         positive_coef = hard_loss if hard_coef is None else hard_coef
         return hard_loss, State(hard_index, hard_coef, None, positive_coef, no_forms, (None, None))
     if opt.lean and sum(n_falling) == 2 * n_anchors:  # every anchor falls back (a cold start)
         hard_index = hard_coef = None
+    if hard_index is not None and candidates is not None:
+        hard_index = _lowest_copies(matrices, layout, hard_index, candidates)
 
     threshold = positives - opt.margin  # each hinge is relu(s - threshold)
     terms = _fallback_terms(matrices, layout, threshold.unbind(), falls_back, n_falling, opt)
@@ -697,7 +734,7 @@ class EmbeddingLoss(torch.autograd.Function):
             (img_all, txt_all), offset, layout = ranks.gather(img, txt), ranks.offset, RECTANGLES
             matrices = [img @ txt_all.t(), txt @ img_all.t()]
         options = Options(mode, margin, epsilon, fallback, ctx.lean, embeddings=True)
-        losses, state = _forward(matrices, layout, offset, excluded, options)
+        losses, state = _forward(matrices, layout, offset, excluded, options, (img_all, txt_all))
         ctx.layout, ctx.offset = layout, offset
         full = {k for form, (k, _) in zip(state.forms, layout, strict=True) if form == "full"}
         _save(
@@ -769,7 +806,7 @@ def embedding_gradients(
     with torch.no_grad():
         matrices = [img @ txt.t()]
         options = Options(mode, margin, epsilon, fallback, lean=True, embeddings=True)
-        _, state = _forward(matrices, SQUARE, 0, mask, options)
+        _, state = _forward(matrices, SQUARE, 0, mask, options, (img, txt))
         batch = Batch(img, txt, img, txt, offset=0)
         alone = torch.eye(2, dtype=img.dtype, device=img.device).unsqueeze(2).expand(2, 2, img.shape[0])
         own = [_embedding_grads(g, state, SQUARE, matrices, batch, True) for g in alone]

@@ -17,6 +17,13 @@ Conventions (see the "Losses" docs page):
 * The hardest negative of an anchor is its highest-scoring negative; a tie goes to the
   lowest index (PyTorch's ``max``/``argmax`` rule). An anchor without negatives has hardest
   score ``-inf``, hence a zero hinge and an infinite gap.
+* Candidates whose embeddings are exact copies (a caption that occurs twice in a batch) tie
+  in exact arithmetic, but a matrix product rounds their scores differently by their
+  position and by the product's shape, so the computed scores no longer tie. Where the
+  embeddings are known, the hardest negative among exact copies is the copy with the lowest
+  index that is a negative of the anchor (:func:`first_copies`, :func:`lowest_copy`): the
+  choice then depends on the embeddings, never on rounding, and a rank of the distributed
+  loss picks what one process picks.
 * The gap is ``s_pos - s_hardest``; an anchor is in the vanishing regime when
   ``|gap| < epsilon``.
 """
@@ -149,3 +156,78 @@ def fill_excluded_(scores: Tensor, mask: Tensor | None) -> Tensor:
         scores.masked_fill_(mask, float("-inf"))
     scores.diagonal().fill_(float("-inf"))
     return scores
+
+
+_SAME_WIDTH_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _row_keys(rows: Tensor) -> Tensor:
+    """(C,) an integer key of each row that equal rows share: the bit patterns of its first,
+    middle and last coordinates XOR-ed (no pass over the rows; distinct rows rarely share one)."""
+    width = rows.shape[1]
+    as_integers = _SAME_WIDTH_INTEGER[rows.element_size()]
+    key = rows[:, 0].view(as_integers)
+    for column in sorted({width // 2, width - 1} - {0}):
+        key = key.bitwise_xor(rows[:, column].view(as_integers))
+    return key
+
+
+def first_copies(rows: Tensor) -> Tensor | None:
+    """For each row of ``rows`` (C, D), the lowest index of a row equal to it; None when no
+    two rows are equal, or under ``torch.compile`` (whose graphs cannot hold the search).
+
+    Rows are keyed by three of their coordinates first (:func:`_row_keys`); only when two rows
+    share a key are the rows that share one compared whole, so a batch of distinct embeddings
+    costs a sort of C keys. Rows holding a NaN equal no row.
+
+    Example:
+        >>> import torch
+        >>> first_copies(torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]]))
+        tensor([0, 1, 0])
+        >>> first_copies(torch.eye(3)) is None
+        True
+    """
+    size, width = rows.shape
+    if size < 2 or width == 0 or torch.compiler.is_compiling():
+        return None
+    rows = rows.detach()
+    keys = _row_keys(rows)
+    ordered = keys.sort().values
+    if not bool((ordered[1:] == ordered[:-1]).any()):
+        return None
+    _, key_group, key_counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    suspects = (key_counts.index_select(0, key_group) > 1).nonzero().squeeze(1)
+    _, group = torch.unique(rows.index_select(0, suspects), dim=0, return_inverse=True)
+    lowest = torch.full((suspects.numel(),), size, dtype=torch.long, device=rows.device)
+    lowest = lowest.scatter_reduce(0, group, suspects, reduce="amin").index_select(0, group)
+    if bool((lowest == suspects).all()):  # keys shared by rows that differ: no copies after all
+        return None
+    return torch.arange(size, device=rows.device).index_copy(0, suspects, lowest)
+
+
+def lowest_copy(scores: Tensor, index: Tensor, copies: Tensor | None) -> Tensor:
+    """Each anchor's chosen candidate ``index`` (L,), moved to the lowest-index exact copy of it
+    (``copies``: :func:`first_copies` of the candidates) that is a negative of the anchor.
+
+    ``scores`` is (L, C), anchors as rows, ``-inf`` where a candidate is no negative. Anchors
+    whose choice has no copy keep it; so does every anchor when ``copies`` is None.
+
+    Example:
+        >>> import torch
+        >>> inf = float("-inf")
+        >>> scores = torch.tensor([[inf, 0.5, 0.7, 0.7 + 1e-7], [0.1, inf, 0.3, 0.3]])
+        >>> lowest_copy(scores, torch.tensor([3, 2]), torch.tensor([0, 1, 2, 2]))
+        tensor([2, 2])
+    """
+    if copies is None:
+        return index
+    group = copies.index_select(0, index)
+    members = torch.bincount(copies, minlength=copies.numel())
+    shared = (members.index_select(0, group) > 1).nonzero().squeeze(1)
+    if shared.numel() == 0:
+        return index
+    lines = scores.index_select(0, shared)
+    qualifies = (copies.unsqueeze(0) == group.index_select(0, shared).unsqueeze(1)) & (lines != float("-inf"))
+    first = qualifies.to(torch.uint8).argmax(dim=1)  # the first True (the lowest such copy)
+    moved = torch.where(qualifies.any(dim=1), first, index.index_select(0, shared))
+    return index.index_copy(0, shared, moved)

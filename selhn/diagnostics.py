@@ -344,7 +344,7 @@ def _rule_gradients(
     gradient through its own loss; likewise for the caption anchors and the captions."""
     with torch.enable_grad():
         img, txt = img.detach().requires_grad_(), txt.detach().requires_grad_()
-        per_anchor = square_losses(img @ txt.t(), mask, rule, margin)
+        per_anchor = square_losses(img @ txt.t(), mask, rule, margin, _core.candidate_copies(img, txt))
         d_img, d_txt = torch.autograd.grad(per_anchor.sum(), (img, txt), retain_graph=True)
         (anchor_img,) = torch.autograd.grad(per_anchor[0].sum(), img, retain_graph=True)
         (anchor_txt,) = torch.autograd.grad(per_anchor[1].sum(), txt)

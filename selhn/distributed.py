@@ -231,8 +231,9 @@ def _plain_share(
         img, txt = img.to(dtype), txt.to(dtype)
         img_all, txt_all = _Gathered.apply(img, txt, ranks)  # type: ignore[no-untyped-call]
         positives = torch.arange(ranks.offset, ranks.offset + img.shape[0], device=img.device)
-        image_anchors = side_losses(img @ txt_all.t(), positives, excluded, rule, margin)
-        caption_anchors = side_losses(txt @ img_all.t(), positives, excluded, rule, margin)
+        caption_copies, image_copies = _core.candidate_copies(img_all, txt_all)
+        image_anchors = side_losses(img @ txt_all.t(), positives, excluded, rule, margin, caption_copies)
+        caption_anchors = side_losses(txt @ img_all.t(), positives, excluded, rule, margin, image_copies)
     return image_anchors.sum() + caption_anchors.sum()
 
 

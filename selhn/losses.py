@@ -372,7 +372,8 @@ class RuleLoss(_TripletLoss):
         with torch.autocast(device_type=img_emb.device.type, enabled=False):
             scores = img_emb.to(dtype) @ txt_emb.to(dtype).t()
             self._keep(scores, mask)
-            per_anchor = square_losses(scores, mask, self._rule, self.margin)
+            copies = _core.candidate_copies(img_emb, txt_emb)
+            per_anchor = square_losses(scores, mask, self._rule, self.margin, copies)
         return _core.reduce(per_anchor, self.reduction)
 
     def extra_repr(self) -> str:

@@ -63,6 +63,11 @@ class Anchors:
         positive: (L,) each anchor's positive score.
         negatives: (L, C) boolean, ``True`` where the candidate is a negative of the anchor.
         margin: the triplet margin :math:`m`.
+        copies: optional (C,) for each candidate the lowest index of a candidate whose
+            embedding equals its own (:func:`selhn._selection.first_copies`), where the loss
+            knows the embeddings; None (a score matrix, or no two equal) otherwise. Exact copies
+            tie in exact arithmetic but not in rounded scores: with ``copies``, the hardest
+            negative among them is the lowest-index copy that is a negative of the anchor.
 
     Example:
         >>> import torch
@@ -80,10 +85,12 @@ class Anchors:
     positive: Tensor
     negatives: Tensor
     margin: float
+    copies: Tensor | None = None
 
     @functools.cached_property
     def _hardest(self) -> tuple[Tensor, Tensor]:
-        return sel.max_along(self.scores, 1)
+        values, index = sel.max_along(self.scores, 1)
+        return values, sel.lowest_copy(self.scores, index, self.copies)
 
     @property
     def hardest(self) -> Tensor:
@@ -92,7 +99,7 @@ class Anchors:
 
     @property
     def hardest_index(self) -> Tensor:
-        """(L,) the hardest negative's candidate (ties: the lowest index)."""
+        """(L,) the hardest negative's candidate (ties, and exact copies: the lowest index)."""
         return self._hardest[1]
 
     @property
@@ -262,7 +269,12 @@ def check_rule(value: object, name: str = "rule") -> SelectionRule:
 
 # --------------------------------------------------------------------------- the plain path
 def side_losses(
-    scores: Tensor, positive_column: Tensor, excluded: Tensor | None, rule: SelectionRule, margin: float
+    scores: Tensor,
+    positive_column: Tensor,
+    excluded: Tensor | None,
+    rule: SelectionRule,
+    margin: float,
+    copies: Tensor | None = None,
 ) -> Tensor:
     r"""One direction's per-anchor losses :math:`\ell_a = \sum_n w_{an} h_n` by plain autograd.
 
@@ -276,6 +288,7 @@ def side_losses(
         excluded: optional (L, C) boolean, ``True`` = not a negative.
         rule: the selection rule.
         margin: the triplet margin.
+        copies: optional (C,) exact copies among the candidates (:attr:`Anchors.copies`).
 
     Returns:
         (L,) per-anchor losses.
@@ -298,6 +311,7 @@ def side_losses(
         positive=positive.detach(),
         negatives=negatives,
         margin=margin,
+        copies=copies,
     )
     weights = _checked_weights(rule, anchors)  # 0 wherever the candidate is no negative
     hinges = sel.hinge(positive.unsqueeze(1), scores, margin)
@@ -327,13 +341,20 @@ def _checked_weights(rule: SelectionRule, anchors: Anchors) -> Tensor:
     return torch.where(anchors.negatives, weights, 0.0)
 
 
-def square_losses(scores: Tensor, excluded: Tensor | None, rule: SelectionRule, margin: float) -> Tensor:
+def square_losses(
+    scores: Tensor,
+    excluded: Tensor | None,
+    rule: SelectionRule,
+    margin: float,
+    copies: tuple[Tensor | None, Tensor | None] = (None, None),
+) -> Tensor:
     """Both directions' per-anchor losses (2, B) of a square score matrix by plain autograd:
-    the rows (image anchors), then the columns (caption anchors)."""
+    the rows (image anchors), then the columns (caption anchors). ``copies``: the exact copies
+    among the captions, then among the images (:attr:`Anchors.copies`)."""
     diagonal = torch.arange(scores.shape[0], device=scores.device)
     return torch.stack(
         [
-            side_losses(scores, diagonal, excluded, rule, margin),
-            side_losses(scores.t(), diagonal, None if excluded is None else excluded.t(), rule, margin),
+            side_losses(scores, diagonal, excluded, rule, margin, copies[0]),
+            side_losses(scores.t(), diagonal, None if excluded is None else excluded.t(), rule, margin, copies[1]),
         ]
     )

@@ -1,18 +1,13 @@
-"""Hypothesis settings profiles (a quick default for CI and a thorough one for local runs),
-and the small synthetic data set the pipeline's tests share.
+"""The suite's hypothesis profile (:mod:`tests.profiles`) and the small synthetic data set the
+pipeline's tests share."""
 
-Select the profile with ``SELHN_HYPOTHESIS_PROFILE=thorough pytest``.
-"""
-
-import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
 
-settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("SELHN_HYPOTHESIS_PROFILE", "ci"))
+from tests import profiles
+
+profiles.load()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,9 @@
 Written from the definitions in ../shared/reference.md, one anchor and one negative at a
 time, with scalar tensor arithmetic so that autograd gives the reference gradients too.
 Conventions shared with the package (and stated in its docs): a hinge is active when its
-argument is > 0; the hardest negative is the first (lowest index) highest-scoring negative.
+argument is > 0; the hardest negative is the first (lowest index) highest-scoring negative;
+where the embeddings are given (``candidates``), the hardest negative among candidates with
+equal embeddings is the lowest-index one of them that is a negative.
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ def reference_per_anchor(
     epsilon: float = 0.01,
     fallback: str = "mean",
     mask: Tensor | None = None,
+    candidates: tuple[Tensor, Tensor] | None = None,
 ) -> list[list[Tensor]]:
-    """Per-anchor losses ``[direction][anchor]``; direction 0 = image anchors (rows)."""
+    """Per-anchor losses ``[direction][anchor]``; direction 0 = image anchors (rows).
+
+    ``candidates``: the embeddings the scores came from, (images, captions); a caption's
+    copies then count as one candidate at the lowest index (and an image's)."""
     size = scores.shape[0]
     out: list[list[Tensor]] = [[], []]
     for direction in (0, 1):
@@ -57,6 +63,12 @@ def reference_per_anchor(
             for n in negatives:
                 if score(n).item() > score(hardest).item():
                     hardest = n
+            if candidates is not None:
+                rows = candidates[1] if direction == 0 else candidates[0]  # image anchors' candidates: captions
+                for n in negatives:
+                    if torch.equal(rows[n], rows[hardest]):
+                        hardest = n
+                        break
             hard = _hinge(margin - positive + score(hardest))
             total = hinges[0]
             for h in hinges[1:]:

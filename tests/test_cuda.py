@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 
 import selhn
 from selhn import _core, _selection
 from selhn import functional as F
 from selhn.testing import batch_sizes, embedding_pairs, half_dtypes, score_matrices
+from tests.profiles import examples
 from tests.reference import reference_loss
 from tests.simulated_rank import rank_losses
 
@@ -20,7 +21,7 @@ MODULES = {"selhn": selhn.SelHNLoss, "hn": selhn.MaxViolationLoss, "sum": selhn.
 
 
 @pytest.mark.parametrize("loss", sorted(FUNCTIONS))
-@settings(max_examples=20)
+@examples(20)
 @given(scores=score_matrices(batch_sizes(1, 12), levels=4))
 def test_functional_on_cuda_matches_cpu_reference(loss, scores):
     expected = reference_loss(scores.clone().requires_grad_(), loss, "none")
@@ -37,7 +38,7 @@ def test_functional_on_cuda_matches_cpu_reference(loss, scores):
 # (low-rank, sparse) thresholds on both devices: every dense state low-rank / sparse / neither
 @pytest.mark.parametrize("fractions", [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
 @pytest.mark.parametrize("loss", sorted(MODULES))
-@settings(max_examples=20)
+@examples(20)
 @given(pair=embedding_pairs(batch_sizes(1, 12)))
 def test_modules_on_cuda_match_cpu(loss, fractions, pair):
     results = []
@@ -51,7 +52,7 @@ def test_modules_on_cuda_match_cpu(loss, fractions, pair):
         torch.testing.assert_close(a, b)
 
 
-@settings(max_examples=10)
+@examples(10)
 @given(dtype=half_dtypes(), pair=embedding_pairs(batch_sizes(2, 12), dtype=torch.float32))
 def test_half_precision_and_autocast_on_cuda(dtype, pair):
     img, txt = (x.cuda().to(dtype) for x in pair)
@@ -108,7 +109,7 @@ def test_torch_compile_on_cuda():
 
 @pytest.mark.parametrize("fractions", [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])  # low rank / sparse / mask
 @pytest.mark.parametrize("loss", sorted(MODULES))
-@settings(max_examples=10)
+@examples(10)
 @given(pair=embedding_pairs(batch_sizes(2, 12)))
 def test_rank_rectangles_on_cuda_match_cpu(loss, fractions, pair):
     """The distributed loss's rectangles: rank rows 1.. against the whole batch, in both directions."""

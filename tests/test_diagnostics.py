@@ -113,7 +113,8 @@ def autograd_norms(img, txt, loss, epsilon, mask, img_feat=None, txt_feat=None, 
     ]
     v = unit(leaves[0], dim=1) if img_feat is not None else leaves[0]
     t = unit(leaves[1], dim=1) if txt_feat is not None else leaves[1]
-    per = reference_per_anchor(v @ t.T, loss, margin=margin, epsilon=epsilon, mask=mask)
+    candidates = (v.detach(), t.detach())
+    per = reference_per_anchor(v @ t.T, loss, margin=margin, epsilon=epsilon, mask=mask, candidates=candidates)
     total = sum(per[0]) + sum(per[1])
     full = torch.autograd.grad(total, leaves, retain_graph=True, allow_unused=True)
     anchors = [[], []]

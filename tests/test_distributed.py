@@ -19,7 +19,7 @@ import selhn
 from selhn import _core
 from selhn import distributed as D
 from selhn import functional as F
-from selhn.rules import Anchors, SelectionRule
+from selhn.rules import Anchors, SelectionRule, SelHN
 
 
 class Tempered(SelectionRule):
@@ -130,6 +130,56 @@ def test_global_loss_equals_single_process(tmp_path, sizes):
         torch.testing.assert_close(value, ref_value, msg=lambda m, c=case: f"{c}: {m}")
         for g, r in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(g, r, msg=lambda m, c=case: f"{c}: {m}")
+
+
+#: Rank 0 holds one pair, rank 1 nine: a one-row product rounds differently from the square one.
+COPIES_RANKS = (slice(0, 1), slice(1, 10))
+
+
+def copies_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten pairs whose captions 2 and 8 are exact copies, and images 1 and 7 (a COCO batch holds
+    an image twice). Seed 95: image anchor 0's copies round apart in its rank's one-row product."""
+    generator = torch.Generator().manual_seed(95)
+    img = torch.nn.functional.normalize(torch.randn(10, 15, generator=generator, dtype=torch.float64), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(10, 15, generator=generator, dtype=torch.float64), dim=1)
+    txt[8] = txt[2]
+    img[7] = img[1]
+    return img, txt
+
+
+def copies_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    img_all, txt_all = copies_batch()
+    local = COPIES_RANKS[rank]
+    results = []
+    for loss in ("hn", "selhn", SelHN(0.05)):
+        img, txt = img_all[local].clone().requires_grad_(), txt_all[local].clone().requires_grad_()
+        value = D.global_loss(img, txt, loss, 0.2, 0.05, reduction="sum")
+        value.backward()
+        results.append((value.detach(), img.grad, txt.grad))
+    torch.save(results, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_global_loss_with_exact_copies_across_ranks_equals_one_process(tmp_path):
+    """Copies tie in exact arithmetic only: every rank takes the lowest-index copy, as one process does."""
+    out = str(tmp_path / "copies")
+    mp.spawn(copies_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    modules = (selhn.MaxViolationLoss(reduction="sum"), selhn.SelHNLoss(0.2, 0.05, reduction="sum"))
+    modules += (selhn.RuleLoss(SelHN(0.05), reduction="sum"),)  # the plain path
+    for case, module in enumerate(modules):
+        img, txt = (x.clone().requires_grad_() for x in copies_batch())
+        expected = module(img, txt)
+        expected.backward()
+        for rank, rows in enumerate(COPIES_RANKS):
+            value, d_img, d_txt = torch.load(f"{out}.{rank}")[case]
+            torch.testing.assert_close(value, expected.detach())
+            torch.testing.assert_close(d_img, 2 * img.grad[rows])  # (the loss is every rank's: W times)
+            torch.testing.assert_close(d_txt, 2 * txt.grad[rows])
 
 
 def test_without_a_process_group_it_is_the_plain_loss():

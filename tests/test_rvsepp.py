@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from examples.rvsepp import synthetic
@@ -23,6 +23,7 @@ from examples.rvsepp.data import MAX_TOKENS, DataError, EpochSampler, PrecompDat
 from examples.rvsepp.evaluate import evaluate_embeddings, load_model, ranks
 from examples.rvsepp.model import GPO, RVSEPP
 from examples.rvsepp.vocab import MASK, Vocabulary, tokenize
+from tests.profiles import examples
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--tensorboard", "off", "--no-eval-test"]
@@ -163,7 +164,7 @@ def brute_force(sims: np.ndarray, per_image: int = 5) -> tuple[list[int], list[i
     return i2t, t2i
 
 
-@settings(max_examples=15, deadline=None)
+@examples(15)
 @given(n=st.integers(1, 12), seed=st.integers(0, 1000), levels=st.sampled_from([None, 2]))
 def test_ranks_match_brute_force_including_ties(n, seed, levels):
     sims = torch.randn(n, 5 * n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
