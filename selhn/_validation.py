@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, get_args
+from typing import Any, Generic, TypeVar, get_args, overload
 
 import torch
 from torch import Tensor
@@ -189,3 +189,39 @@ def ids_as_tensor(value: Any, batch: int) -> Tensor | None:
     if ids.is_meta:
         raise ValueError("ids is a meta tensor (a shape without values): the mask needs the real ids")
     return ids
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Require a bool (an int such as 1 is refused: a switch is True or False)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r} (a switch is True or False)")
+    return value
+
+
+T = TypeVar("T")
+
+
+class Setting(Generic[T]):
+    """A public setting of a loss module, checked on every assignment, not only in ``__init__``:
+    ``criterion.epsilon = -1`` raises as ``SelHNLoss(epsilon=-1)`` does, instead of silently
+    training another loss. ``check(value, name)`` returns the value to keep (e.g. a float)."""
+
+    def __init__(self, check: Any) -> None:
+        self.check = check
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> Setting[T]: ...
+    @overload
+    def __get__(self, instance: object, owner: type) -> T: ...
+    def __get__(self, instance: object | None, owner: type) -> Setting[T] | T:
+        if instance is None:
+            return self
+        value: T = instance.__dict__["_setting_" + self.name]
+        return value
+
+    def __set__(self, instance: object, value: Any) -> None:
+        instance.__dict__["_setting_" + self.name] = self.check(value, self.name)

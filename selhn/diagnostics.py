@@ -20,6 +20,7 @@ import contextlib
 import csv
 import math
 import os
+import tempfile
 import warnings
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,15 +32,13 @@ from torch import Tensor, nn
 from selhn import _core
 from selhn import _selection as sel
 from selhn._validation import (
-    as_fallback,
-    as_mode,
     check_embeddings,
     check_mask,
     check_nonnegative,
     check_positive_int,
     check_scores,
 )
-from selhn.rules import SelectionRule, SelHN, SumOfHinges, check_rule, lean_settings, rule_for, square_losses
+from selhn.rules import SelectionRule, SelHN, SumOfHinges, check_rule, lean_settings, resolve_rule, square_losses
 from selhn.types import Fallback, LossName
 
 __all__ = [
@@ -262,9 +261,9 @@ def gradient_norms(
     txt_emb: Tensor,
     loss: LossName | SelectionRule = "selhn",
     margin: float = 0.2,
-    epsilon: float = 0.01,
+    epsilon: float | None = None,
     *,
-    fallback: Fallback = "mean",
+    fallback: Fallback | None = None,
     mask: Tensor | None = None,
     img_norms: Tensor | None = None,
     txt_norms: Tensor | None = None,
@@ -285,8 +284,10 @@ def gradient_norms(
             :class:`selhn.rules.SelectionRule` (the built-in rules analytically, any other
             rule by autograd on its plain path: the same definitions).
         margin: triplet margin.
-        epsilon: SelHN's gap threshold.
-        fallback: SelHN's fallback, ``"mean"`` or ``"sum"``.
+        epsilon: SelHN's gap threshold for ``loss="selhn"`` (None: 0.01); refused beside a
+            rule, which carries its own.
+        fallback: SelHN's fallback for ``loss="selhn"``, ``"mean"`` (None) or ``"sum"``;
+            refused beside a rule.
         mask: optional boolean (B, B), ``True`` = not a negative.
         img_norms: optional (B,) norms of the image features before normalisation.
         txt_norms: optional (B,) norms of the caption features before normalisation.
@@ -306,11 +307,7 @@ def gradient_norms(
         tensor([0.0000, 0.7071, 0.0000])
     """
     check_embeddings(img_emb, txt_emb)
-    if isinstance(loss, str):
-        epsilon = check_nonnegative(epsilon, "epsilon")
-        rule = rule_for(as_mode(loss), epsilon, as_fallback(fallback))
-    else:
-        rule = check_rule(loss, "loss")
+    rule = resolve_rule(loss, epsilon, fallback)
     margin = check_nonnegative(margin, "margin")
     batch = img_emb.shape[0]
     mask = check_mask(mask, batch, img_emb.device)
@@ -585,6 +582,11 @@ class TrainingMonitor:
         log_every = check_positive_int(log_every, "log_every")
         history = check_positive_int(history, "history")
         self.log_every = log_every
+        if not isinstance(alarm, (CollapseAlarm, bool)):
+            raise TypeError(
+                f"alarm must be a CollapseAlarm, True (a default one) or False (none), got {type(alarm).__name__} "
+                f"{alarm!r}"
+            )
         self.alarm: CollapseAlarm | None = CollapseAlarm(margin) if alarm is True else (alarm or None)
         self.rule = None if rule is None else check_rule(rule)
         self.steps = 0
@@ -662,17 +664,32 @@ class TrainingMonitor:
         as it was (and no temporary file behind).
         """
         history = self.history()
-        target = os.fspath(path)
-        temporary = f"{target}.tmp"
+        target = os.path.abspath(os.fspath(path))
+        temporary: str | None = None
         try:
-            with open(temporary, "w", newline="") as handle:
+            # a temporary file of this call's own: two writers to one path never share one
+            descriptor, temporary = tempfile.mkstemp(
+                prefix=f".{os.path.basename(target)}.", dir=os.path.dirname(target)
+            )
+            with os.fdopen(descriptor, "w", newline="") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(self.columns)
                 writer.writerows(zip(*(history[c] for c in self.columns), strict=True))
+            # mkstemp's file is private (0600): take the replaced file's mode, else an ordinary file's
+            os.chmod(temporary, os.stat(target).st_mode & 0o777 if os.path.exists(target) else 0o644)
             os.replace(temporary, target)
+        except OSError as error:
+            if temporary is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(temporary)
+            reason = error.strerror or str(error)
+            raise OSError(
+                error.errno, f"could not write the history to {target}: {reason} (any earlier file there is intact)"
+            ) from error
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(temporary)
+            if temporary is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(temporary)
             raise
 
     def plot(self, path: str | os.PathLike[str], **others: TrainingMonitor) -> None:

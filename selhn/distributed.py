@@ -33,7 +33,7 @@ from torch import Tensor
 from selhn import _core, _validation
 from selhn._selection import embedding_compute_dtype
 from selhn.losses import RuleLoss
-from selhn.rules import SelectionRule, check_rule, lean_settings, rule_for, side_losses
+from selhn.rules import SelectionRule, _side_losses, lean_settings, resolve_rule
 from selhn.types import Fallback, LossName
 
 __all__ = ["global_loss", "is_distributed"]
@@ -107,9 +107,9 @@ def global_loss(
     txt_emb: Tensor,
     loss: LossName | SelectionRule = "selhn",
     margin: float = 0.2,
-    epsilon: float = 0.01,
+    epsilon: float | None = None,
     *,
-    fallback: Fallback = "mean",
+    fallback: Fallback | None = None,
     ids: Any = None,
     reduction: Literal["mean", "sum"] = "mean",
 ) -> Tensor:
@@ -127,8 +127,10 @@ def global_loss(
             :class:`selhn.rules.SelectionRule` (a rule of your own is computed by plain
             autograd through a differentiable all-gather, with the same equivalence).
         margin: triplet margin.
-        epsilon: SelHN's gap threshold (for ``loss="selhn"``; a rule carries its own).
-        fallback: SelHN's fallback, ``"mean"`` or ``"sum"`` (for ``loss="selhn"``).
+        epsilon: SelHN's gap threshold for ``loss="selhn"`` (None: 0.01); refused beside a
+            rule, which carries its own.
+        fallback: SelHN's fallback for ``loss="selhn"``, ``"mean"`` (None) or ``"sum"``;
+            refused beside a rule.
         ids: optional (B_r,) integer ids (e.g. image ids).
         reduction: ``"mean"`` or ``"sum"`` over the 2 B_global anchors (``"none"`` is not
             available: the per-anchor losses live on different ranks).
@@ -195,11 +197,7 @@ def _checked(
 ) -> tuple[SelectionRule, float]:
     """This rank's arguments, checked (the errors name the argument): the rule and the margin."""
     _validation.check_embeddings(img_emb, txt_emb)
-    if isinstance(loss, str):
-        epsilon = _validation.check_nonnegative(epsilon, "epsilon")
-        rule = rule_for(_validation.as_mode(loss), epsilon, _validation.as_fallback(fallback))
-    else:
-        rule = check_rule(loss, "loss")
+    rule = resolve_rule(loss, epsilon, fallback)
     _validation.check_choice(reduction, "reduction", tuple(r for r in _validation.REDUCTIONS if r != "none"))
     margin = _validation.check_nonnegative(margin, "margin")
     _validation.ids_as_tensor(ids, img_emb.shape[0])  # (checked here; the mask is built where it is used)
@@ -232,9 +230,40 @@ def _plain_share(
         img_all, txt_all = _Gathered.apply(img, txt, ranks)  # type: ignore[no-untyped-call]
         positives = torch.arange(ranks.offset, ranks.offset + img.shape[0], device=img.device)
         caption_copies, image_copies = _core.candidate_copies(img_all, txt_all)
-        image_anchors = side_losses(img @ txt_all.t(), positives, excluded, rule, margin, caption_copies)
-        caption_anchors = side_losses(txt @ img_all.t(), positives, excluded, rule, margin, image_copies)
+        problem: Exception | None = None
+        try:
+            image_anchors = _side_losses(img @ txt_all.t(), positives, excluded, rule, margin, caption_copies)
+            caption_anchors = _side_losses(txt @ img_all.t(), positives, excluded, rule, margin, image_copies)
+        except Exception as error:  # the user's rule raised, or returned weights the check refused
+            problem = error
+        _agree_the_rule_ran(problem, rule)
     return image_anchors.sum() + caption_anchors.sum()
+
+
+def _collective_device() -> torch.device:
+    """Where the small agreement exchanges live: the current GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _agree_the_rule_ran(problem: Exception | None, rule: SelectionRule) -> None:
+    """Stop every rank when the rule failed on any of them: the failing rank re-raises its own
+    error, the others raise one that names the failing ranks and their errors (without this
+    exchange they would wait in the next collective until the process group's timeout)."""
+    failed = torch.tensor([0.0 if problem is None else 1.0], device=_collective_device())
+    flags = [torch.empty_like(failed) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, failed)
+    failing = [rank for rank, flag in enumerate(flags) if float(flag) != 0.0]
+    if not failing:
+        return
+    messages: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if problem is None else f"{type(problem).__name__}: {problem}")
+    if problem is not None:
+        raise problem
+    described = "; ".join(f"rank {rank}: {messages[rank]}" for rank in failing)
+    raise ValueError(
+        f"selhn.distributed.global_loss: the rule {rule!r} failed on rank(s) {failing} ({described}), "
+        "so every rank stops here"
+    )
 
 
 #: What every rank must agree on, in the order of :func:`_signature`'s vector (after a flag
@@ -280,8 +309,7 @@ def _agree(signature: list[float], problem: Exception | None, rule: SelectionRul
     their checks or the ranks disagree; else return every rank's number of rows. (Only when
     the rules differ are their descriptions exchanged too, for the message: every rank sees
     the same table, so all of them take that path together.)"""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    mine = torch.tensor(signature, dtype=torch.float64, device=device)
+    mine = torch.tensor(signature, dtype=torch.float64, device=_collective_device())
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     table = torch.stack(gathered).cpu().tolist()

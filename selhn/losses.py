@@ -22,8 +22,10 @@ from selhn import _core
 from selhn._selection import embedding_compute_dtype
 from selhn._validation import (
     Mode,
+    Setting,
     as_fallback,
     as_reduction,
+    check_bool,
     check_embeddings,
     check_nonnegative,
     ids_to_mask,
@@ -38,10 +40,13 @@ class _TripletLoss(nn.Module):
     """Shared plumbing: margin, reduction, ids -> mask, the VSE-infinity switch methods, and
     the last batch's scores for a monitor (``keep_scores``)."""
 
+    margin: Setting[float] = Setting(check_nonnegative)
+    reduction: Setting[Reduction] = Setting(as_reduction)
+
     def __init__(self, margin: float, reduction: Reduction) -> None:
         super().__init__()
-        self.margin = check_nonnegative(margin, "margin")
-        self.reduction: Reduction = as_reduction(reduction)
+        self.margin = margin
+        self.reduction = reduction
         #: Keep the last batch's score matrix and mask (``last_scores``, ``last_mask``), so that
         #: a monitor reads exactly what the loss saw (ids included) without a second matmul.
         self.keep_scores = False
@@ -132,12 +137,15 @@ class SelHNLoss(_TripletLoss):
         (torch.Size([]), torch.Size([8, 16]))
     """
 
+    epsilon: Setting[float] = Setting(check_nonnegative)
+    fallback: Setting[Fallback] = Setting(as_fallback)
+
     def __init__(
         self, margin: float = 0.2, epsilon: float = 0.01, *, fallback: Fallback = "mean", reduction: Reduction = "mean"
     ) -> None:
         super().__init__(margin, reduction)
-        self.epsilon = check_nonnegative(epsilon, "epsilon")
-        self.fallback: Fallback = as_fallback(fallback)
+        self.epsilon = epsilon
+        self.fallback = fallback
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
@@ -279,10 +287,10 @@ class ContrastiveLoss(_TripletLoss):
         tensor(1.2000)
     """
 
+    max_violation: Setting[bool] = Setting(check_bool)
+
     def __init__(self, margin: float = 0.2, *, max_violation: bool = False, reduction: Reduction = "sum") -> None:
         super().__init__(margin, reduction)
-        if not isinstance(max_violation, bool):
-            raise TypeError(f"max_violation must be a bool, got {type(max_violation).__name__}")
         self.max_violation = max_violation
 
     def max_violation_on(self) -> None:

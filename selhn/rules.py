@@ -36,13 +36,13 @@ import abc
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from selhn import _selection as sel
-from selhn._validation import Mode, as_fallback, check_nonnegative
+from selhn._validation import Mode, as_fallback, as_mode, check_float_tensor, check_nonnegative
 from selhn.types import Fallback
 
 __all__ = ["Anchors", "MaxViolation", "SelHN", "SelectionRule", "SumOfHinges", "side_losses"]
@@ -161,6 +161,7 @@ class SelectionRule(abc.ABC):
         return f"{type(self).__name__}()"
 
 
+@dataclass(frozen=True)
 class MaxViolation(SelectionRule):
     r"""VSE++'s max violation: weight 1 on the hardest negative, :math:`\ell_a = h_{\hat n}`.
 
@@ -177,6 +178,7 @@ class MaxViolation(SelectionRule):
         return anchors.one_hot(anchors.hardest_index)
 
 
+@dataclass(frozen=True)
 class SumOfHinges(SelectionRule):
     r"""VSE0's sum of hinges: weight 1 on every negative, :math:`\ell_a = \sum_n h_n`.
 
@@ -193,9 +195,13 @@ class SumOfHinges(SelectionRule):
         return anchors.negatives.to(anchors.scores.dtype)
 
 
+@dataclass(frozen=True)
 class SelHN(SelectionRule):
     r"""SelHN: per anchor, the mean (or sum) of all its hinges while
     :math:`|s_p - s_{\hat n}| < \epsilon`, else the hardest negative's hinge.
+
+    The built-in rules are frozen dataclasses: their settings are checked once, cannot be
+    changed afterwards (make a new rule instead), and two rules with equal settings are equal.
 
     Args:
         epsilon: the gap threshold :math:`\epsilon` (>= 0; the authors' 0.01).
@@ -211,9 +217,12 @@ class SelHN(SelectionRule):
         True
     """
 
-    def __init__(self, epsilon: float = 0.01, fallback: Fallback = "mean") -> None:
-        self.epsilon = check_nonnegative(epsilon, "epsilon")
-        self.fallback: Fallback = as_fallback(fallback)
+    epsilon: float = 0.01
+    fallback: Fallback = "mean"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epsilon", check_nonnegative(self.epsilon, "epsilon"))
+        object.__setattr__(self, "fallback", as_fallback(self.fallback))
 
     def weights(self, anchors: Anchors) -> Tensor:
         hard = anchors.one_hot(anchors.hardest_index)
@@ -222,9 +231,6 @@ class SelHN(SelectionRule):
             every = every / anchors.count.clamp(min=1).unsqueeze(1).to(every.dtype)
         vanishing = sel.vanishing(anchors.gap, self.epsilon)
         return torch.where(vanishing.unsqueeze(1), every, hard)
-
-    def __repr__(self) -> str:
-        return f"SelHN(epsilon={self.epsilon}, fallback={self.fallback!r})"
 
 
 class LeanSettings(NamedTuple):
@@ -254,6 +260,25 @@ def rule_for(mode: Mode, epsilon: float = 0.01, fallback: Fallback = "mean") -> 
     if mode == "sum":
         return SumOfHinges()
     return SelHN(epsilon, fallback)
+
+
+def resolve_rule(loss: object, epsilon: object = None, fallback: object = None) -> SelectionRule:
+    """The rule a ``loss`` argument names: a loss name (``"selhn"``, ``"hn"``, ``"sum"``) with
+    SelHN's ``epsilon`` (default 0.01) and ``fallback`` (default ``"mean"``), or a rule, which
+    carries its own settings: then ``epsilon`` and ``fallback`` must be left out (None), since a
+    value given beside a rule would be ignored."""
+    if isinstance(loss, str):
+        epsilon = 0.01 if epsilon is None else check_nonnegative(epsilon, "epsilon")
+        return rule_for(as_mode(loss), epsilon, as_fallback("mean" if fallback is None else fallback))
+    rule = check_rule(loss, "loss")
+    given = [name for name, value in (("epsilon", epsilon), ("fallback", fallback)) if value is not None]
+    if given:
+        named = " and ".join(given)
+        raise ValueError(
+            f"{named} {'apply' if len(given) > 1 else 'applies'} to a loss given by name (loss='selhn'); the rule "
+            f"{rule!r} carries its own settings: leave {named} out, or set them on the rule"
+        )
+    return rule
 
 
 def check_rule(value: object, name: str = "rule") -> SelectionRule:
@@ -293,6 +318,12 @@ def side_losses(
     Returns:
         (L,) per-anchor losses.
 
+    Raises:
+        TypeError: a rule that is no :class:`SelectionRule` instance, non-integer columns, a
+            non-boolean ``excluded``, non-floating scores.
+        ValueError: shapes that do not match, a column outside ``[0, C)``, a negative or
+            non-finite margin, meta tensors.
+
     Example:
         >>> import torch
         >>> from selhn.rules import SumOfHinges, side_losses
@@ -300,12 +331,66 @@ def side_losses(
         >>> side_losses(scores, torch.arange(2), None, SumOfHinges(), margin=0.2)
         tensor([0.1000, 0.0000])
     """
+    _check_side(scores, positive_column, excluded, copies)
+    rule = check_rule(rule)
+    margin = check_nonnegative(margin, "margin")
+    return _side_losses(scores, positive_column, excluded, rule, margin, copies)
+
+
+def _check_side(scores: Any, positive_column: Any, excluded: Any, copies: Any) -> None:
+    """:func:`side_losses`' tensors: types, shapes, devices and the columns' range."""
+    check_float_tensor(scores, "scores")
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-D (L anchors, C candidates), got shape {tuple(scores.shape)}")
+    n_anchors, n_candidates = scores.shape
+    if not isinstance(positive_column, Tensor):
+        raise TypeError(
+            f"positive_column must be a torch.Tensor of integer columns, got {type(positive_column).__name__}"
+        )
+    if positive_column.is_floating_point() or positive_column.is_complex() or positive_column.dtype == torch.bool:
+        raise TypeError(f"positive_column must hold integer columns, got dtype {positive_column.dtype}")
+    if tuple(positive_column.shape) != (n_anchors,):
+        raise ValueError(
+            f"positive_column must have shape ({n_anchors},), one per anchor, got {tuple(positive_column.shape)}"
+        )
+    if positive_column.device != scores.device:
+        raise ValueError(f"positive_column is on {positive_column.device}, the scores on {scores.device}")
+    if n_anchors and bool((positive_column < 0).any() or (positive_column >= n_candidates).any()):
+        raise ValueError(
+            f"positive_column must be columns in [0, {n_candidates}), got values from "
+            f"{int(positive_column.min())} to {int(positive_column.max())}"
+        )
+    for name, value, dtype, shape in (
+        ("excluded", excluded, torch.bool, (n_anchors, n_candidates)),
+        ("copies", copies, torch.int64, (n_candidates,)),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or value.dtype != dtype:
+            got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(f"{name} must be None or a {dtype} tensor, got {got}")
+        if tuple(value.shape) != shape or value.device != scores.device:
+            raise ValueError(
+                f"{name} must have shape {shape} on {scores.device}, got {tuple(value.shape)} on {value.device}"
+            )
+
+
+def _side_losses(
+    scores: Tensor,
+    positive_column: Tensor,
+    excluded: Tensor | None,
+    rule: SelectionRule,
+    margin: float,
+    copies: Tensor | None = None,
+) -> Tensor:
+    """:func:`side_losses` on checked arguments (the package's own calls)."""
     rows = torch.arange(scores.shape[0], device=scores.device)
     positive = scores[rows, positive_column]
     negatives = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     negatives[rows, positive_column] = False
     if excluded is not None:
         negatives &= ~excluded
+    _check_scores_are_numbers(scores.detach(), positive.detach(), negatives)
     anchors = Anchors(
         scores=scores.detach().masked_fill(~negatives, -math.inf),
         positive=positive.detach(),
@@ -333,12 +418,47 @@ def _checked_weights(rule: SelectionRule, anchors: Anchors) -> Tensor:
             f"{rule!r}.weights must return one weight per (anchor, candidate), shape {tuple(anchors.scores.shape)}, "
             f"got {tuple(weights.shape)}"
         )
-    if not weights.is_floating_point():
-        weights = weights.to(anchors.scores.dtype)
+    if weights.is_complex() or not (weights.is_floating_point() or weights.dtype in _INTEGER_WEIGHTS):
+        raise TypeError(f"{rule!r}.weights must return real (floating-point) weights, got dtype {weights.dtype}")
+    if weights.device != anchors.scores.device:
+        raise ValueError(
+            f"{rule!r}.weights must return weights on the scores' device {anchors.scores.device}, got {weights.device}"
+        )
     weights = weights.detach().to(anchors.scores.dtype)
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(weights[anchors.negatives]).all()):
-        raise ValueError(f"{rule!r}.weights returned a NaN or infinite weight for a negative: weights must be finite")
+    finite = torch.isfinite(torch.where(anchors.negatives, weights, 0.0)).all()
+    message = f"{rule!r}.weights returned a NaN or infinite weight for a negative: weights must be finite"
+    if torch.compiler.is_compiling():  # no Python branch on data in a graph: torch raises it (RuntimeError)
+        torch._assert_async(finite, message)
+    elif not bool(finite):
+        raise ValueError(message)
     return torch.where(anchors.negatives, weights, 0.0)
+
+
+#: Integer and boolean weights a rule may return (taken as 0 / 1 / counts, cast to the scores' dtype).
+_INTEGER_WEIGHTS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_scores_are_numbers(scores: Tensor, positive: Tensor, negatives: Tensor) -> None:
+    """Refuse NaN scores before a rule sees them (a rule would be blamed for the NaN weights they
+    give): say which anchor and candidate hold one. (+-inf scores are a score's own business:
+    the hinges and the rule handle them.)"""
+    if torch.compiler.is_compiling():
+        return
+    at_negatives = torch.where(negatives, scores, 0.0).isnan()
+    at_positive = positive.isnan()
+    if not bool(at_negatives.any() or at_positive.any()):
+        return
+    if bool(at_positive.any()):
+        anchor = int(at_positive.nonzero()[0, 0])
+        where = f"the positive of anchor {anchor}"
+    else:
+        anchor, candidate = (int(i) for i in at_negatives.nonzero()[0])
+        where = f"anchor {anchor}, candidate {candidate}"
+    count = int(at_negatives.sum() + at_positive.sum())
+    raise ValueError(
+        f"the scores hold {count} NaN value(s) (first at {where}; rows are anchors, columns candidates): "
+        "the embeddings or the score matrix contain NaN, before any rule was applied"
+    )
 
 
 def square_losses(
@@ -354,7 +474,7 @@ def square_losses(
     diagonal = torch.arange(scores.shape[0], device=scores.device)
     return torch.stack(
         [
-            side_losses(scores, diagonal, excluded, rule, margin, copies[0]),
-            side_losses(scores.t(), diagonal, None if excluded is None else excluded.t(), rule, margin, copies[1]),
+            _side_losses(scores, diagonal, excluded, rule, margin, copies[0]),
+            _side_losses(scores.t(), diagonal, None if excluded is None else excluded.t(), rule, margin, copies[1]),
         ]
     )

@@ -53,6 +53,42 @@ __all__ = [
 _SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
 
 
+def _check_dtype(dtype: object) -> torch.dtype:
+    """A strategy's ``dtype``: a floating-point torch dtype (scores and embeddings are real numbers)."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {type(dtype).__name__} {dtype!r}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype (scores and embeddings are real), got {dtype}")
+    return dtype
+
+
+def _drawn(value: object, argument: str, least: int) -> int:
+    """A size a user's strategy drew, checked: an int >= ``least``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(
+            f"the {argument} strategy must draw integers >= {least}, it drew {value!r}: "
+            f"use e.g. batch_sizes() or st.integers(min_value={least})"
+        )
+    return value
+
+
+def _call(loss: Callable[..., object], *inputs: Tensor) -> Tensor:
+    """``loss(*inputs)``, required to be a tensor that depends on the inputs (else the helpers
+    would stop on torch's own error, which does not say what the loss did)."""
+    value = loss(*inputs)
+    if not isinstance(value, Tensor):
+        raise AssertionError(
+            f"the loss must return a torch.Tensor, got {type(value).__name__}: return the tensor itself "
+            "(not .item() or a list), so that its gradient can be checked"
+        )
+    if not value.requires_grad:
+        raise AssertionError(
+            "the loss returned a value with no gradient to its inputs: it ignores them, detaches them or "
+            "runs under torch.no_grad(); a training loss must depend on the scores or embeddings it is given"
+        )
+    return value
+
+
 def batch_sizes(min_size: int = 1, max_size: int = 8) -> st.SearchStrategy[int]:
     """Batch sizes B in ``[min_size, max_size]`` (B = 1 has no negatives; B = 2 one each).
 
@@ -114,7 +150,8 @@ def score_matrices(
         ...     assert selhn_loss(scores).isfinite()
         >>> check()
     """
-    size = draw(batch_size if batch_size is not None else batch_sizes())
+    _check_dtype(dtype)
+    size = _drawn(draw(batch_size if batch_size is not None else batch_sizes()), "batch_size", 1)
     if levels is not None:
         check_positive_int(levels, "levels")
     spread = draw(scale if scale is not None else st.floats(min_value=0.01, max_value=3.0))
@@ -158,8 +195,9 @@ def embedding_pairs(
         ...     assert img.shape == txt.shape
         >>> check()
     """
-    size = draw(batch_size if batch_size is not None else batch_sizes())
-    width = draw(dim if dim is not None else st.integers(min_value=2, max_value=16))
+    _check_dtype(dtype)
+    size = _drawn(draw(batch_size if batch_size is not None else batch_sizes()), "batch_size", 1)
+    width = _drawn(draw(dim if dim is not None else st.integers(min_value=2, max_value=16)), "dim", 1)
     generator = torch.Generator().manual_seed(draw(_SEEDS))
     img = torch.randn(size, width, generator=generator, dtype=torch.float64)
     txt = torch.randn(size, width, generator=generator, dtype=torch.float64)
@@ -200,8 +238,9 @@ def collapsed_embedding_pairs(
         ...     assert ((img @ txt.T) > 0.9).all()
         >>> check()
     """
-    size = draw(batch_size if batch_size is not None else batch_sizes(2, 8))
-    width = draw(dim if dim is not None else st.integers(min_value=4, max_value=16))
+    _check_dtype(dtype)
+    size = _drawn(draw(batch_size if batch_size is not None else batch_sizes(2, 8)), "batch_size", 1)
+    width = _drawn(draw(dim if dim is not None else st.integers(min_value=4, max_value=16)), "dim", 1)
     scale = draw(noise if noise is not None else st.floats(min_value=1e-4, max_value=1e-2))
     generator = torch.Generator().manual_seed(draw(_SEEDS))
     centre = _unit_rows(torch.randn(1, width, generator=generator, dtype=torch.float64))
@@ -227,7 +266,8 @@ def duplicate_ids(draw: st.DrawFn, batch_size: int, *, max_distinct: int | None 
         ...     assert ids.shape == (6,) and len(set(ids.tolist())) <= 3
         >>> check()
     """
-    distinct = max_distinct if max_distinct is not None else max(1, batch_size // 2)
+    batch_size = check_positive_int(batch_size, "batch_size")
+    distinct = check_positive_int(max_distinct, "max_distinct") if max_distinct is not None else max(1, batch_size // 2)
     values = draw(st.lists(st.integers(0, distinct - 1), min_size=batch_size, max_size=batch_size))
     return torch.tensor(values, dtype=torch.long)
 
@@ -279,8 +319,12 @@ def hardest_collapsed_pairs(
         ...     assert vanishing_stats(img @ txt.T, epsilon=0.01).i2t.vanishing_fraction == 1
         >>> check()
     """
-    size = draw(batch_size if batch_size is not None else st.integers(2, 8).map(lambda k: 2 * k))
-    width = draw(dim if dim is not None else st.integers(min_value=8, max_value=32))
+    size = _drawn(
+        draw(batch_size if batch_size is not None else st.integers(2, 8).map(lambda k: 2 * k)), "batch_size", 2
+    )
+    if size % 2:
+        raise ValueError(f"the batch_size strategy must draw even sizes (captions come in pairs), it drew {size}")
+    width = _drawn(draw(dim if dim is not None else st.integers(min_value=8, max_value=32)), "dim", 2)
     gap = draw(distance if distance is not None else st.floats(min_value=1e-7, max_value=1e-4))
     features, txt, _ = _hardest_collapsed(draw(_SEEDS), size, width, gap)
     return features, txt
@@ -330,7 +374,7 @@ def assert_finite_gradients(
     @given(inputs)
     def check(batch: tuple[Tensor, ...]) -> None:
         leaves = [x.clone().requires_grad_() for x in batch]
-        value = loss(*leaves)
+        value = _call(loss, *leaves)
         if not torch.isfinite(value).all():
             raise AssertionError(f"the loss is not finite on this batch: {value}")
         torch.autograd.backward(value.sum())
@@ -398,7 +442,7 @@ def assert_no_vanishing(loss: LossOverEmbeddings, *, min_ratio: float = 0.1, max
         leaf = features.clone().requires_grad_()
         unit = leaf / leaf.norm(dim=1, keepdim=True)
         img, txt = (unit, twins) if side == 0 else (twins, unit)
-        value = loss(img, txt)
+        value = _call(loss, img, txt)
         size = features.shape[0]
         parts = [value[0].sum(), value[1].sum()] if tuple(value.shape) == (2, size) else [value.sum()]
         norms = []
@@ -476,7 +520,7 @@ def assert_selection_rule(
     @settings(max_examples=max_examples, deadline=None)
     @given(st.one_of(score_matrices(levels=100), score_matrices(scale=st.floats(0.001, 0.05))))
     def check(scores: Tensor) -> None:
-        got = loss(scores)
+        got = _call(loss, scores.clone().requires_grad_())
         if tuple(got.shape) != (2, scores.shape[0]):
             raise AssertionError(f"the loss must return per-anchor losses of shape (2, B), got {tuple(got.shape)}")
         hard = F.max_violation_loss(scores, margin, reduction="none")

@@ -508,6 +508,47 @@ def test_monitor_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert len(path.read_text().splitlines()) == 3
 
 
+def test_two_writers_to_one_csv_never_lose_a_call_or_mix_their_rows(tmp_path):
+    """Each call writes through a temporary file of its own: with one fixed '<path>.tmp' shared by
+    both writers, a call raised when the other had moved its file away, or the rows mixed."""
+    import threading
+
+    encoder = torch.nn.Linear(2, 2)
+    monitors = []
+    for steps in (3, 40):
+        monitor = D.TrainingMonitor(encoder, encoder, log_every=1)
+        for _ in range(steps):
+            monitor.step(torch.eye(3), torch.tensor(0.5))
+        monitors.append(monitor)
+    path = tmp_path / "steps.csv"
+    errors: list[BaseException] = []
+
+    def write(monitor):
+        for _ in range(60):
+            try:
+                monitor.to_csv(path)
+            except BaseException as error:  # recorded for the assertion below
+                errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(monitor,)) for monitor in monitors]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    assert len(path.read_text().splitlines()) in (4, 41)  # one writer's whole file, never a mixture
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["steps.csv"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_a_failed_csv_write_names_the_file_asked_for(tmp_path):
+    encoder = torch.nn.Linear(2, 2)
+    monitor = D.TrainingMonitor(encoder, encoder, log_every=1)
+    monitor.step(torch.eye(3), torch.tensor(0.5))
+    with pytest.raises(OSError, match=r"could not write the history to .*missing[/\\]steps.csv"):
+        monitor.to_csv(tmp_path / "missing" / "steps.csv")
+
+
 def test_the_alarm_advises_for_the_rule_being_trained():
     """A run on the plateau with SelHN is not told to switch to SelHN; without a rule, or with
     hard negatives, the advice stays to use SelHN or a warm-up."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import subprocess
@@ -30,6 +31,24 @@ class Tempered(SelectionRule):
 
     def __repr__(self) -> str:
         return "Tempered(0.1)"
+
+
+class Fragile(SelectionRule):
+    """A user's rule that fails on a batch of two anchors (on one rank only, when the ranks'
+    batches differ): by raising, or by returning NaN weights."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def weights(self, anchors: Anchors) -> torch.Tensor:
+        if anchors.scores.shape[0] == 2 and self.how == "raise":
+            raise ValueError("Fragile needs more than two anchors")
+        if anchors.scores.shape[0] == 2:
+            return torch.full_like(anchors.scores, math.nan)
+        return anchors.one_hot(anchors.hardest_index)
+
+    def __repr__(self) -> str:
+        return f"Fragile({self.how!r})"
 
 
 CASES = list(itertools.product(["selhn", "hn", "sum", "tempered"], ["mean", "sum"], [False, True]))
@@ -82,8 +101,9 @@ def worker(rank: int, world: int, sizes: list[int], init_file: str, out: str) ->
     for loss_name, reduction, use_ids in CASES:
         model = torch.nn.parallel.DistributedDataParallel(make_model(0))
         img, txt = model(x[local], y[local])
+        epsilon = None if loss_name == "tempered" else 0.3  # (a rule carries its own settings)
         value = D.global_loss(
-            img, txt, as_loss(loss_name), 0.2, 0.3, ids=ids[local] if use_ids else None, reduction=reduction
+            img, txt, as_loss(loss_name), 0.2, epsilon, ids=ids[local] if use_ids else None, reduction=reduction
         )
         value.backward()  # DDP averages the parameter gradients over the ranks
         results.append((value.detach(), [p.grad.clone() for p in model.parameters()]))
@@ -154,7 +174,8 @@ def copies_worker(rank: int, world: int, init_file: str, out: str) -> None:
     results = []
     for loss in ("hn", "selhn", SelHN(0.05)):
         img, txt = img_all[local].clone().requires_grad_(), txt_all[local].clone().requires_grad_()
-        value = D.global_loss(img, txt, loss, 0.2, 0.05, reduction="sum")
+        epsilon = 0.05 if isinstance(loss, str) else None  # (the rule carries its own)
+        value = D.global_loss(img, txt, loss, 0.2, epsilon, reduction="sum")
         value.backward()
         results.append((value.detach(), img.grad, txt.grad))
     torch.save(results, f"{out}.{rank}")
@@ -321,6 +342,18 @@ DISAGREEMENTS = [
     ("ids on one rank", {"ids": torch.tensor([0, 1, 2])}, {}, "disagree on the ids given"),
     ("zero rows", {}, {"rows": 0}, r"refused their arguments|at least one row"),
     ("bad margin", {}, {"margin": -1.0}, r"refused their arguments|margin must be"),
+    (
+        "rule raises on one rank",
+        {"loss": Fragile("raise")},
+        {"loss": Fragile("raise"), "rows": 2},
+        r"Fragile\('raise'\) failed on rank\(s\) \[1\] \(rank 1: ValueError: Fragile needs|^Fragile needs more",
+    ),
+    (
+        "rule returns NaN on one rank",
+        {"loss": Fragile("nan")},
+        {"loss": Fragile("nan"), "rows": 2},
+        r"failed on rank\(s\) \[1\] .*NaN or infinite weight|^Fragile\('nan'\).weights returned a NaN",
+    ),
 ]
 
 

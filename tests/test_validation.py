@@ -218,3 +218,183 @@ def test_hostile_library_arguments_are_refused_by_name():
         TrainingMonitor(encoder, torch.zeros(2))
     with pytest.raises(ValueError, match="loss is a meta tensor"):
         TrainingMonitor(encoder, encoder).step(torch.eye(3), torch.zeros((), device="meta"))
+
+
+# ------------------------------------------------------------------ settings, rules and helpers under misuse
+def _compile_works() -> bool:
+    try:
+        torch.compile(lambda x: x + 1, fullgraph=True)(torch.ones(2))
+        return True
+    except Exception:
+        return False
+
+
+class _NaNWeights(selhn.rules.SelectionRule):
+    def weights(self, anchors):
+        return torch.full_like(anchors.scores, float("nan"))
+
+    def __repr__(self) -> str:
+        return "NaNWeights()"
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile is not available on this platform")
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_rule_under_torch_compile_refuses_nan_weights(fullgraph):
+    """Eager raises a ValueError; compiled code raised nothing and returned NaN before."""
+    torch._dynamo.reset()
+    img = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    compiled = torch.compile(selhn.RuleLoss(_NaNWeights()), fullgraph=fullgraph)
+    with pytest.raises(RuntimeError, match=r"NaNWeights\(\).weights returned a NaN or infinite weight"):
+        compiled(img, img.flip(0))
+    with pytest.raises(ValueError, match=r"NaNWeights\(\).weights returned a NaN"):
+        selhn.RuleLoss(_NaNWeights())(img, img.flip(0))
+
+
+def test_nan_scores_are_named_as_scores_not_blamed_on_the_rule():
+    class Tempered(selhn.rules.SelectionRule):
+        def weights(self, anchors):
+            return torch.exp((anchors.scores - anchors.hardest.unsqueeze(1)) / 0.05)
+
+    scores = torch.rand(4, 4)
+    scores[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"the scores hold 1 NaN value\(s\) \(first at anchor 1, candidate 2"):
+        F.rule_loss(scores, Tempered())
+    scores = torch.rand(4, 4)
+    scores[3, 3] = float("nan")  # a positive
+    with pytest.raises(ValueError, match=r"first at the positive of anchor 3"):
+        F.rule_loss(scores, Tempered())
+    img = torch.nn.functional.normalize(torch.randn(4, 3), dim=1)
+    img[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="the embeddings or the score matrix contain NaN"):
+        selhn.RuleLoss(Tempered())(img, img.flip(0))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda x: selhn.diagnostics.gradient_norms(x, x, selhn.rules.SelHN(0.05), epsilon=-3), "epsilon applies to"),
+        (lambda x: selhn.diagnostics.gradient_norms(x, x, selhn.rules.SelHN(), epsilon=0.05), r"SelHN\(epsilon=0.01"),
+        (lambda x: selhn.diagnostics.gradient_norms(x, x, selhn.rules.MaxViolation(), fallback="nonsense"), "fallback"),
+        (lambda x: selhn.distributed.global_loss(x, x, selhn.rules.SelHN(), epsilon=0.05), "leave epsilon out"),
+        (lambda x: selhn.distributed.global_loss(x, x, selhn.rules.SelHN(), 0.2, 0.1, fallback="sum"), "epsilon and"),
+    ],
+)
+def test_settings_beside_a_rule_are_refused_not_ignored(call, message):
+    x = torch.nn.functional.normalize(torch.randn(4, 3), dim=1)
+    with pytest.raises(ValueError, match=message):
+        call(x)
+
+
+def test_loss_names_keep_their_epsilon_and_fallback_defaults():
+    x = torch.nn.functional.normalize(torch.randn(5, 3), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(5, 3), dim=1)
+    norms = [vars(selhn.diagnostics.gradient_norms(x, y, "selhn", *settings)) for settings in ((), (0.2, 0.01))]
+    torch.testing.assert_close(norms[0], norms[1])
+    values = [selhn.distributed.global_loss(x, y, "selhn", *settings) for settings in ((), (0.2, 0.01))]
+    torch.testing.assert_close(values[0], values[1])
+    torch.testing.assert_close(values[0], selhn.SelHNLoss()(x, y))
+    with pytest.raises(ValueError, match="epsilon must be a finite number >= 0, got -3"):
+        selhn.diagnostics.gradient_norms(x, y, "selhn", epsilon=-3)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "error", "message"),
+    [
+        ("epsilon", -1, ValueError, "epsilon must be a finite number >= 0, got -1"),
+        ("epsilon", float("nan"), ValueError, "epsilon must be a finite number >= 0, got nan"),
+        ("epsilon", "0.1", TypeError, "epsilon must be a real number"),
+        ("fallback", "max", ValueError, "fallback must be one of 'mean', 'sum'; got 'max'"),
+        ("margin", -0.2, ValueError, "margin must be a finite number >= 0"),
+        ("reduction", "avg", ValueError, "reduction must be one of"),
+    ],
+)
+def test_module_settings_are_checked_on_assignment(attribute, value, error, message):
+    criterion = selhn.SelHNLoss(epsilon=0.05)
+    with pytest.raises(error, match=message):
+        setattr(criterion, attribute, value)
+    assert criterion.epsilon == 0.05 and criterion.fallback == "mean"  # unchanged
+    criterion.epsilon = 0.1  # a valid value is taken, as a float
+    assert criterion.epsilon == 0.1 and isinstance(criterion.epsilon, float)
+
+
+def test_switches_and_rules_refuse_bad_assignments():
+    switchable = selhn.ContrastiveLoss()
+    with pytest.raises(TypeError, match="max_violation must be a bool"):
+        switchable.max_violation = 1
+    switchable.max_violation_on()
+    assert switchable.max_violation is True
+    rule = selhn.rules.SelHN(0.05)
+    for attribute, value in (("epsilon", -1), ("fallback", "max")):
+        with pytest.raises(AttributeError, match=f"cannot assign to field '{attribute}'"):
+            setattr(rule, attribute, value)
+    assert rule == selhn.rules.SelHN(0.05) and rule != selhn.rules.SelHN(0.1)  # compared by their settings
+
+
+def test_the_monitor_refuses_an_alarm_that_is_not_one():
+    encoder = torch.nn.Linear(2, 2)
+    for alarm in (1, "yes", None):
+        with pytest.raises(TypeError, match="alarm must be a CollapseAlarm, True .* or False"):
+            selhn.diagnostics.TrainingMonitor(encoder, encoder, alarm=alarm)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ((torch.tensor([0.0, 1.0]), None), TypeError, "positive_column must hold integer columns"),
+        ((torch.tensor([0, 5]), None), ValueError, r"columns in \[0, 3\), got values from 0 to 5"),
+        ((torch.tensor([0]), None), ValueError, r"positive_column must have shape \(2,\)"),
+        ((torch.tensor([0, 1]), torch.zeros(2, 3)), TypeError, "excluded must be None or a torch.bool tensor"),
+        ((torch.tensor([0, 1]), torch.zeros(3, 3, dtype=torch.bool)), ValueError, r"excluded must have shape \(2, 3\)"),
+    ],
+)
+def test_side_losses_checks_its_arguments(args, error, message):
+    with pytest.raises(error, match=message):
+        selhn.rules.side_losses(torch.rand(2, 3), *args, selhn.rules.SumOfHinges(), 0.2)
+
+
+def test_side_losses_refuses_a_bad_rule_margin_or_weights():
+    scores, columns = torch.rand(2, 3), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="rule must be a selhn.rules.SelectionRule"):
+        selhn.rules.side_losses(scores, columns, None, None, 0.2)
+    with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
+        selhn.rules.side_losses(scores, columns, None, selhn.rules.SumOfHinges(), -1)
+
+    class Returns(selhn.rules.SelectionRule):
+        def __init__(self, make):
+            self.make = make
+
+        def weights(self, anchors):
+            return self.make(anchors)
+
+    with pytest.raises(TypeError, match="must return real .* weights, got dtype torch.complex64"):
+        selhn.rules.side_losses(scores, columns, None, Returns(lambda a: torch.ones(2, 3, dtype=torch.complex64)), 0.2)
+    with pytest.raises(ValueError, match="weights on the scores' device cpu, got meta"):
+        selhn.rules.side_losses(scores, columns, None, Returns(lambda a: torch.ones(2, 3, device="meta")), 0.2)
+    counts = selhn.rules.side_losses(scores, columns, None, Returns(lambda a: a.negatives), 0.2)  # bool weights
+    torch.testing.assert_close(counts, selhn.rules.side_losses(scores, columns, None, selhn.rules.SumOfHinges(), 0.2))
+
+
+def test_the_testing_helpers_refuse_misuse_with_their_own_words():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from selhn import testing
+
+    for kwargs, message in (({}, r"batch_size must be an int >= 1, got -2"), ({"max_distinct": 0}, "max_distinct")):
+        size = kwargs.pop("size", -2 if not kwargs else 4)
+        with pytest.raises(ValueError, match=message):
+            given(testing.duplicate_ids(size, **kwargs))(lambda ids: None)()
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype .* got torch.int64"):
+        given(testing.score_matrices(dtype=torch.int64))(lambda s: None)()
+    with pytest.raises(ValueError, match="the batch_size strategy must draw integers >= 1, it drew 0"):
+        given(testing.embedding_pairs(st.just(0)))(lambda p: None)()
+    with pytest.raises(AssertionError, match="the loss must return a torch.Tensor, got float"):
+        testing.assert_finite_gradients(lambda s: float(s.detach().sum()), over="scores", max_examples=2)
+    with pytest.raises(AssertionError, match="the loss must return a torch.Tensor, got list"):
+        testing.assert_finite_gradients(lambda i, t: [i.sum()], max_examples=2)
+    with pytest.raises(AssertionError, match="no gradient to its inputs: it ignores them"):
+        testing.assert_finite_gradients(lambda i, t: torch.tensor(1.0), max_examples=2)
+    with pytest.raises(AssertionError, match="no gradient to its inputs"):
+        testing.assert_no_vanishing(lambda i, t: torch.zeros(()), max_examples=2)
+    with pytest.raises(AssertionError, match="no gradient to its inputs"):
+        testing.assert_selection_rule(lambda s: torch.zeros(2, s.shape[0]), max_examples=2)
