@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -41,6 +42,8 @@ def test_smoke_trains_and_evaluates(data_root, tmp_path):
     assert (tmp_path / "best.pth").is_file() and (tmp_path / "last.pth").is_file()
     stored = json.loads((tmp_path / "results.json").read_text())
     assert stored["test_rsum"] == results["test_rsum"] and stored["commit"] and stored["machine"]
+    started, finished = (datetime.datetime.fromisoformat(stored[key]) for key in ("started", "finished"))
+    assert started.tzinfo is not None and started <= finished  # when the run ran, in UTC
     header = (tmp_path / "steps.csv").read_text().splitlines()[0]
     assert "i2t/vanishing_fraction" in header and "image_grad_norm" in header
 

@@ -196,6 +196,7 @@ def test_compare_smoke(data_root, tmp_path, capsys):
     for row in rows:
         # every column a number but the text ones: loss, alarm steps, and what trained the run (commit, machine)
         assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", row["commit"]) and "cores" in row["machine"]
+        assert row["started"] <= row["finished"] and row["finished"].endswith("+00:00")  # UTC, ISO 8601
         values = {key: float(value) for key, value in row.items() if key not in compare.TEXT_COLUMNS}
         assert values["steps_to_10x_chance"] in (2.0, 4.0, math.inf)
         assert values["test_rsum"] == pytest.approx(
@@ -329,6 +330,8 @@ def test_compare_trains_in_parallel_workers_like_one_by_one(data_root, tmp_path)
             json.loads((tmp_path / kind / "runs" / name / "results.json").read_text()) for kind in ("serial", "pool")
         )
         assert serial.pop("step_seconds") > 0 and pool.pop("step_seconds") > 0
+        for key in ("started", "finished"):  # when each ran: not part of what it learned
+            assert serial.pop(key) <= pool.pop(key)
         assert serial == pool
     with pytest.raises(SystemExit):
         compare.main(["--out", str(tmp_path / "bad"), "--jobs", "0", *common])

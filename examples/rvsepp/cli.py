@@ -7,6 +7,7 @@ naming the flag, exit status 2) before anything runs: no traceback for a typing 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import math
 import os
@@ -106,6 +107,11 @@ def tensorboard_available() -> bool:
 def default_test_split(name: str) -> str:
     """The split a data set is tested on: COCO's ``testall`` (5-fold 1K and 5K), else ``test``."""
     return "testall" if name == "coco" else "test"
+
+
+def utc_timestamp() -> str:
+    """Now, in UTC to the second (ISO 8601), as runs record when they started and finished."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def code_version() -> str:

@@ -769,6 +769,7 @@ class Run:
             "best_rsum": -1.0,
             "pending_eval": False,
             "eval_epoch": 0,
+            "started": cli.utc_timestamp(),  # the run's first start; kept by checkpoints across resumes
         }
         self.monitor = TrainingMonitor(
             self.model.image, self.model.text, margin=args.margin, epsilon=args.epsilon, log_every=args.log_every
@@ -1013,6 +1014,8 @@ class Run:
             recorded: dict[str, Any] = {
                 "commit": cli.code_version(),
                 "machine": cli.machine_description(self.device),
+                "started": self.state.get("started"),  # (None for a run begun before runs recorded it)
+                "finished": cli.utc_timestamp(),
                 "alarm_steps": list(self.monitor.alarm_steps),  # where the collapse alarm fired
             }
             text = json.dumps(finite_or_none({**results, **recorded}), indent=1, allow_nan=False)

@@ -330,6 +330,8 @@ def run_row(
     row["alarm_in_stall"] = float(any(first < step <= last for step in alarms)) if stalled else math.nan
     row["commit"] = str(results.get("commit") or "unknown")  # runs trained before runs recorded them: unknown
     row["machine"] = str(results.get("machine") or "unknown")
+    row["started"] = str(results.get("started") or "unknown")  # UTC; unknown for runs from before they were kept
+    row["finished"] = str(results.get("finished") or "unknown")
     return row
 
 
@@ -360,9 +362,11 @@ RUN_COLUMNS = (
     "alarm_in_stall",
     "commit",
     "machine",
+    "started",
+    "finished",
 )
 #: the columns of runs.csv that hold text; every other one is a number
-TEXT_COLUMNS = ("loss", "alarm_steps", "commit", "machine")
+TEXT_COLUMNS = ("loss", "alarm_steps", "commit", "machine", "started", "finished")
 
 
 def write_runs_csv(path: Path, rows: list[dict[str, Any]]) -> None:
