@@ -535,6 +535,64 @@ def test_the_confirmation_verdict_follows_its_fixed_rule(tmp_path):
     assert (tmp_path / "verdict.csv").read_text().startswith("preset,SelHN,minus,mean,low,high,pairs,grade")
 
 
+def test_compare_can_leave_the_default_epsilon_out():
+    from examples.selection_study import compare
+
+    args = compare.parse_args(["--losses", "warmup", "selhn", "--epsilons", "0.05", "--seeds", "30", "31"])
+    every = [(loss, 0.01, seed) for loss in ("warmup", "selhn") for seed in (30, 31)]
+    assert sorted(compare.plan(args)) == sorted([*every, ("selhn", 0.05, 30), ("selhn", 0.05, 31)])
+    args = compare.parse_args(
+        ["--losses", "warmup", "selhn", "--epsilons", "0.05", "--seeds", "30", "--no-default-epsilon"]
+    )
+    assert sorted(compare.plan(args)) == [("selhn", 0.05, 30), ("warmup", 0.01, 30)]
+
+
+def test_leave_one_out_and_the_seeds_a_side_would_need():
+    from examples.selection_study.intervals import interval, leave_one_out, seeds_to_exclude_zero
+
+    a = {s: 80.0 + d for s, d in enumerate([1.0, 2.0, 0.0, 3.0, 1.0])}
+    b = {s: 80.0 for s in range(6)}  # seed 5 has no pair: left out
+    rests = leave_one_out(a, b)
+    assert sorted(rests) == [0, 1, 2, 3, 4]
+    assert rests[3] == interval([1.0, 2.0, 0.0, 1.0])  # seed 3's +3 left out
+    # mean 1, sample sd 1.155: t(6) * 1.155 / sqrt(7) = 1.07 > 1, t(7) * 1.155 / sqrt(8) = 0.97 < 1
+    assert seeds_to_exclude_zero(interval([0.0, 2.0, 0.0, 2.0])) == 8
+    assert seeds_to_exclude_zero(interval([1.0, 1.1, 0.9, 1.0, 1.0])) == 2  # already clear: any two pairs
+    assert seeds_to_exclude_zero(interval([1.0, -1.0])) is None  # a mean of 0
+    assert seeds_to_exclude_zero(interval([1.0])) is None
+
+
+def test_the_swap_verdict_grades_each_preset_with_its_stability(tmp_path):
+    from examples.selection_study import confirm
+
+    noise = [0.0, 0.3, -0.2, 0.1, -0.1, 0.2, -0.3, 0.0]
+    spread = [0.5, -0.4, 0.3, -0.2, 0.1, -0.3, 0.4, -0.2]  # mean +0.03: inside one point either way
+    close = {"warmup": noise, "selhn eps=0.05": [x + d for x, d in zip(noise, spread, strict=True)]}
+    behind = {"warmup": noise, "selhn eps=0.05": [x - 3 for x in noise]}
+    sentences, table = confirm.swap_verdict({p: confirmation_rows(close) for p in confirm.PRESETS})
+    assert [line["grade"] for line in table] == ["not worse", "not worse"]
+    assert "with one seed left out: beats 0, not worse 8, undecided 0, worse 0 of 8" in sentences[0]
+    assert sentences[-1].endswith("not worse than the warm-up on both presets: the patches keep it.")
+    sentences, table = confirm.swap_verdict(
+        {"calibrated": confirmation_rows(close), "calibrated-stall": confirmation_rows(behind)}
+    )
+    assert table[1]["grade"] == "worse" and "follow this measurement" in sentences[-1]
+    sentences, table = confirm.swap_verdict({"calibrated": confirmation_rows(close, seeds=7)})
+    assert sentences[0].startswith("calibrated: no verdict (7 of 8 complete pairs)")
+    assert [line["grade"] for line in table] == ["no verdict", "no verdict"] and "stay as they are" in sentences[-1]
+    for preset in confirm.PRESETS:  # from the runs.csv files compare writes
+        (tmp_path / preset).mkdir()
+        rows = confirmation_rows(close)
+        with open(tmp_path / preset / "runs.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    confirm.main(["--swap", str(tmp_path)])
+    assert "| calibrated-stall | selhn eps=0.05 | warmup |" in (tmp_path / "verdict.md").read_text()
+    with pytest.raises(SystemExit):
+        confirm.main(["--swap", "--unfreeze", str(tmp_path)])
+
+
 def test_the_unfreeze_verdict_grades_selhn_against_the_full_schedule(tmp_path):
     from examples.selection_study import confirm
 

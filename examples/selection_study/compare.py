@@ -724,6 +724,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--epsilons", type=cli.number_at_least(0.0), nargs="*", default=list(SWEEP), help="extra SelHN epsilons"
     )
     parser.add_argument(
+        "--default-epsilon",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with selhn in --losses, also run SelHN at the authors' epsilon 0.01 (--no-default-epsilon: only at "
+        "--epsilons)",
+    )
+    parser.add_argument(
         "--plot-epsilons",
         type=cli.number_at_least(0.0),
         nargs="+",
@@ -762,7 +769,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def plan(args: argparse.Namespace) -> dict[tuple[str, float, int], Path]:
     """Every run of the comparison: (loss, epsilon, seed) -> its folder, in training order."""
-    keys = [(loss, 0.01, seed) for seed in args.seeds for loss in args.losses]
+    keys = [
+        (loss, 0.01, seed) for seed in args.seeds for loss in args.losses if loss != "selhn" or args.default_epsilon
+    ]
     if "selhn" in args.losses:
         keys += [("selhn", eps, seed) for seed in (args.sweep_seeds or args.seeds) for eps in args.epsilons]
     return {key: Path(args.out) / "runs" / run_name(*key) for key in keys}

@@ -30,6 +30,14 @@ VSE-infinity's full schedule (``vse-infinity-full``) on the ``calibrated-unfreez
 :data:`UNFREEZE_SEEDS_NEEDED` seeds on which both ran. Run:
 ``python -m examples.selection_study.confirm --unfreeze runs/unfreeze`` (reads that folder's
 ``runs.csv``).
+
+The swap's configuration (``docs/_results/swap/PROTOCOL.txt``, fixed before its runs): SelHN
+at epsilon 0.05 against the warm-up, both at VSE++'s summed loss scale with gradient clipping at
+2.0 (what the swap guides' patches install), on ``calibrated`` and ``calibrated-stall``; graded
+by the same rule, :data:`SEEDS_NEEDED` complete pairs per preset or no verdict, each grade given
+with its leave-one-seed-out stability and the seeds "beats" would need at the observed spread.
+Run: ``python -m examples.selection_study.confirm --swap runs/swap`` (reads
+``<folder>/<preset>/runs.csv``).
 """
 
 from __future__ import annotations
@@ -40,7 +48,12 @@ from pathlib import Path
 from typing import Any
 
 from examples.selection_study.compare import label, r1_by_label, read_runs_csv
-from examples.selection_study.intervals import PairedInterval, paired_interval
+from examples.selection_study.intervals import (
+    PairedInterval,
+    leave_one_out,
+    paired_interval,
+    seeds_to_exclude_zero,
+)
 
 PRESETS = ("calibrated", "calibrated-stall")
 EPSILONS = (0.01, 0.05, 0.1)
@@ -184,6 +197,85 @@ def unfreeze_verdict(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[s
     return sentences, table
 
 
+#: the swap's configuration: SelHN's epsilon there, and its reference (both at the summed scale)
+SWAP_EPSILON = 0.05
+SWAP_REFERENCE = "warmup"
+
+
+def stability(a: dict[int, float], b: dict[int, float]) -> str:
+    """A verdict's leave-one-seed-out stability (the grade with each seed left out, counted) and
+    how many seeds an interval on one side of 0 would need at the observed mean and spread."""
+    grades = [grade(rest) for rest in leave_one_out(a, b).values()]
+    counted = ", ".join(f"{name} {grades.count(name)}" for name in ("beats", "not worse", "undecided", "worse"))
+    difference = paired_interval(a, b)
+    needed = seeds_to_exclude_zero(difference)
+    side = "beats" if difference.mean > 0 else "worse"
+    planning = f'"{side}" would need about {needed} seeds' if needed else "no number of seeds gives a side"
+    return f"with one seed left out: {counted} of {len(grades)}; at this mean and spread {planning}"
+
+
+def swap_verdict(rows_by_preset: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The swap configuration's verdict: per preset, SelHN at :data:`SWAP_EPSILON` minus the
+    warm-up (both summed, clipped at 2.0), graded, with its stability; no verdict on a preset
+    with fewer than :data:`SEEDS_NEEDED` complete pairs."""
+    name = label("selhn", SWAP_EPSILON)
+    sentences: list[str] = []
+    table: list[dict[str, Any]] = []
+    grades: dict[str, str] = {}
+    for preset in PRESETS:
+        values = r1_by_label(rows_by_preset.get(preset, []))
+        selhn_values, reference = values.get(name, {}), values.get(SWAP_REFERENCE, {})
+        difference = paired_interval(selhn_values, reference)
+        complete = difference.n >= SEEDS_NEEDED
+        graded = grade(difference)
+        table.append(
+            {
+                "preset": preset,
+                "variant": name,
+                "reference": SWAP_REFERENCE,
+                "difference": difference,
+                "grade": graded if complete else "no verdict",
+            }
+        )
+        if not complete:
+            sentences.append(f"{preset}: no verdict ({difference.n} of {SEEDS_NEEDED} complete pairs): {difference}.")
+            continue
+        grades[preset] = graded
+        sentences.append(
+            f"{preset}: SelHN at {SWAP_EPSILON:g} minus the warm-up, both summed and clipped at 2.0: {difference}, "
+            f"{graded} ({stability(selhn_values, reference)})."
+        )
+    if len(grades) < len(PRESETS):
+        sentences.append("No verdict on the swap's configuration: the patches and the advice stay as they are.")
+    elif all(g in ("beats", "not worse") for g in grades.values()):
+        sentences.append(
+            f"In the swap's configuration SelHN at {SWAP_EPSILON:g} is not worse than the warm-up on both presets: "
+            "the patches keep it."
+        )
+    elif any(g == "worse" for g in grades.values()):
+        sentences.append(
+            f"In the swap's configuration SelHN at {SWAP_EPSILON:g} is worse than the warm-up on a preset: the patches "
+            "and the advice follow this measurement, not the mean scale's."
+        )
+    else:
+        sentences.append(
+            f"In the swap's configuration SelHN at {SWAP_EPSILON:g} is undecided against the warm-up on a preset: "
+            "the advice says so beside the patches."
+        )
+    return sentences, table
+
+
+def write_swap_verdict(folder: Path) -> str:
+    """verdict.md and verdict.csv in ``folder``, from ``folder/<preset>/runs.csv`` (the swap's configuration)."""
+    rows_by_preset = {
+        preset: read_runs_csv(folder / preset / "runs.csv")
+        for preset in PRESETS
+        if (folder / preset / "runs.csv").is_file()
+    }
+    sentences, table = swap_verdict(rows_by_preset)
+    return write_tables(folder, sentences, table)
+
+
 def write_tables(folder: Path, sentences: list[str], table: list[dict[str, Any]]) -> str:
     """verdict.md and verdict.csv in ``folder``: the sentences, then one line per graded comparison."""
     lines = [
@@ -233,9 +325,20 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="the folder is the unfreeze comparison's (holding runs.csv): grade SelHN against vse-infinity-full",
     )
+    parser.add_argument(
+        "--swap",
+        action="store_true",
+        help="the folder is the swap configuration's (holding <preset>/runs.csv): grade SelHN 0.05 against the "
+        "warm-up, both summed and clipped at 2.0",
+    )
     args = parser.parse_args(argv)
     folder = Path(args.folder)
-    print(write_unfreeze_verdict(folder) if args.unfreeze else write_verdict(folder))
+    if args.unfreeze and args.swap:
+        parser.error("--unfreeze and --swap grade different comparisons: give one")
+    if args.swap:
+        print(write_swap_verdict(folder))
+    else:
+        print(write_unfreeze_verdict(folder) if args.unfreeze else write_verdict(folder))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ class PairedInterval(NamedTuple):
         return self.low > 0 or self.high < 0
 
     def __str__(self) -> str:
+        if self.n == 0:
+            return "no pairs"
         if self.n < 2:
             return f"{self.mean:+.2f} (one pair: no interval)"
         return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
@@ -97,3 +99,25 @@ def interval(differences: list[float]) -> PairedInterval:
         return PairedInterval(mean, mean, mean, 1)
     half = t_quantile(n - 1) * statistics.stdev(differences) / math.sqrt(n)
     return PairedInterval(mean, mean - half, mean + half, n)
+
+
+def leave_one_out(a: Mapping[int, float], b: Mapping[int, float]) -> dict[int, PairedInterval]:
+    """Per seed both hold, the interval of ``a - b`` on the other seeds: how much a verdict rests
+    on any single seed."""
+    seeds = sorted(set(a) & set(b))
+    return {dropped: paired_interval(*({s: x[s] for s in seeds if s != dropped} for x in (a, b))) for dropped in seeds}
+
+
+def seeds_to_exclude_zero(difference: PairedInterval, most: int = 1000) -> int | None:
+    """How many pairs an interval would need to lie on one side of 0, were the mean and the spread
+    of the differences what ``difference`` observed (None: a mean of 0, fewer than two pairs, or
+    more than ``most``). A planning figure, not a result."""
+    if difference.n < 2 or not math.isfinite(difference.mean) or difference.mean == 0:
+        return None
+    spread = (difference.high - difference.mean) * math.sqrt(difference.n) / t_quantile(difference.n - 1)
+    if spread == 0:
+        return 2
+    for n in range(2, most + 1):
+        if t_quantile(n - 1) * spread / math.sqrt(n) < abs(difference.mean):
+            return n
+    return None
