@@ -147,6 +147,18 @@ def test_the_ramp_scales_the_gradients_and_the_monitor_records_the_loss_itself(d
     assert float(ramp[1]["image_grad_norm"]) > 0.0
 
 
+def test_resuming_inside_the_ramp_epoch_is_the_uninterrupted_run(data_root, tmp_path):
+    """The ramp divides by the whole epoch's steps: after a resume it divided by the steps left,
+    scaling the loss up to 1.89 instead of 0.5-0.94, and the run went elsewhere."""
+    flags = ["--backbone", "--embedding-warmup-epochs", "0", "--log-every", "1"]
+    run(smoke(data_root, tmp_path / "whole", *flags, "--max-steps", "6"))
+    run(smoke(data_root, tmp_path / "parts", *flags, "--max-steps", "3"))
+    run(smoke(data_root, tmp_path / "parts", *flags, "--max-steps", "6", "--resume"))
+    whole, parts = (load_checkpoint(tmp_path / name / "last.pth")["model"] for name in ("whole", "parts"))
+    for key in whole:
+        torch.testing.assert_close(parts[key], whole[key], rtol=0, atol=0, msg=key)
+
+
 def test_a_resumed_run_keeps_its_backbone_schedule(data_root, tmp_path):
     out = tmp_path / "run"
     run(smoke(data_root, out, "--backbone", "--max-steps", "2"))

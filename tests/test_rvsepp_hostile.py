@@ -75,6 +75,22 @@ def test_non_finite_embeddings_are_never_ranked(finished, data_root, tmp_path):
     assert "1 of 20 image embeddings are not finite (first rows: [3])" in message
 
 
+def test_zero_embeddings_are_never_ranked(finished, data_root, tmp_path):
+    """A zero embedding scores 0 against everything: it was ranked by the order of its ties (an
+    overflow that ended in zeros moved rsum 121 -> 136; a model of zeros was evaluated)."""
+    with pytest.raises(
+        ValueError, match=r"5 of 15 caption embeddings are zero vectors, not unit ones \(first rows: \[2, 5, 8, 11, 14\]\)"
+    ):
+        ranks([torch.eye(2).repeat(2, 1)[:3]], [torch.cat([torch.eye(2), torch.zeros(1, 2)]).repeat(5, 1)[:15]])
+    checkpoint = torch.load(finished / "best.pth", weights_only=True)
+    checkpoint["model"] = {
+        k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in checkpoint["model"].items()
+    }
+    torch.save(checkpoint, tmp_path / "zeros.pth")
+    message = evaluate_main(["--root", str(data_root), "--checkpoint", str(tmp_path / "zeros.pth")])
+    assert "image embeddings are zero vectors" in message or "caption embeddings are zero vectors" in message
+
+
 def test_the_per_caption_layout_must_group_each_images_rows(tmp_path):
     """One image row per caption: the 5 rows of an image must be consecutive and equal, or the
     evaluation pairs captions with the wrong images (it used to give a wrong rsum silently)."""

@@ -252,9 +252,14 @@ class EpochSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def __len__(self) -> int:
+    @property
+    def batches_per_epoch(self) -> int:
+        """The batches of a whole epoch (``len`` counts those left after ``start``)."""
         full = self.size // self.batch_size
-        return (full if self.drop_last or self.size % self.batch_size == 0 else full + 1) - self.start
+        return full if self.drop_last or self.size % self.batch_size == 0 else full + 1
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:

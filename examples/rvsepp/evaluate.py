@@ -87,14 +87,25 @@ def ranks(
 
 
 def check_finite(embeddings: Tensor, what: str) -> None:
-    """Refuse NaN or infinite embeddings: compared with a NaN, every score reads neither higher
-    nor lower, so a NaN model would rank every target first and report a perfect recall."""
+    """Refuse embeddings that cannot be ranked. NaN or infinite ones: compared with a NaN, every
+    score reads neither higher nor lower, so a NaN model would rank every target first and report
+    a perfect recall. Zero vectors: the model L2-normalises what it outputs, so a usable embedding
+    has norm 1; a zero one (features that overflow the encoder into zeros, an output layer of
+    zeros) scores 0 against everything and would be ranked by the order of its ties."""
     bad = ~torch.isfinite(embeddings).all(dim=1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(
             f"{len(rows)} of {embeddings.shape[0]} {what} are not finite (first rows: {rows[:5]}): the model's weights "
             "hold NaN or inf, or the features overflow it; no recall can be computed from them"
+        )
+    empty = embeddings.norm(dim=1) < 0.5
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(
+            f"{len(rows)} of {embeddings.shape[0]} {what} are zero vectors, not unit ones (first rows: {rows[:5]}): "
+            "the model outputs nothing for them (features that overflow it, or an output layer of zeros); no recall "
+            "can be computed from them"
         )
 
 

@@ -869,7 +869,8 @@ class Run:
         img, txt = img.float(), txt.float()
         ids = batch["image_id"].to(device)
         loss = compute_loss(self.criterion, args, img, txt, ids)
-        scale = loss_scale(args, self.state["epoch"], self.state["step_in_epoch"], len(self.sampler))
+        # the whole epoch's batches: after a resume inside the ramp epoch, len(sampler) counts only those left
+        scale = loss_scale(args, self.state["epoch"], self.state["step_in_epoch"], self.sampler.batches_per_epoch)
         # the first non-finite loss, kept on the device (no sync per step); read on logging steps
         # and before every checkpoint, so that a non-finite loss never reaches one
         self.device_step += 1
