@@ -79,7 +79,8 @@ def test_zero_embeddings_are_never_ranked(finished, data_root, tmp_path):
     """A zero embedding scores 0 against everything: it was ranked by the order of its ties (an
     overflow that ended in zeros moved rsum 121 -> 136; a model of zeros was evaluated)."""
     with pytest.raises(
-        ValueError, match=r"5 of 15 caption embeddings are zero vectors, not unit ones \(first rows: \[2, 5, 8, 11, 14\]\)"
+        ValueError,
+        match=r"5 of 15 caption embeddings are zero vectors, not unit ones \(first rows: \[2, 5, 8, 11, 14\]\)",
     ):
         ranks([torch.eye(2).repeat(2, 1)[:3]], [torch.cat([torch.eye(2), torch.zeros(1, 2)]).repeat(5, 1)[:15]])
     checkpoint = torch.load(finished / "best.pth", weights_only=True)
@@ -121,6 +122,38 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails_to_start(finished, d
     with pytest.raises(train_module.RunError, match=r"cannot build the model on cpu .*: CUDA out of memory"):
         run([*SMOKE, "--root", str(data_root), "--out", str(out), "--overwrite"])
     assert (out / "last.pth").read_bytes() == before and (out / "results.json").is_file()
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(finished, data_root, tmp_path, monkeypatch):
+    """Bad data found in the first batch used to leave only .lock: the old run had been deleted
+    before the new one trained a step. It is set aside until the new run's first checkpoint."""
+    out = copy_run(finished, tmp_path / "run")
+    before = {name: (out / name).read_bytes() for name in ("last.pth", "best.pth", "results.json", "dev.jsonl")}
+
+    def bad_batch(self, batch):
+        raise DataError("train_ims.npy: row 7 is all zeros")
+
+    monkeypatch.setattr(train_module.Run, "step", bad_batch)
+    with pytest.raises(DataError, match="row 7 is all zeros"):
+        run([*SMOKE, "--root", str(data_root), "--out", str(out), "--overwrite"])
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not (out / train_module.PREVIOUS_RUN).exists()
+    monkeypatch.undo()
+    run([*SMOKE, "--root", str(data_root), "--out", str(out), "--overwrite", "--max-steps", "2", "--no-eval-test"])
+    assert (out / "last.pth").read_bytes() != before["last.pth"] and not (out / train_module.PREVIOUS_RUN).exists()
+
+
+def test_a_set_aside_run_left_by_a_killed_process_is_the_one_kept(finished, tmp_path):
+    """A process killed between setting the old run aside and its first checkpoint leaves
+    .previous-run: that is the last run with a checkpoint, and the next attempt keeps it."""
+    out = copy_run(finished, tmp_path / "run")
+    kept = (out / "last.pth").read_bytes()
+    train_module.set_aside_previous_run(out)
+    (out / "steps.csv").write_text("step\n")  # the killed attempt's leftovers
+    train_module.set_aside_previous_run(out)  # the next --overwrite
+    assert not (out / "steps.csv").exists() and (out / train_module.PREVIOUS_RUN / "last.pth").read_bytes() == kept
+    train_module.restore_previous_run(out)
+    assert (out / "last.pth").read_bytes() == kept and not (out / train_module.PREVIOUS_RUN).exists()
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused(data_root, tmp_path):

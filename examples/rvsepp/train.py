@@ -240,7 +240,12 @@ def parse_args(
     add("--log-every", type=integer_at_least(1), default=10, help="record the monitor's values every this many steps")
     add("--eval-steps", type=integer_at_least(0), default=0, help="also evaluate dev every this many steps (0: never)")
     add("--resume", action="store_true", help="continue the run in --out from its last.pth (same arguments)")
-    add("--overwrite", action="store_true", help="replace the run that --out holds (without it, a new run refuses)")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace the run that --out holds (without it, a new run refuses); the old run is kept in "
+        ".previous-run/ until the new one's first checkpoint, and put back if the new one fails before",
+    )
     add("--no-eval-test", action="store_true", help="skip the final test evaluation")
     add(
         "--tensorboard",
@@ -583,11 +588,50 @@ def check_run_folder(args: argparse.Namespace, out: Path) -> None:
         )
 
 
-def clear_run_folder(out: Path) -> None:
-    """--overwrite: delete the old run, once the new one has passed every check."""
+#: Where --overwrite keeps the old run until the new one has written its first checkpoint.
+PREVIOUS_RUN = ".previous-run"
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def set_aside_previous_run(out: Path) -> None:
+    """--overwrite: move the old run into ``out/.previous-run`` (a rename: no copy), once the new
+    run has passed every check. It is deleted when the new run writes its first checkpoint
+    (:func:`drop_previous_run`) and put back if the new run fails before that
+    (:func:`restore_previous_run`): a run that fails in its first steps (bad data in a batch)
+    leaves the old run as it was. A ``.previous-run`` left by a process that was killed already
+    holds the last run that had a checkpoint: what stands beside it was never trained, and goes."""
+    aside = out / PREVIOUS_RUN
+    if aside.exists():
+        for name in existing_run(out):
+            _remove(out / name)
+        return
+    existing = existing_run(out)
+    if existing:
+        aside.mkdir()
+        for name in existing:
+            (out / name).rename(aside / name)
+
+
+def drop_previous_run(out: Path) -> None:
+    """The new run has a checkpoint: the old one set aside by --overwrite goes."""
+    aside = out / PREVIOUS_RUN
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def restore_previous_run(out: Path) -> None:
+    """The new run failed before its first checkpoint: its files go, the old run comes back."""
+    aside = out / PREVIOUS_RUN
+    if not aside.exists():
+        return
     for name in existing_run(out):
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _remove(out / name)
+    for path in aside.iterdir():
+        path.rename(out / path.name)
+    aside.rmdir()
 
 
 def read_resumable(path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -790,8 +834,8 @@ class Run:
         )
         self.criterion = make_criterion(args, criteria)
         self.criterion.keep_scores = True  # the monitor reads the loss's own scores and mask
-        if is_main() and args.overwrite:  # only now: a run that fails to start leaves the old one intact
-            clear_run_folder(self.out)
+        if is_main() and args.overwrite:  # only now, and aside: a run that fails early leaves the old one intact
+            set_aside_previous_run(self.out)
         barrier()
         self.writer = make_writer(args, self.out)
         self.step_times: list[float] = []
@@ -855,6 +899,7 @@ class Run:
         if is_main():
             atomic_save(self.checkpoint(), self.last_path)
             write_steps(self.out / "steps.csv", self.earlier_steps, self.monitor)
+            drop_previous_run(self.out)  # (--overwrite's old run, once this one has a checkpoint)
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
         """One optimisation step; the monitor's values on its logging steps."""
@@ -1044,9 +1089,14 @@ def _previous_results(path: Path) -> dict[str, float]:
 
 def _train(args: argparse.Namespace, stop: Stop, criteria: dict[str, CriterionFactory]) -> dict[str, float]:
     with locked_run_folder(Path(args.out)):
-        with stop.interruptible():  # set-up (data generation can take minutes): nothing to save yet
-            run = Run(args, stop, criteria)
-        run.train()
+        try:
+            with stop.interruptible():  # set-up (data generation can take minutes): nothing to save yet
+                run = Run(args, stop, criteria)
+            run.train()
+        except BaseException:
+            if is_main():  # (no-op unless --overwrite set an old run aside and no checkpoint was written since)
+                restore_previous_run(Path(args.out))
+            raise
         return run.finish()
 
 
