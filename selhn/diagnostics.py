@@ -25,6 +25,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -453,6 +454,40 @@ class CollapseAlarm:
         warnings.warn(message, CollapseWarning, stacklevel=2)
         return True
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the alarm stands (the checks in a row on the plateau, and whether it has fired),
+        as plain data for a checkpoint: a resumed run given it back warns no second time.
+
+        Example:
+            >>> from selhn.diagnostics import CollapseAlarm
+            >>> alarm = CollapseAlarm()
+            >>> alarm.streak, alarm.fired = 2, True
+            >>> resumed = CollapseAlarm()
+            >>> resumed.load_state_dict(alarm.state_dict())
+            >>> resumed.streak, resumed.fired
+            (2, True)
+        """
+        return {"streak": self.streak, "fired": self.fired}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back a :meth:`state_dict`; an entry of the wrong kind is refused by name."""
+        streak, fired = _state_entries(state, "CollapseAlarm", ("streak", "fired"))
+        if not isinstance(streak, int) or isinstance(streak, bool) or streak < 0:
+            raise ValueError(f"CollapseAlarm state: 'streak' must be an int >= 0, got {streak!r}")
+        if not isinstance(fired, bool):
+            raise ValueError(f"CollapseAlarm state: 'fired' must be a bool, got {fired!r}")
+        self.streak, self.fired = streak, fired
+
+
+def _state_entries(state: Any, owner: str, names: tuple[str, ...]) -> list[Any]:
+    """The entries ``names`` of a state dict, in order; a state that is no mapping or lacks one is refused."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{owner} state must be a mapping (from state_dict()), got {type(state).__name__}")
+    missing = [name for name in names if name not in state]
+    if missing:
+        raise ValueError(f"{owner} state lacks {', '.join(map(repr, missing))} (it holds {sorted(state)})")
+    return [state[name] for name in names]
+
 
 #: The epsilon the docs advise for SelHN when training starts from scratch (cosine scores):
 #: measured on the docs' calibrated benchmark, where the authors' 0.01 leaves the plateau late.
@@ -655,6 +690,42 @@ class TrainingMonitor:
             return {name: [] for name in self.columns}
         table = torch.stack([r.cpu() for r in self._records]).t().tolist()
         return dict(zip(self.columns, table, strict=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the monitor stands, as plain data for a checkpoint: its step count, the steps at
+        which the alarm fired and the alarm's own state. The recorded history is not in it (write
+        it with :meth:`to_csv`); a resumed run given this state back numbers its steps on and
+        warns no second time for a collapse already reported.
+
+        Example:
+            >>> import torch
+            >>> from selhn.diagnostics import TrainingMonitor
+            >>> encoder = torch.nn.Linear(2, 2)
+            >>> monitor = TrainingMonitor(encoder, encoder, log_every=1)
+            >>> _ = monitor.step(torch.eye(3), torch.tensor(0.5))
+            >>> resumed = TrainingMonitor(encoder, encoder, log_every=1)
+            >>> resumed.load_state_dict(monitor.state_dict())
+            >>> resumed.steps
+            1
+        """
+        return {
+            "steps": self.steps,
+            "alarm_steps": list(self.alarm_steps),
+            "alarm": None if self.alarm is None else self.alarm.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back a :meth:`state_dict`; an entry of the wrong kind is refused by name."""
+        steps, alarm_steps, alarm = _state_entries(state, "TrainingMonitor", ("steps", "alarm_steps", "alarm"))
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"TrainingMonitor state: 'steps' must be an int >= 0, got {steps!r}")
+        if not isinstance(alarm_steps, (list, tuple)) or not all(
+            isinstance(step, int) and not isinstance(step, bool) for step in alarm_steps
+        ):
+            raise ValueError(f"TrainingMonitor state: 'alarm_steps' must be a list of ints, got {alarm_steps!r}")
+        if self.alarm is not None and alarm is not None:
+            self.alarm.load_state_dict(alarm)
+        self.steps, self.alarm_steps = steps, list(alarm_steps)
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """Write the kept history as CSV, one row per step.

@@ -585,3 +585,37 @@ def test_the_alarm_advises_for_the_rule_being_trained():
     assert "This run trains with SelHN" in str(caught[0].message)
     with pytest.raises(TypeError, match="rule must be a SelectionRule instance"):
         D.TrainingMonitor(encoder, encoder, rule=SelHN)
+
+
+def test_a_restored_alarm_warns_no_second_time_for_the_same_collapse():
+    """A resumed run used to report its collapse again (alarm steps [6, 26] for [6]): the alarm's
+    streak and whether it fired now travel with the monitor's state."""
+    collapsed = D.vanishing_stats(torch.full((8, 8), 0.3))
+    encoder = torch.nn.Linear(2, 2)
+    monitor = D.TrainingMonitor(encoder, encoder, log_every=1, alarm=D.CollapseAlarm(patience=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            monitor.step(torch.full((8, 8), 0.3), torch.tensor(51.2))
+    assert monitor.alarm_steps == [2] and len(caught) == 1
+    state = monitor.state_dict()
+    assert state == {"steps": 3, "alarm_steps": [2], "alarm": {"streak": 3, "fired": True}}
+    for restored in (True, False):
+        resumed = D.TrainingMonitor(encoder, encoder, log_every=1, alarm=D.CollapseAlarm(patience=2))
+        if restored:
+            resumed.load_state_dict(state)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                resumed.step(torch.full((8, 8), 0.3), torch.tensor(51.2))
+        assert len(caught) == (0 if restored else 1), restored
+    assert resumed.alarm is not None and D.CollapseAlarm().check(collapsed) is False  # (one check: no streak yet)
+    for bad, message in (
+        ([], "must be a mapping"),
+        ({"steps": 1}, "lacks 'alarm_steps', 'alarm'"),
+        ({"steps": -1, "alarm_steps": [], "alarm": None}, "'steps' must be an int >= 0"),
+        ({"steps": 1, "alarm_steps": [1.5], "alarm": None}, "'alarm_steps' must be a list of ints"),
+        ({"steps": 1, "alarm_steps": [], "alarm": {"streak": 1, "fired": 1}}, "'fired' must be a bool"),
+    ):
+        with pytest.raises((TypeError, ValueError), match=message):
+            D.TrainingMonitor(encoder, encoder).load_state_dict(bad)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from examples.rvsepp import synthetic
+from examples.rvsepp.data import DataError
 
 TINY = {"train": 12, "dev": 4, "test": 4, "regions": 6, "dim": 16}
 
@@ -69,14 +70,24 @@ def test_variants_make_families_of_near_duplicates(tmp_path, variants):
     assert max(neighbours) >= variants
 
 
-def test_regenerating_removes_the_stale_vocabulary(tmp_path):
+def test_data_made_with_other_settings_is_refused_never_rewritten(tmp_path):
+    """Runs trained on a data set would evaluate to other numbers once it was rewritten in place
+    (121 -> 137): ensure refuses, naming the settings that differ, and touches nothing; an
+    explicit generate still replaces the data and removes the stale vocabulary."""
     folder = synthetic.generate(tmp_path, "synthetic", synthetic.Config(**TINY))
     (folder / "vocab.json").write_text("{}")
+    before = (folder / "train_ims.npy").read_bytes()
     synthetic.ensure(tmp_path, "synthetic", synthetic.Config(**TINY))  # same configuration: kept
     assert (folder / "vocab.json").is_file()
-    synthetic.ensure(tmp_path, "synthetic", synthetic.Config(**TINY, specific=1.0))  # new data: removed
+    with pytest.raises(DataError, match=r"made with other settings \(specific 0.0 there, 1.0 asked\).*another --root"):
+        synthetic.ensure(tmp_path, "synthetic", synthetic.Config(**TINY, specific=1.0))
+    assert (folder / "vocab.json").is_file() and (folder / "train_ims.npy").read_bytes() == before
+    synthetic.generate(tmp_path, "synthetic", synthetic.Config(**TINY, specific=1.0))  # asked for: replaced
     assert not (folder / "vocab.json").exists()
     assert json.loads((folder / "config.json").read_text())["specific"] == 1.0
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"config.json: cannot be read as the data set's settings"):
+        synthetic.ensure(tmp_path, "synthetic", synthetic.Config(**TINY))
 
 
 @pytest.mark.parametrize(

@@ -87,11 +87,8 @@ def ranks(
 
 
 def check_finite(embeddings: Tensor, what: str) -> None:
-    """Refuse embeddings that cannot be ranked. NaN or infinite ones: compared with a NaN, every
-    score reads neither higher nor lower, so a NaN model would rank every target first and report
-    a perfect recall. Zero vectors: the model L2-normalises what it outputs, so a usable embedding
-    has norm 1; a zero one (features that overflow the encoder into zeros, an output layer of
-    zeros) scores 0 against everything and would be ranked by the order of its ties."""
+    """Refuse NaN or infinite embeddings: compared with a NaN, every score reads neither higher
+    nor lower, so a NaN model would rank every target first and report a perfect recall."""
     bad = ~torch.isfinite(embeddings).all(dim=1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
@@ -99,6 +96,12 @@ def check_finite(embeddings: Tensor, what: str) -> None:
             f"{len(rows)} of {embeddings.shape[0]} {what} are not finite (first rows: {rows[:5]}): the model's weights "
             "hold NaN or inf, or the features overflow it; no recall can be computed from them"
         )
+
+
+def check_unit(embeddings: Tensor, what: str) -> None:
+    """Refuse a model's zero embeddings. The model L2-normalises what it outputs, so a usable
+    embedding has norm 1; a zero one (features that overflow the encoder into zeros, an output
+    layer of zeros) scores 0 against everything and would be ranked by the order of its ties."""
     empty = embeddings.norm(dim=1) < 0.5
     if bool(empty.any()):
         rows = empty.nonzero().flatten().tolist()
@@ -174,8 +177,9 @@ def encode(
     images = torch.stack([imgs[i] for i in sorted(imgs)])
     captions = torch.cat(caps)
     try:
-        check_finite(images, "image embeddings")
-        check_finite(captions, "caption embeddings")
+        for embeddings, what in ((images, "image embeddings"), (captions, "caption embeddings")):
+            check_finite(embeddings, what)
+            check_unit(embeddings, what)
     except ValueError as error:
         raise DataError(f"{dataset.ims_path} and its captions: {error}") from None
     return images, captions

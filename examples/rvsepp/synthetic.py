@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from examples.rvsepp.data import DataError
+
 NOUNS = [
     ("dog", "puppy"),
     ("cat", "kitten"),
@@ -429,12 +431,26 @@ def generate(root: str | Path, name: str = "synthetic", config: Config | None = 
 
 
 def ensure(root: str | Path, name: str = "synthetic", config: Config | None = None) -> Path:
-    """Generate the data set unless the same configuration is already on disk."""
+    """Generate the data set unless it is already on disk; a data set made with other settings
+    is refused, never rewritten: runs trained on it would evaluate to other numbers."""
     config = config or Config()
     folder = Path(root) / f"{name}_precomp"
     stored = folder / "config.json"
-    if stored.is_file() and json.loads(stored.read_text()) == asdict(config):
-        return folder
+    if stored.is_file():
+        try:
+            on_disk = json.loads(stored.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"{stored}: cannot be read as the data set's settings ({error})") from None
+        if on_disk == asdict(config):
+            return folder
+        wanted = asdict(config)
+        differ = sorted(k for k in set(wanted) | set(on_disk) if on_disk.get(k) != wanted.get(k))
+        listed = ", ".join(f"{k} {on_disk.get(k)!r} there, {wanted.get(k)!r} asked" for k in differ[:6])
+        raise DataError(
+            f"{folder} holds the synthetic data set made with other settings ({listed}): runs trained on it "
+            "would evaluate to other numbers if it were rewritten. Give this run another --root, or delete the "
+            "folder to regenerate it."
+        )
     print(f"generating the synthetic data set in {folder} ({config.train}/{config.dev}/{config.test} images)")
     return generate(root, name, config)
 

@@ -852,8 +852,14 @@ class Run:
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise RunError(f"--resume: {self.last_path} holds state this run cannot load: {error}") from error
         self.state = dict(checkpoint["state"])
+        if "monitor" in self.state:  # the alarm's streak and whether it fired: a resumed run warns no second time
+            try:
+                self.monitor.load_state_dict(self.state["monitor"])
+            except (TypeError, ValueError) as error:
+                raise RunError(f"--resume: {self.last_path}: {error}") from error
+        else:  # a checkpoint from before the monitor's state was kept: where the alarm fired, at least
+            self.monitor.alarm_steps = [int(step) for step in self.state.get("alarm_steps", [])]
         self.monitor.steps = self.state["global_step"]  # step numbers go on
-        self.monitor.alarm_steps = [int(step) for step in self.state.get("alarm_steps", [])]
         if is_main():
             self.earlier_steps = records_until(self.out, self.state["global_step"], self.state["pending_eval"])
             print(
@@ -927,7 +933,7 @@ class Run:
         logged = self.monitor.step(scores, loss, mask=mask)
         if logged is not None:
             self.check_finite()
-            self.state["alarm_steps"] = list(self.monitor.alarm_steps)  # kept by checkpoints, for results.json
+            self.state["monitor"] = self.monitor.state_dict()  # kept by checkpoints: the alarm's state, its steps
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
         self.optimizer.step()
         self.state["step_in_epoch"] += 1
@@ -1025,18 +1031,25 @@ class Run:
                 loss=f"{logged['loss']:.4f}", vanishing=f"{logged.get('i2t/vanishing_fraction', 0):.2f}"
             )
 
-    def kept_results(self, results: dict[str, float]) -> dict[str, float]:
-        """What a resumed run keeps of the results.json it finds: the step time when this
-        process trained no step, and the test metrics when this process does not evaluate the
-        test split and the best checkpoint they were measured on is still the best one."""
+    def kept_results(self, results: dict[str, float]) -> dict[str, Any]:
+        """What a resumed run keeps of the results.json it finds, since this process did not
+        measure it again: when it trained no step, the step time and what trained the run (commit,
+        machine, start); when it does not evaluate the test split and the best checkpoint they were
+        measured on is still the best one, the test metrics (and, with no step either, the time
+        the run finished: nothing about it changed)."""
         if not self.args.resume:
             return {}
         previous = _previous_results(self.out / "results.json")
-        kept: dict[str, float] = {}
-        if not self.step_times and "step_seconds" in previous:
-            kept["step_seconds"] = previous["step_seconds"]
+        trained = bool(self.step_times)
+        kept: dict[str, Any] = {}
+        number = {k: (math.nan if v is None else v) for k, v in previous.items()}  # (JSON's null is a NaN figure)
+        if not trained:
+            kept.update({k: number[k] for k in ("step_seconds",) if k in previous})
+            kept.update({k: previous[k] for k in ("commit", "machine", "started") if k in previous})
         if self.args.no_eval_test and previous.get("best_dev_rsum") == results["best_dev_rsum"]:
-            kept.update({k: v for k, v in previous.items() if k.startswith("test_")})
+            kept.update({k: v for k, v in number.items() if k.startswith("test_")})
+            if not trained and "finished" in previous:
+                kept["finished"] = previous["finished"]
         return kept
 
     def finish(self) -> dict[str, float]:
@@ -1046,8 +1059,8 @@ class Run:
             "best_dev_rsum": self.state["best_rsum"],
             "step_seconds": float(np.median(self.step_times)) if self.step_times else math.nan,
         }
-        if is_main():
-            results.update(self.kept_results(results))
+        kept = self.kept_results(results) if is_main() else {}
+        results.update({k: v for k, v in kept.items() if k == "step_seconds" or k.startswith("test_")})
         if not args.no_eval_test and is_main():
             if self.best_path.exists():
                 self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
@@ -1062,6 +1075,7 @@ class Run:
                 "machine": cli.machine_description(self.device),
                 "started": self.state.get("started"),  # (None for a run begun before runs recorded it)
                 "finished": cli.utc_timestamp(),
+                **{k: v for k, v in kept.items() if k in ("commit", "machine", "started", "finished")},
                 "alarm_steps": list(self.monitor.alarm_steps),  # where the collapse alarm fired
             }
             text = json.dumps(finite_or_none({**results, **recorded}), indent=1, allow_nan=False)
@@ -1074,17 +1088,16 @@ class Run:
         return results
 
 
-def _previous_results(path: Path) -> dict[str, float]:
-    """A results.json written before (empty when there is none or it cannot be read)."""
+def _previous_results(path: Path) -> dict[str, Any]:
+    """A results.json written before, its values as written (an int stays an int); empty when
+    there is none or it cannot be read."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict):
         return {}
-    return {
-        k: (math.nan if v is None else float(v)) for k, v in data.items() if isinstance(v, (int, float, type(None)))
-    }
+    return {k: v for k, v in data.items() if isinstance(v, (int, float, str, list, type(None)))}
 
 
 def _train(args: argparse.Namespace, stop: Stop, criteria: dict[str, CriterionFactory]) -> dict[str, float]:
