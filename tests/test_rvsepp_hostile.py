@@ -180,6 +180,21 @@ def test_compare_reuses_a_finished_run_only_for_the_same_arguments(finished, dat
     compare.check_reusable([(out, [*argv, "--workers", "1"])])  # how it runs is no other run
 
 
+def test_runs_from_before_a_flag_existed_resume_and_are_reused(finished, data_root, tmp_path):
+    """A checkpoint without the backbone's flags ran as their defaults do: it resumes and compare
+    reuses it (both refused it: "--backbone None, not False"); a flag it has still counts."""
+    out = copy_run(finished, tmp_path / "run")
+    checkpoint = torch.load(out / "last.pth", weights_only=True)
+    for key in [k for k in checkpoint["args"] if k.startswith("backbone") or k == "embedding_warmup_epochs"]:
+        del checkpoint["args"][key]
+    torch.save(checkpoint, out / "last.pth")
+    argv = [*SMOKE, "--root", str(data_root), "--out", str(out)]
+    compare.check_reusable([(out, argv)])
+    with pytest.raises(SystemExit, match=r"--backbone False \(asked: True\)"):
+        compare.check_reusable([(out, [*argv, "--backbone"])])
+    run([*argv, "--resume", "--no-eval-test"])
+
+
 def test_a_refused_resume_touches_no_data(finished, data_root, tmp_path):
     """The stored arguments are compared before the data are loaded: a resume with another
     --synthetic-seed used to regenerate the data set first, then refuse."""

@@ -658,11 +658,18 @@ def build_model(args: argparse.Namespace, vocab_size: int, feature_dim: int, dev
         ) from None
 
 
+def stored_arguments(stored: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's arguments, with every flag it lacks at the flag's default: a run trained
+    before a flag existed (the backbone's, say) ran as that default does."""
+    return {**vars(parse_args([])), **stored}
+
+
 def check_same_run(stored: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     """A resumed run continues the stored one: refuse, by flag, what would make it another run."""
     keys = list(SAME_RUN)
     if args.name == "synthetic":
         keys += [f"synthetic_{k}" for k in asdict(synthetic.Config())]
+    stored = stored_arguments(stored)
     for key in keys:
         before, now = stored.get(key), getattr(args, key)
         if before != now:

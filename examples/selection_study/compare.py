@@ -141,7 +141,7 @@ def reuse_mismatch(out: Path, argv: list[str]) -> str:
     checkpoint's arguments are compared, flag by flag, with ``argv``'s."""
     wanted = vars(parse_train(argv))
     try:
-        stored = load_checkpoint(out / "last.pth")["args"]
+        stored = train_module.stored_arguments(load_checkpoint(out / "last.pth")["args"])
     except ValueError as error:
         return f"its checkpoint cannot be read ({error})"
     differ = [
