@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from examples.rvsepp import cli, evaluate
+from examples.rvsepp import cli, evaluate, synthetic
 from examples.rvsepp import train as train_module
 from examples.rvsepp.data import DataError, PrecompDataset, read_captions
 from examples.rvsepp.evaluate import check_unit, load_checkpoint, ranks
@@ -423,3 +423,81 @@ def test_data_files_that_cannot_be_read_are_named(tmp_path):
     vocab.write_text('{"idx2word": {"0": "<pad>"')
     with pytest.raises(ValueError, match="vocab.json is not a readable vocabulary"):
         Vocabulary.load(vocab)
+
+
+# ------------------------------------------------------------------ damaged records: one line, never a traceback
+def train_main(argv: list[str]) -> str:
+    """train's command line; the one-line message it exits with ('' when it succeeds)."""
+    try:
+        train_module.main(argv)
+    except SystemExit as exit_:
+        return str(exit_.code)
+    return ""
+
+
+DAMAGED_RECORDS = [
+    ("dev.jsonl", '{"epoch": 0, "kind": "epoch"}\n{"epoch": 0, "global_step": 1}\n', r"dev.jsonl, line 1: no step"),
+    ("dev.jsonl", '{"global_step": "7"}\n{"global_step": 1}\n', r"dev.jsonl, line 1: no step number >= 0: .*'7'"),
+    ("dev.jsonl", "[1, 2]\n{}\n", r"dev.jsonl, line 1: not a record \(an object\)"),
+    ("dev.jsonl", '{"global_step": -4}\n{"global_step": 1}\n', r"dev.jsonl, line 1: no step number >= 0: .*-4"),
+    ("dev.jsonl", b'{"global_step": 1, "x": "\xff"}\n', r"dev.jsonl: not UTF-8 text \(byte 25\)"),
+    ("steps.csv", "step,loss\n1,0.5\nseven,0.4\n", r"steps.csv, line 3: step 'seven' is no number"),
+    ("steps.csv", "loss\n0.5\n", r"steps.csv: no 'step' column"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), DAMAGED_RECORDS)
+def test_a_damaged_record_stops_a_resume_with_one_line(finished, data_root, tmp_path, name, content, message):
+    out = copy_run(finished, tmp_path / "run")
+    path = out / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    said = train_main([*SMOKE, "--root", str(data_root), "--out", str(out), "--resume", "--no-eval-test"])
+    assert re.search(message, said), said
+    assert said.startswith("error: ") and "\n" not in said and "damaged" in said
+
+
+@pytest.mark.parametrize(
+    ("entry", "value", "message"),
+    [
+        ("step_in_epoch", 10_000, r"'step_in_epoch' is 10000, but an epoch of this run has \d+ steps"),
+        ("global_step", -3, r"'global_step' must be an int >= 0, got -3"),
+        ("epoch", -1, r"'epoch' must be an int >= 0, got -1"),
+    ],
+)
+def test_a_checkpoint_out_of_place_is_refused_by_entry(finished, data_root, tmp_path, entry, value, message):
+    out = copy_run(finished, tmp_path / "run")
+    checkpoint = torch.load(out / "last.pth", weights_only=True)
+    checkpoint["state"][entry] = value
+    torch.save(checkpoint, out / "last.pth")
+    said = train_main([*SMOKE, "--root", str(data_root), "--out", str(out), "--resume", "--no-eval-test"])
+    assert re.search(message, said) and "last.pth" in said, said
+
+
+def test_a_corrupt_best_checkpoint_at_the_final_test_is_named(finished, data_root, tmp_path):
+    out = copy_run(finished, tmp_path / "run")
+    (out / "best.pth").write_bytes(b"not a checkpoint")
+    said = train_main([*SMOKE, "--root", str(data_root), "--out", str(out), "--resume"])
+    assert re.search(r"the final test cannot read .*best.pth .*last.pth holds the run", said), said
+
+
+def test_a_root_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(synthetic, "generate", read_only)
+    said = train_main([*SMOKE, "--root", str(tmp_path / "ro"), "--out", str(tmp_path / "run")])
+    assert re.search(r"cannot write the synthetic data set to .*ro.synthetic_precomp: Read-only file system", said)
+
+
+def test_a_full_disk_while_recording_an_evaluation_is_one_line(finished, data_root, tmp_path, monkeypatch):
+    out = copy_run(finished, tmp_path / "run")
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if str(path).endswith("dev.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "open", full_disk, raising=False)
+    said = train_main([*SMOKE, "--root", str(data_root), "--out", str(out), "--resume", "--epochs", "2"])
+    assert re.search(r"could not append the evaluation to .*dev.jsonl: No space left on device; the last", said)

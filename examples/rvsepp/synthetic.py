@@ -452,7 +452,12 @@ def ensure(root: str | Path, name: str = "synthetic", config: Config | None = No
             "folder to regenerate it."
         )
     print(f"generating the synthetic data set in {folder} ({config.train}/{config.dev}/{config.test} images)")
-    return generate(root, name, config)
+    try:
+        return generate(root, name, config)
+    except OSError as error:  # a read-only or full --root
+        raise DataError(
+            f"cannot write the synthetic data set to {folder}: {error.strerror or error}; give a writable --root"
+        ) from None
 
 
 def report(folder: str | Path, batch_size: int = 128) -> str:

@@ -706,33 +706,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _damaged(path: Path, where: str, what: str) -> RunError:
+    """A run's record that cannot be read: one line naming the file, the place and the fault."""
+    return RunError(f"{path}{where}: {what}; the run's records are damaged: start a new run in another --out")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise _damaged(path, "", f"not UTF-8 text (byte {error.start})") from None
+
+
 def records_until(out: Path, step: int, pending_eval: bool) -> list[dict[str, str]]:
     """On resume: the rows of steps.csv up to the checkpoint's step, and dev.jsonl cut back
-    the same way (rows written after the checkpoint would be written again)."""
+    the same way (rows written after the checkpoint would be written again). A damaged record
+    stops the resume with one line naming the file and the line."""
     rows: list[dict[str, str]] = []
-    if (out / "steps.csv").is_file():
-        with open(out / "steps.csv", newline="") as handle:
-            rows = [row for row in csv.DictReader(handle) if float(row["step"]) <= step]
-    if (out / "dev.jsonl").is_file():
+    steps_path = out / "steps.csv"
+    if steps_path.is_file():
+        reader = csv.DictReader(io.StringIO(_read_text(steps_path), newline=""))
+        if reader.fieldnames is not None and "step" not in reader.fieldnames:
+            raise _damaged(steps_path, "", f"no 'step' column (columns: {', '.join(reader.fieldnames[:5])}, ...)")
+        for row in reader:
+            try:
+                row_step = float(row["step"])
+            except (TypeError, ValueError):
+                raise _damaged(steps_path, f", line {reader.line_num}", f"step {row['step']!r} is no number") from None
+            if row_step <= step:
+                rows.append(row)
+    dev_path = out / "dev.jsonl"
+    if dev_path.is_file():
         kept = []
-        lines = (out / "dev.jsonl").read_text().splitlines()
+        lines = _read_text(dev_path).splitlines()
         for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 if number == len(lines):  # cut off by a crash while it was written: redone with its evaluation
-                    print(f"{out / 'dev.jsonl'}: dropped its incomplete last line", flush=True)
+                    print(f"{dev_path}: dropped its incomplete last line", flush=True)
                     break
-                raise RunError(
-                    f"{out / 'dev.jsonl'}, line {number}, is not a JSON record: the run's records are damaged; "
-                    "start a new run in another --out"
-                ) from None
-            redone = record["global_step"] > step or (
-                record["global_step"] == step and pending_eval and record.get("kind") == "epoch"
-            )
+                raise _damaged(dev_path, f", line {number}", "not a JSON record") from None
+            record_step = record.get("global_step") if isinstance(record, dict) else None
+            if not isinstance(record_step, int) or isinstance(record_step, bool) or record_step < 0:
+                what = "not a record (an object)" if not isinstance(record, dict) else "no step number >= 0"
+                raise _damaged(dev_path, f", line {number}", f"{what}: global_step is {record_step!r}")
+            redone = record_step > step or (record_step == step and pending_eval and record.get("kind") == "epoch")
             if not redone:
                 kept.append(line + "\n")
-        write_atomic(out / "dev.jsonl", "".join(kept))
+        write_atomic(dev_path, "".join(kept))
     return rows
 
 
@@ -839,6 +861,8 @@ class Run:
         self.loader = DataLoader(
             self.train_set, batch_sampler=self.sampler, collate_fn=collate, num_workers=args.workers
         )
+        if stored is not None:
+            check_position(self.state, self.sampler.batches_per_epoch, self.last_path)
         self.criterion = make_criterion(args, criteria)
         self.criterion.keep_scores = True  # the monitor reads the loss's own scores and mask
         if is_main() and args.overwrite:  # only now, and aside: a run that fails early leaves the old one intact
@@ -1070,7 +1094,13 @@ class Run:
         results.update({k: v for k, v in kept.items() if k == "step_seconds" or k.startswith("test_")})
         if not args.no_eval_test and is_main():
             if self.best_path.exists():
-                self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
+                try:
+                    best = load_checkpoint(self.best_path)["model"]
+                except ValueError as error:
+                    raise RunError(
+                        f"the final test cannot read {self.best_path} ({error}); {self.last_path} holds the run"
+                    ) from None
+                self.model.load_state_dict(best)
             fold5 = args.name == "coco" and args.test_split == "testall"
             with self.stop.interruptible():
                 test = evaluate_split(self.model, self.test_set, self.device, self.amp, fold5=fold5)
@@ -1126,8 +1156,15 @@ def record_dev(out: Path, epoch: int, step: int, dev: dict[str, float], writer: 
     if writer is not None:
         for key, value in dev.items():
             writer.add_scalar(f"dev/{key}", value, step)
-    with open(out / "dev.jsonl", "a") as handle:
-        handle.write(json.dumps({"epoch": epoch, "global_step": step, "kind": kind, **dev}) + "\n")
+    path = out / "dev.jsonl"
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"epoch": epoch, "global_step": step, "kind": kind, **dev}) + "\n")
+    except OSError as error:  # a full disk: the checkpoint written before the evaluation holds the run
+        raise RunError(
+            f"could not append the evaluation to {path}: {error.strerror or error}; the last checkpoint is intact "
+            "and --resume redoes this evaluation"
+        ) from error
 
 
 def train(args: argparse.Namespace, criteria: dict[str, CriterionFactory] = CRITERIA) -> dict[str, float]:
@@ -1157,6 +1194,20 @@ def evaluate_split(
     if fold5:  # COCO: also the 5K numbers
         results.update({f"5k_{k}": v for k, v in evaluate_embeddings([images], [captions]).items()})
     return results
+
+
+def check_position(state: dict[str, Any], batches_per_epoch: int, path: Path) -> None:
+    """A resumed run's place in training must be one this run can be at: whole numbers, no
+    negative step (it dropped every earlier record) and a step inside its epoch."""
+    for key in ("epoch", "global_step", "step_in_epoch"):
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise RunError(f"--resume: {path}: state entry '{key}' must be an int >= 0, got {value!r}")
+    if state["step_in_epoch"] > batches_per_epoch:
+        raise RunError(
+            f"--resume: {path}: state entry 'step_in_epoch' is {state['step_in_epoch']}, but an epoch of this run has "
+            f"{batches_per_epoch} steps"
+        )
 
 
 def check_compatible(checkpoint: dict[str, Any], vocab: Vocabulary, model: RVSEPP, path: Path) -> None:
