@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import selhn
 from examples.rvsepp import cli, evaluate, synthetic
 from examples.rvsepp import train as train_module
 from examples.rvsepp.data import DataError, PrecompDataset, read_captions
@@ -501,3 +502,49 @@ def test_a_full_disk_while_recording_an_evaluation_is_one_line(finished, data_ro
     monkeypatch.setattr(train_module, "open", full_disk, raising=False)
     said = train_main([*SMOKE, "--root", str(data_root), "--out", str(out), "--resume", "--epochs", "2"])
     assert re.search(r"could not append the evaluation to .*dev.jsonl: No space left on device; the last", said)
+
+
+# ------------------------------------------------------------------ settings that cannot apply
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--backbone-lr-factor", "0.5"],
+            r"--backbone-lr-factor 0.5: the backbone's settings apply only with --backbone",
+        ),
+        (["--backbone-blocks", "2"], r"--backbone-blocks 2: .* only with --backbone"),
+        (["--backbone", "--embedding-warmup-epochs", "5", "--epochs", "1"], r"would stay frozen for the whole run"),
+    ],
+)
+def test_backbone_settings_that_cannot_apply_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train_module.parse_args(["--preset", "smoke", *flags])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_vocabulary_with_a_word_twice_is_refused(tmp_path):
+    table = {str(i): word for i, word in enumerate(["<pad>", "<start>", "<end>", "<unk>", "dog", "cat", "dog"])}
+    (tmp_path / "vocab.json").write_text(json.dumps({"idx2word": table}))
+    with pytest.raises(ValueError, match=r"the word 'dog' has two indices \(4 and 6\)"):
+        Vocabulary.load(tmp_path / "vocab.json")
+
+
+def test_a_criterion_factory_must_return_a_loss_module(data_root, tmp_path):
+    criteria = {**train_module.CRITERIA, "plain": lambda args: selhn.functional.selhn_loss}
+    args = train_module.parse_args(
+        [*SMOKE, "--root", str(data_root), "--out", str(tmp_path), "--loss", "plain"], criteria=criteria
+    )
+    with pytest.raises(train_module.RunError, match=r"--loss plain returned a function, not a selhn loss module"):
+        train_module.train(args, criteria)
+    assert not (tmp_path / "last.pth").exists()
+
+
+@pytest.mark.parametrize(
+    "command", ["examples.rvsepp.train", "examples.rvsepp.evaluate", "examples.selection_study.compare"]
+)
+def test_help_never_prints_an_empty_default(command):
+    import subprocess
+    import sys
+
+    text = subprocess.run([sys.executable, "-m", command, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "(default: None)" not in text and "(default: False)" not in text

@@ -137,3 +137,14 @@ def machine_description(device: torch.device) -> str:
     cpu = f"CPU ({torch.get_num_threads()} threads)"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     return f"{platform.node() or 'unknown host'}, {platform.machine()}, {os.cpu_count()} cores, {where}"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help text (none for switches and unset values), and the
+    presets' list as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
+            return help_text
+        return f"{help_text} (default: %(default)s)".strip()

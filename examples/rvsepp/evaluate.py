@@ -299,7 +299,7 @@ def load_model(path: str | Path, device: torch.device) -> tuple[RVSEPP, dict]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
         allow_abbrev=False,
     )
     add = parser.add_argument

@@ -183,7 +183,7 @@ def parse_args(
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=preset_help(presets),
-        formatter_class=HelpFormatter,
+        formatter_class=cli.HelpFormatter,
         allow_abbrev=False,  # an abbreviated flag would not count as given, and the preset would win
     )
     add = parser.add_argument
@@ -269,6 +269,7 @@ def parse_args(
         config = synthetic_config(args)
     except ValueError as error:
         parser.error(str(error).replace("synthetic ", "--synthetic-", 1))
+    check_backbone_flags(parser, args)
     if args.name == "synthetic":
         for split in ["dev"] + ([] if args.no_eval_test else ["test"]):
             if getattr(config, split) < 1:
@@ -279,15 +280,26 @@ def parse_args(
     return args
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each flag's default after its help text (none for switches and unset values), and the
-    presets' list as written."""
+#: The flags of the backbone stage: they apply only with --backbone.
+BACKBONE_FLAGS = ("backbone_blocks", "embedding_warmup_epochs", "backbone_warmup_epochs", "backbone_lr_factor")
 
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        help_text = action.help or ""
-        if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
-            return help_text
-        return f"{help_text} (default: %(default)s)".strip()
+
+def check_backbone_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse backbone settings that cannot apply: any without --backbone (a run would train
+    without them, silently), and an unfreezing that no epoch reaches."""
+    if not args.backbone:
+        changed = [
+            name for name in (*BACKBONE_FLAGS, "backbone_ramp") if getattr(args, name) != parser.get_default(name)
+        ]
+        if changed:
+            flags = ", ".join(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in changed)
+            parser.error(f"{flags}: the backbone's settings apply only with --backbone")
+        return
+    if args.embedding_warmup_epochs >= args.epochs:
+        parser.error(
+            f"--embedding-warmup-epochs {args.embedding_warmup_epochs} with --epochs {args.epochs}: the backbone would "
+            "stay frozen for the whole run (it unfreezes after the embedding warm-up)"
+        )
 
 
 def synthetic_config(args: argparse.Namespace) -> synthetic.Config:
@@ -382,8 +394,17 @@ def loss_for_step(args: argparse.Namespace, epoch: int) -> str:
 
 
 def make_criterion(args: argparse.Namespace, criteria: dict[str, CriterionFactory] = CRITERIA) -> Criterion:
-    """The loss module of ``--loss``, from its factory."""
-    return criteria[args.loss](args)
+    """The loss module of ``--loss``, from its factory; a factory that returns anything but a
+    selhn loss module (which the loop switches, monitors and hands to DDP) is refused by name."""
+    criterion = criteria[args.loss](args)
+    needed = ("rule", "margin", "reduction", "max_violation_on", "max_violation_off", "keep_scores")
+    if not isinstance(criterion, torch.nn.Module) or not all(hasattr(criterion, name) for name in needed):
+        raise RunError(
+            f"the criterion factory of --loss {args.loss} returned a {type(criterion).__name__}, not a selhn loss "
+            "module (selhn.SelHNLoss, selhn.RuleLoss, ...): the training loop switches it (max_violation_on/off), "
+            "reads its rule, margin and reduction, and its scores for the monitor"
+        )
+    return criterion
 
 
 def set_epoch(criterion: Criterion, args: argparse.Namespace, epoch: int) -> None:

@@ -106,6 +106,14 @@ class Vocabulary:
         missing = [s for s in SPECIALS if s not in words]
         if missing:
             raise ValueError(f"{path} lacks the special tokens {missing}")
+        first_index: dict[str, int] = {}
+        for index, word in enumerate(words):
+            if word in first_index:  # one index per word, or every later word's index shifts
+                raise ValueError(
+                    f"{path}: the word {word!r} has two indices ({first_index[word]} and {index}); a vocabulary "
+                    "maps each word to one index"
+                )
+            first_index[word] = index
         vocab = cls(words)
         vocab.add(MASK)
         return vocab

@@ -705,7 +705,7 @@ def plot(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--out", default="runs/compare", help="folder of the runs and the tables")
