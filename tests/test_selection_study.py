@@ -706,3 +706,191 @@ def test_run_row_says_whether_the_alarm_fired_during_the_stall():
     run["results"]["alarm_steps"] = [5]
     assert run_row("warmup", math.nan, 0, run, 3.0, 10.0, 15.0, 51.2)["alarm_in_stall"] == 0.0
     assert math.isnan(run_row("warmup", math.nan, 0, run, 3.0, 10.0)["stalled_steps_after_unfreeze"])
+
+
+# ------------------------------------------------------------------ the study's commands under misuse
+SMOKE_COMPARE = ["--preset", "smoke", "--seeds", "0", "--steps", "2", "--eval-steps", "2", "--log-every", "1"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--losses", "hn", "--", "--loss", "sum"],
+            r"--loss after --: the comparison sets it for every run; use --losses",
+        ),
+        (["--losses", "selhn", "--epsilons", "0.1", "--", "--epsilon", "0.05"], r"--epsilon after --: .* --epsilons"),
+        (["--", "--out=elsewhere"], r"--out after --"),
+        (["--losses", "selhn", "--epsilons", "0.05", "0.050000001"], r"selhn eps=0.05 given twice"),
+        (["--losses", "vse-infinity-full"], r"a backbone schedule needs a preset with a backbone .* warm-up under"),
+    ],
+)
+def test_compare_refuses_what_would_report_one_run_as_another(extra, message, capsys):
+    from examples.selection_study import compare
+
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--preset", "smoke", *extra])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_compare_refuses_to_start_without_matplotlib(monkeypatch, capsys):
+    """comparison.png failed after every run had trained; now the command refuses at its start."""
+    import sys
+
+    from examples.selection_study import compare
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--preset", "smoke"])
+    assert "comparison.png needs matplotlib" in capsys.readouterr().err
+    compare.parse_args(["--preset", "smoke", "--from-runs", "runs.csv"])  # no plot: no need
+
+
+def write_rows(path, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_damaged_or_duplicated_runs_tables_are_refused_with_one_line(tmp_path):
+    """A duplicated row flipped a verdict (the last one won); a bad cell or a missing file was a
+    traceback. Each is one line naming the file and the line."""
+    from examples.selection_study import compare, confirm
+
+    rows = confirmation_rows({"warmup": [0.0], "selhn eps=0.05": [0.5, -0.2, 0.3]})
+    cases = {
+        "duplicate": ([*rows, rows[0]], r"runs.csv, lines 2 and 18: two rows of warmup on seed 20"),
+        "bad cell": (
+            [{**rows[0], "test_mean_r1": "n/a"}, *rows[1:]],
+            r"runs.csv, line 2: column test_mean_r1 holds 'n/a'",
+        ),
+        "no column": ([{k: v for k, v in r.items() if k != "test_mean_r1"} for r in rows], r"no column test_mean_r1"),
+    }
+    for name, (table, message) in cases.items():
+        folder = tmp_path / name
+        (folder / "calibrated").mkdir(parents=True)
+        write_rows(folder / "calibrated" / "runs.csv", table)
+        for command in (
+            lambda f=folder: confirm.main(["--swap", str(f)]),
+            lambda f=folder: compare.main(["--out", str(f / "t"), "--from-runs", str(f / "calibrated" / "runs.csv")]),
+        ):
+            with pytest.raises(SystemExit, match=message) as raised:
+                command()
+            assert str(raised.value.code).startswith("error: ") and "\n" not in str(raised.value.code)
+    (tmp_path / "latin").mkdir()
+    (tmp_path / "latin" / "runs.csv").write_bytes(b"loss,seed,test_mean_r1\nw\xe4rmup,1,2\n")
+    with pytest.raises(SystemExit, match=r"runs.csv: not UTF-8 text \(byte 24\)"):
+        confirm.main(["--unfreeze", str(tmp_path / "latin")])
+    with pytest.raises(SystemExit, match=r"missing.csv: no such file"):
+        compare.main(["--out", str(tmp_path / "t"), "--from-runs", str(tmp_path / "missing.csv")])
+    write_rows(tmp_path / "latin" / "runs.csv", rows)
+    with pytest.raises(SystemExit, match=r"error: the unfreeze comparison needs vse-infinity-full runs"):
+        confirm.main(["--unfreeze", str(tmp_path / "latin")])
+    with pytest.raises(SystemExit):
+        confirm.main([str(tmp_path / "no such folder")])
+    with pytest.raises(compare.TableError, match="two runs of warmup on seed 20"):
+        compare.r1_by_label([*rows, rows[0]])
+
+
+def test_a_finished_run_with_damaged_records_is_named(tmp_path):
+    from examples.selection_study import compare
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "steps.csv").write_text("step,loss\n1,0.5\n")
+    (run / "dev.jsonl").write_text('{"global_step": 1}\n{"global_step": "x"}\n')
+    (run / "results.json").write_text("{}")
+    with pytest.raises(compare.TableError, match=r"dev.jsonl, line 2: not a record with an integer global_step"):
+        compare.read_run(run)
+    (run / "dev.jsonl").write_text('{"global_step": 1}\n')
+    (run / "steps.csv").write_text("step,loss\n1,\n")
+    with pytest.raises(compare.TableError, match=r"steps.csv, line 2: no step and loss numbers"):
+        compare.read_run(run)
+    (run / "results.json").unlink()
+    (run / "steps.csv").write_text("step,loss\n1,0.5\n")
+    with pytest.raises(compare.TableError, match=r"results.json: missing from a finished run"):
+        compare.read_run(run)
+
+
+def test_runs_without_test_metrics_give_tables_not_a_crash():
+    """--no-eval-test leaves test R@1 NaN: the tables say so instead of crashing after every run."""
+    from examples.selection_study import compare
+    from examples.selection_study.intervals import interval
+
+    assert str(interval([math.nan, 1.0])) == "no value (a run without test metrics)"
+    rows = [fact_row(loss, s, math.nan, math.nan) for loss in ("sum", "warmup", "hn") for s in range(2)]
+    assert "| F1 |" in compare.facts(rows)
+
+
+def test_study_refuses_impossible_numbers(capsys):
+    from examples.selection_study import study
+
+    for flags in (["--jobs", "-3"], ["--threads", "0"], ["--select-seeds", "-1"]):
+        with pytest.raises(SystemExit):
+            study.parse_args(flags)
+        assert flags[0] in capsys.readouterr().err
+
+
+def test_a_refused_compare_touches_no_data_and_reads_a_root_as_a_path(data_root, tmp_path):
+    """Reuse is checked before the data are prepared, and data_c and data_c/ are one root."""
+    from examples.selection_study import compare
+
+    out = tmp_path / "out"
+    compare.main(["--out", str(out), "--root", str(data_root), *SMOKE_COMPARE, "--losses", "sum"])
+    compare.main(["--out", str(out), "--root", str(data_root) + "/", *SMOKE_COMPARE, "--losses", "sum"])  # reused
+    fresh = tmp_path / "fresh-root"
+    with pytest.raises(SystemExit, match=r"other arguments than this comparison asks for"):
+        compare.main(["--out", str(out), "--root", str(fresh), *SMOKE_COMPARE, "--losses", "sum"])
+    assert not fresh.exists()
+
+
+def test_a_second_compare_never_deletes_a_run_another_one_is_training(data_root, tmp_path):
+    """Two compares into one --out: the second deleted the first's unfinished run (an rmtree that
+    ignored the run's lock). Now the pipeline's lock refuses it and the records stay."""
+    import fcntl
+
+    from examples.rvsepp import train as train_module
+    from examples.selection_study import compare
+
+    out = tmp_path / "out"
+    run = out / "runs" / "sum_seed0"
+    run.mkdir(parents=True)
+    (run / "steps.csv").write_text("step,loss\n1,0.5\n")
+    with open(run / train_module.LOCK_FILE, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match=r"sum_seed0: .*in use by another run"):
+            compare.main(["--out", str(out), "--root", str(data_root), *SMOKE_COMPARE, "--losses", "sum"])
+    assert (run / "steps.csv").read_text() == "step,loss\n1,0.5\n"
+    compare.main(["--out", str(out), "--root", str(data_root), *SMOKE_COMPARE, "--losses", "sum"])  # free: retrained
+    assert (run / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_compares_workers_and_starts_no_queued_run(data_root, tmp_path):
+    """With --jobs 2, SIGTERM left the workers training on, and queued runs started after Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "examples.selection_study.compare", "--out", str(out), "--root", str(data_root)]
+    command += ["--preset", "smoke", "--seeds", "0", "1", "2", "--losses", "sum", "--jobs", "2", "--steps", "400"]
+    process = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("runs/*/steps.csv")) and not list(out.glob("runs/*/dev.jsonl")):
+        assert time.monotonic() < deadline and process.poll() is None
+        if not list(out.glob("runs/*/.lock")):
+            time.sleep(0.5)
+            continue
+        time.sleep(3)  # training has started in both workers
+        break
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    time.sleep(1)
+    workers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not workers, workers
+    assert not (out / "runs" / "sum_seed2").exists()  # the queued third run never started

@@ -318,16 +318,17 @@ def seed_everything(seed: int) -> None:
 def atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file in the same folder, then rename: never a half-written file.
     A failed write (a full disk) removes the temporary file and leaves ``path`` as it was."""
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         torch.save(obj, tmp)
 
 
 @contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
+def replacing(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; then rename it over ``path``. On any
     failure the temporary file is removed and ``path`` is untouched; an OSError (a full disk,
-    a read-only folder) becomes a RunError that says so."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    a read-only folder) becomes a RunError that says so. The temporary name is this process's
+    own, so two processes writing one file never write into each other's."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -781,7 +782,7 @@ def records_until(out: Path, step: int, pending_eval: bool) -> list[dict[str, st
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a temporary file, then rename: never a half-written file (see :func:`atomic_save`)."""
-    with _replacing(path) as tmp, open(tmp, "w", newline="") as handle:  # the text's own line ends
+    with replacing(path) as tmp, open(tmp, "w", newline="") as handle:  # the text's own line ends
         handle.write(text)
 
 

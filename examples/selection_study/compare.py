@@ -51,11 +51,13 @@ runs/calibrated`` (see ``--help``; arguments after ``--`` go to every training r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import multiprocessing
-import shutil
+import os
+import signal
 import statistics
 import time
 from collections.abc import Sequence
@@ -134,6 +136,8 @@ def train_argv(out: Path, loss: str, seed: int, epsilon: float, args: argparse.N
 
 #: training arguments that do not change what a run computes (where and how it runs)
 MACHINE_ONLY = ("out", "resume", "overwrite", "tensorboard", "workers", "device")
+#: training arguments that are paths, compared as paths
+PATH_ARGUMENTS = ("root",)
 
 
 def reuse_mismatch(out: Path, argv: list[str]) -> str:
@@ -144,6 +148,10 @@ def reuse_mismatch(out: Path, argv: list[str]) -> str:
         stored = train_module.stored_arguments(load_checkpoint(out / "last.pth")["args"])
     except ValueError as error:
         return f"its checkpoint cannot be read ({error})"
+    for key in PATH_ARGUMENTS:  # a path as typed or not: data_c and data_c/ are one folder
+        for values in (stored, wanted):
+            if isinstance(values.get(key), str):
+                values[key] = os.path.normpath(values[key])
     differ = [
         f"--{key.replace('_', '-')} {stored.get(key)!r} (asked: {value!r})"
         for key, value in wanted.items()
@@ -177,23 +185,34 @@ def parse_train(argv: list[str]) -> argparse.Namespace:
 
 def train_if_needed(out: Path, argv: list[str]) -> None:
     """Train one run into ``out`` unless it holds a finished one (a ``results.json``; see
-    :func:`check_reusable`)."""
+    :func:`check_reusable`). An unfinished one is trained again from its start, through the
+    pipeline's ``--overwrite``: its folder lock refuses a run that another process is training
+    (a second compare into the same --out), and the old records stay until the new run's first
+    checkpoint."""
     if (out / "results.json").is_file():
         return
-    if out.exists():  # an unfinished run of this command: its records are partial, so start it again
-        shutil.rmtree(out)
+    if train_module.existing_run(out):  # an unfinished run: its records are partial, so start it again
+        argv = [*argv, "--overwrite"]
     start = time.perf_counter()
     train_module.train(parse_train(argv), STUDY_CRITERIA)
     print(f"  {out.name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
+#: In a pool worker: set once the command stops (a signal), so that no queued run starts.
+_stopping: Any = None
+
+
 def _train_task(task: tuple[str, list[str]]) -> str:
     """A pool worker's job: one run (errors come back as text, so one bad run stops nothing)."""
     out, argv = task
+    if _stopping is not None and _stopping.is_set():  # handed over before the command stopped: not started
+        return f"{Path(out).name}: not started (the command was stopped)"
     try:
         train_if_needed(Path(out), argv)
     except SystemExit as error:
         if isinstance(error.code, int) and error.code >= 128:  # stopped by a signal: the whole command stops
+            if _stopping is not None:
+                _stopping.set()
             raise
         return f"{Path(out).name}: {error}"
     except Exception as error:  # reported by the parent, run by run
@@ -201,8 +220,10 @@ def _train_task(task: tuple[str, list[str]]) -> str:
     return ""
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, stopping: Any) -> None:
+    global _stopping
     torch.set_num_threads(threads)
+    _stopping = stopping
 
 
 def train_all(tasks: list[tuple[Path, list[str]]], jobs: int = 1, threads: int = 1) -> list[str]:
@@ -217,9 +238,27 @@ def train_all(tasks: list[tuple[Path, list[str]]], jobs: int = 1, threads: int =
     if jobs <= 1:
         return [message for message in map(_train_task, todo) if message]
     context = multiprocessing.get_context("spawn")
+    stopping = context.Event()
     # an executor's workers may start processes of their own (a DataLoader's --workers); a Pool's may not
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-        return [message for message in pool.map(_train_task, todo) if message]
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads, stopping)) as pool:
+        futures = [pool.submit(_train_task, task) for task in todo]
+        try:
+            return [message for message in (future.result() for future in futures) if message]
+        except BaseException:  # Ctrl-C, SIGTERM, a run stopped by a signal: no queued run starts
+            stopping.set()  # (the runs already handed to a worker's queue cannot be cancelled: they skip)
+            for future in futures:
+                future.cancel()
+            _stop_workers(pool)
+            raise
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM to the pool's workers: each saves its run's checkpoint and stops (the pipeline's
+    handler), so none trains on after the command has stopped."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        if process.is_alive():
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGTERM)
 
 
 def prepare_data(argv: list[str]) -> None:
@@ -228,12 +267,39 @@ def prepare_data(argv: list[str]) -> None:
 
 
 def read_run(out: Path) -> dict[str, Any]:
-    """A finished run's records: steps, dev evaluations and results."""
-    with open(out / "steps.csv") as handle:
-        steps = list(csv.DictReader(handle))
-    with open(out / "dev.jsonl") as handle:
-        dev = [json.loads(line) for line in handle]
-    return {"steps": steps, "dev": dev, "results": json.loads((out / "results.json").read_text())}
+    """A finished run's records: steps, dev evaluations and results. A missing or damaged
+    record is refused with the file and line (:class:`TableError`), never read as zeros."""
+
+    def text(name: str) -> str:
+        try:
+            return (out / name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise TableError(f"{out / name}: missing from a finished run (delete the run to train it again)") from None
+        except UnicodeDecodeError as error:
+            raise TableError(f"{out / name}: not UTF-8 text (byte {error.start})") from None
+
+    steps = list(csv.DictReader(text("steps.csv").splitlines()))
+    for number, row in enumerate(steps, start=2):
+        try:
+            float(row["step"]), float(row["loss"])
+        except (KeyError, TypeError, ValueError):
+            raise TableError(f"{out / 'steps.csv'}, line {number}: no step and loss numbers ({row})") from None
+    dev = []
+    for number, line in enumerate(text("dev.jsonl").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise TableError(f"{out / 'dev.jsonl'}, line {number}: not a JSON record") from None
+        if not isinstance(record, dict) or not isinstance(record.get("global_step"), int):
+            raise TableError(f"{out / 'dev.jsonl'}, line {number}: not a record with an integer global_step")
+        dev.append(record)
+    try:
+        results = json.loads(text("results.json"))
+    except json.JSONDecodeError as error:
+        raise TableError(f"{out / 'results.json'}: not JSON ({error})") from None
+    if not isinstance(results, dict):
+        raise TableError(f"{out / 'results.json'}: not a JSON object")
+    return {"steps": steps, "dev": dev, "results": results}
 
 
 #: The facts table's header (facts.md, and facts.csv's first row).
@@ -370,7 +436,7 @@ TEXT_COLUMNS = ("loss", "alarm_steps", "commit", "machine", "started", "finished
 
 
 def write_runs_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as handle:
+    with train_module.replacing(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(RUN_COLUMNS))
         writer.writeheader()
         for row in rows:
@@ -418,7 +484,7 @@ def write_per_seed_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     ordered = sorted(
         rows, key=lambda r: (order[r["loss"]], float(r["epsilon"]) if r["loss"] == "selhn" else 0, r["seed"])
     )
-    with open(path, "w", newline="") as handle:
+    with train_module.replacing(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([title for _, title in columns])
         writer.writerows([cell(key, row) for key, _ in columns] for row in ordered)
@@ -530,7 +596,10 @@ def r1_by_label(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
     values: dict[str, dict[int, float]] = {}
     for row in rows:
         name = label(str(row["loss"]), float(row.get("epsilon", math.nan)))
-        values.setdefault(name, {})[int(row["seed"])] = float(row["test_mean_r1"])
+        seed = int(row["seed"])
+        if seed in values.get(name, {}):
+            raise TableError(f"two runs of {name} on seed {seed}: a comparison pairs one run per variant and seed")
+        values.setdefault(name, {})[seed] = float(row["test_mean_r1"])
     return values
 
 
@@ -604,12 +673,12 @@ def markdown(rows: list[dict[str, Any]], chance: float, seeds: list[int], steps:
 def write_table_csv(path: Path, table: str) -> None:
     """The markdown table's rows as CSV (for the docs' csv-table)."""
     rows = [line.strip("|").split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    with open(path, "w", newline="") as handle:
+    with train_module.replacing(path) as tmp, open(tmp, "w", newline="") as handle:
         csv.writer(handle).writerows([cell.strip() for cell in row] for row in rows)
 
 
 def write_csvs(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]]) -> None:
-    with open(out / "steps.csv", "w", newline="") as handle:
+    with train_module.replacing(out / "steps.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = None
         for (loss, epsilon, seed), run in runs.items():
             for row in run["steps"]:
@@ -620,7 +689,7 @@ def write_csvs(out: Path, runs: dict[tuple[str, float, int], dict[str, Any]]) ->
                     writer = csv.DictWriter(handle, fieldnames=list(record))
                     writer.writeheader()
                 writer.writerow(record)
-    with open(out / "dev.csv", "w", newline="") as handle:
+    with train_module.replacing(out / "dev.csv") as tmp, open(tmp, "w", newline="") as handle:
         fields = ["loss", "epsilon", "seed", "global_step", "rsum", "i2t_r1", "t2i_r1"]
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -764,7 +833,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.root is None:
         args.root = str(Path("data") / args.preset)
+    check_train_args(parser, args)
+    labels = [label("selhn", epsilon) for epsilon in args.epsilons]
+    twins = sorted({name for name in labels if labels.count(name) > 1})
+    if twins:
+        parser.error(f"--epsilons: {', '.join(twins)} given twice (epsilons that print alike share one run folder)")
+    staged = [name for name in args.losses if name in SCHEDULES]
+    if staged and args.from_runs is None and not parse_train(["--preset", args.preset, *args.train_args]).backbone:
+        parser.error(
+            f"--losses {' '.join(staged)}: a backbone schedule needs a preset with a backbone (calibrated-unfreeze) "
+            f"or --backbone; on --preset {args.preset} it would train the warm-up under another name"
+        )
+    if args.from_runs is None:
+        check_plotting(parser)
     return args
+
+
+#: The training flags the comparison sets for every run itself: after ``--`` they would override
+#: a variant's own (``--losses hn -- --loss sum`` trained the sum and reported it as hn).
+PER_RUN_FLAGS = {
+    "--loss": "--losses",
+    "--epsilon": "--epsilons",
+    "--seed": "--seeds",
+    "--out": "--out",
+    "--root": "--root",
+    "--preset": "--preset",
+    "--eval-steps": "--eval-steps",
+    "--log-every": "--log-every",
+    "--max-steps": "--steps",
+    "--tensorboard": "(off in every run)",
+    "--resume": "(finished runs are reused, unfinished ones trained again)",
+    "--overwrite": "(finished runs are reused, unfinished ones trained again)",
+}
+
+
+def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, after ``--``, a flag the comparison sets per run. (A named schedule's own flags
+    still win over those after ``--`` for its runs: ``--`` sets the other variants' schedule.)"""
+    given = {token.split("=", 1)[0] for token in args.train_args if token.startswith("--")}
+    for flag in sorted(given & set(PER_RUN_FLAGS)):
+        parser.error(f"{flag} after --: the comparison sets it for every run; use {PER_RUN_FLAGS[flag]} instead")
+
+
+def check_plotting(parser: argparse.ArgumentParser) -> None:
+    """comparison.png needs matplotlib: refuse at the start, not after hours of training."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.error("comparison.png needs matplotlib: pip install matplotlib (or selhn's examples extra)")
 
 
 def plan(args: argparse.Namespace) -> dict[tuple[str, float, int], Path]:
@@ -782,7 +898,7 @@ def write_facts(out: Path, rows: list[dict[str, Any]]) -> str:
     paired.csv; returns facts.md's text. Where no fact can be checked, facts.csv holds its
     header alone."""
     checked, paired = facts(rows), paired_table(rows)
-    (out / "facts.md").write_text(checked + "\n" + paired)
+    train_module.write_atomic(out / "facts.md", checked + "\n" + paired)
     write_table_csv(out / "facts.csv", checked if FACTS_HEADER in checked else FACTS_HEADER)
     write_table_csv(out / "paired.csv", paired)
     return checked + "\n" + paired
@@ -798,16 +914,81 @@ def unfreeze_and_plateau(run_args: argparse.Namespace, loss: str, steps_per_epoc
     return unfreeze, plateau
 
 
+class TableError(ValueError):
+    """A runs.csv, or a finished run's records, that cannot be read as they are: the message
+    names the file (and the line) and what is wrong."""
+
+
+#: The columns every verdict and table reads from a runs.csv (and ``epsilon`` where SelHN ran).
+REQUIRED_COLUMNS = ("loss", "seed", "test_mean_r1")
+
+
 def read_runs_csv(path: Path) -> list[dict[str, Any]]:
     """The rows of a runs.csv that compare wrote (numbers as floats; the loss, commit and
-    machine as text)."""
-    with open(path, newline="") as handle:
-        rows = csv.DictReader(handle)
-        return [{k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()} for row in rows]
+    machine as text). A missing or damaged file, a missing column, a cell that is no number and
+    two rows of one variant and seed are refused (:class:`TableError`), never read as zeros or
+    collapsed into one."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TableError(f"{path}: no such file (compare writes runs.csv into its --out)") from None
+    except IsADirectoryError:
+        raise TableError(f"{path}: a folder, not a runs.csv") from None
+    except UnicodeDecodeError as error:
+        raise TableError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    reader = csv.DictReader(text.splitlines())
+    missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
+    if missing:
+        raise TableError(f"{path}: no column {', '.join(missing)} (it has: {', '.join(reader.fieldnames or [])})")
+    rows = []
+    seen: dict[tuple[str, int], int] = {}
+    for row in reader:
+        parsed: dict[str, Any] = {}
+        for key, value in row.items():
+            if key in TEXT_COLUMNS or key is None:
+                parsed[key] = value
+                continue
+            try:
+                parsed[key] = float(value)
+            except (TypeError, ValueError):
+                raise TableError(
+                    f"{path}, line {reader.line_num}: column {key} holds {value!r}, not a number"
+                ) from None
+        if "epsilon" not in parsed:
+            if parsed["loss"] == "selhn":
+                raise TableError(f"{path}, line {reader.line_num}: a SelHN run, but the file has no epsilon column")
+            parsed["epsilon"] = math.nan
+        if not math.isfinite(parsed["seed"]) or parsed["seed"] != int(parsed["seed"]):
+            raise TableError(f"{path}, line {reader.line_num}: seed {parsed['seed']!r} is no whole number")
+        key_ = (label(str(parsed["loss"]), parsed["epsilon"]), int(parsed["seed"]))
+        if key_ in seen:
+            raise TableError(
+                f"{path}, lines {seen[key_]} and {reader.line_num}: two rows of {key_[0]} on seed {key_[1]}; a verdict "
+                "pairs one run per variant and seed"
+            )
+        seen[key_] = reader.line_num
+        rows.append(parsed)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _terminated)  # stop the workers too, not only this process
+    try:
+        run_comparison(args)
+    except (TableError, train_module.RunError) as error:
+        raise SystemExit(f"error: {error}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run_comparison(args: argparse.Namespace) -> None:
+    """The command: train what is missing, then write the tables (see the module docs)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_runs is not None:  # the tables of a finished comparison, from its runs.csv alone
@@ -815,6 +996,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     folders = plan(args)
     tasks = [(folder, train_argv(folder, loss, seed, eps, args)) for (loss, eps, seed), folder in folders.items()]
+    check_reusable(tasks)  # before the data: a refused command changes nothing on disk
     if tasks:  # once, before any worker starts (and for the tables, if every run was trained elsewhere)
         prepare_data(tasks[0][1])
     failed = train_all(tasks, args.jobs, args.threads)
@@ -837,7 +1019,7 @@ def main(argv: list[str] | None = None) -> None:
     write_per_seed_csv(out / "per_seed.csv", rows)
     write_csvs(out, runs)
     table = markdown(summarise(rows), chance, args.seeds, args.steps)
-    (out / "comparison.md").write_text(table)
+    train_module.write_atomic(out / "comparison.md", table)
     write_table_csv(out / "comparison.csv", table)
     checked = write_facts(out, rows)
     title = f"RVSE++, preset {args.preset} {' '.join(args.train_args)}".strip()

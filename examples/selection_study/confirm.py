@@ -47,7 +47,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from examples.selection_study.compare import label, r1_by_label, read_runs_csv
+from examples.selection_study.compare import TableError, label, r1_by_label, read_runs_csv
 from examples.selection_study.intervals import (
     PairedInterval,
     leave_one_out,
@@ -166,7 +166,7 @@ def unfreeze_verdict(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[s
     :data:`UNFREEZE_SEEDS_NEEDED` pairs the sentence says the runs are a pilot, with no verdict."""
     values = r1_by_label(rows)
     if UNFREEZE_REFERENCE not in values:
-        raise ValueError(f"the unfreeze comparison needs {UNFREEZE_REFERENCE} runs; runs.csv has {sorted(values)}")
+        raise TableError(f"the unfreeze comparison needs {UNFREEZE_REFERENCE} runs; runs.csv has {sorted(values)}")
     words = {"beats": "beats", "not worse": "matches", "worse": "is worse than", "undecided": "is undecided against"}
     sentences: list[str] = []
     table: list[dict[str, Any]] = []
@@ -335,10 +335,15 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(args.folder)
     if args.unfreeze and args.swap:
         parser.error("--unfreeze and --swap grade different comparisons: give one")
-    if args.swap:
-        print(write_swap_verdict(folder))
-    else:
-        print(write_unfreeze_verdict(folder) if args.unfreeze else write_verdict(folder))
+    if not folder.is_dir():
+        parser.error(f"{folder}: no such folder (the comparison's --out)")
+    try:
+        if args.swap:
+            print(write_swap_verdict(folder))
+        else:
+            print(write_unfreeze_verdict(folder) if args.unfreeze else write_verdict(folder))
+    except TableError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

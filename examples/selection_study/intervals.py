@@ -76,6 +76,8 @@ class PairedInterval(NamedTuple):
     def __str__(self) -> str:
         if self.n == 0:
             return "no pairs"
+        if not math.isfinite(self.mean):
+            return "no value (a run without test metrics)"
         if self.n < 2:
             return f"{self.mean:+.2f} (one pair: no interval)"
         return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
@@ -92,8 +94,8 @@ def interval(differences: list[float]) -> PairedInterval:
     """The mean of ``differences`` and its Student-t 95% interval (NaN with no value; the
     mean alone, as its own bounds, with one)."""
     n = len(differences)
-    if n == 0:
-        return PairedInterval(math.nan, math.nan, math.nan, 0)
+    if n == 0 or not all(math.isfinite(d) for d in differences):  # (a run without test metrics: --no-eval-test)
+        return PairedInterval(math.nan, math.nan, math.nan, n)
     mean = statistics.fmean(differences)
     if n == 1:
         return PairedInterval(mean, mean, mean, 1)

@@ -31,6 +31,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from examples.rvsepp import cli
 from examples.selection_study import compare
 from examples.selection_study.rules import RULES
 
@@ -192,11 +193,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phase", choices=["select", "confirm", "all"], default="all")
     parser.add_argument("--out", default="runs/study", help="one folder per phase and setting under it")
     parser.add_argument("--data", default="data/study", help="the settings' synthetic data sets under it")
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (worker processes)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
-    parser.add_argument("--select-seeds", type=int, nargs="+", default=list(SELECT_SEEDS))
-    parser.add_argument("--confirm-seeds", type=int, nargs="+", default=list(CONFIRM_SEEDS))
-    parser.add_argument("--stall-only-seeds", type=int, nargs="+", default=list(STALL_ONLY_SEEDS))
+    parser.add_argument(
+        "--jobs", type=cli.integer_at_least(1), default=1, help="runs trained at once (worker processes)"
+    )
+    parser.add_argument("--threads", type=cli.integer_at_least(1), default=1, help="intra-op threads per worker")
+    parser.add_argument("--select-seeds", type=cli.seed, nargs="+", default=list(SELECT_SEEDS))
+    parser.add_argument("--confirm-seeds", type=cli.seed, nargs="+", default=list(CONFIRM_SEEDS))
+    parser.add_argument("--stall-only-seeds", type=cli.seed, nargs="+", default=list(STALL_ONLY_SEEDS))
     parser.add_argument("train_args", nargs="*", help="after --: arguments for every training run (tests only)")
     return parser.parse_args(argv)
 
