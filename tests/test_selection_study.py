@@ -894,3 +894,28 @@ def test_sigterm_stops_compares_workers_and_starts_no_queued_run(data_root, tmp_
     workers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert not workers, workers
     assert not (out / "runs" / "sum_seed2").exists()  # the queued third run never started
+
+
+def test_a_full_disk_never_leaves_a_table_cut_mid_row(tmp_path, monkeypatch):
+    """compare wrote its tables in place: a full disk cut steps.csv mid-row. Each table is now
+    written whole or not at all, with one line naming it."""
+    from examples.rvsepp.train import RunError
+    from examples.selection_study import compare
+
+    path = tmp_path / "runs.csv"
+    rows = [{name: 1.0 for name in compare.RUN_COLUMNS} | {"loss": "sum", "commit": "c", "machine": "m"}]
+    compare.write_runs_csv(path, rows)
+    before = path.read_bytes()
+
+    class FullDisk:
+        def __init__(self, handle, **kwargs):
+            self.handle = handle
+
+        def writeheader(self):
+            self.handle.write("loss,epsi")
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compare.csv, "DictWriter", FullDisk)
+    with pytest.raises(RunError, match=r"could not write .*runs.csv: No space left on device; the previous runs.csv"):
+        compare.write_runs_csv(path, rows)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["runs.csv"]
