@@ -919,3 +919,25 @@ def test_a_full_disk_never_leaves_a_table_cut_mid_row(tmp_path, monkeypatch):
     with pytest.raises(RunError, match=r"could not write .*runs.csv: No space left on device; the previous runs.csv"):
         compare.write_runs_csv(path, rows)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["runs.csv"]
+
+
+def test_confirm_reproduces_the_committed_verdicts_and_never_writes_a_poorer_one(tmp_path):
+    """confirm on docs/_results/confirmation replaced its verdict with 'No verdict (0 of 8)':
+    the committed layout (<preset>_runs.csv) was not the one it read. It reads both, reproduces
+    every committed verdict byte for byte, and refuses to replace a verdict with one on fewer pairs."""
+    import shutil
+    from pathlib import Path
+
+    from examples.selection_study import confirm
+
+    results = Path(__file__).resolve().parents[1] / "docs" / "_results"
+    for name, flags in (("confirmation", []), ("unfreeze", ["--unfreeze"])):
+        copy = shutil.copytree(results / name, tmp_path / name)
+        confirm.main([*flags, str(copy)])
+        for verdict in ("verdict.md", "verdict.csv"):
+            assert (copy / verdict).read_bytes() == (results / name / verdict).read_bytes(), (name, verdict)
+    (tmp_path / "confirmation" / "calibrated_runs.csv").unlink()
+    before = (tmp_path / "confirmation" / "verdict.md").read_bytes()
+    with pytest.raises(SystemExit, match=r"verdict.csv holds a verdict on more pairs .* 8 pairs there, 0 here"):
+        confirm.main([str(tmp_path / "confirmation")])
+    assert (tmp_path / "confirmation" / "verdict.md").read_bytes() == before

@@ -47,6 +47,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from examples.rvsepp import cli
+from examples.rvsepp import train as train_module
 from examples.selection_study.compare import TableError, label, r1_by_label, read_runs_csv
 from examples.selection_study.intervals import (
     PairedInterval,
@@ -267,17 +269,48 @@ def swap_verdict(rows_by_preset: dict[str, list[dict[str, Any]]]) -> tuple[list[
 
 def write_swap_verdict(folder: Path) -> str:
     """verdict.md and verdict.csv in ``folder``, from ``folder/<preset>/runs.csv`` (the swap's configuration)."""
-    rows_by_preset = {
-        preset: read_runs_csv(folder / preset / "runs.csv")
-        for preset in PRESETS
-        if (folder / preset / "runs.csv").is_file()
-    }
-    sentences, table = swap_verdict(rows_by_preset)
+    sentences, table = swap_verdict(preset_runs(folder))
     return write_tables(folder, sentences, table)
 
 
+def preset_runs(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each preset's rows, from ``<folder>/<preset>/runs.csv`` (what the run scripts write) or
+    ``<folder>/<preset>_runs.csv`` (the layout committed under docs/_results)."""
+    rows = {}
+    for preset in PRESETS:
+        for path in (folder / preset / "runs.csv", folder / f"{preset}_runs.csv"):
+            if path.is_file():
+                rows[preset] = read_runs_csv(path)
+                break
+    return rows
+
+
+def check_not_poorer(folder: Path, table: list[dict[str, Any]]) -> None:
+    """Refuse to replace a verdict.csv with one on fewer pairs: a grading command never
+    overwrites a verdict with a less complete one (the committed verdicts among them)."""
+    path = folder / "verdict.csv"
+    if not path.is_file():
+        return
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            before = {(r["preset"], r["SelHN"], r["minus"]): int(r["pairs"]) for r in csv.DictReader(handle)}
+    except (KeyError, ValueError, UnicodeDecodeError) as error:
+        raise TableError(f"{path}: not a verdict this command wrote ({error}); move it away to grade here") from None
+    now = {(line["preset"], line["variant"], line["reference"]): line["difference"].n for line in table}
+    poorer = [key for key, pairs in before.items() if now.get(key, 0) < pairs]
+    if poorer:
+        preset, variant, reference = poorer[0]
+        raise TableError(
+            f"{path} holds a verdict on more pairs than these runs give ({variant} - {reference} on {preset}: "
+            f"{before[poorer[0]]} pairs there, {now.get(poorer[0], 0)} here): not overwritten. Grade another folder, "
+            "or move the verdict away"
+        )
+
+
 def write_tables(folder: Path, sentences: list[str], table: list[dict[str, Any]]) -> str:
-    """verdict.md and verdict.csv in ``folder``: the sentences, then one line per graded comparison."""
+    """verdict.md and verdict.csv in ``folder``: the sentences, then one line per graded comparison
+    (never over a verdict on more pairs: :func:`check_not_poorer`)."""
+    check_not_poorer(folder, table)
     lines = [
         "| preset | SelHN | minus | mean [95% interval] | pairs | grade |",
         "|---|---|---|---|---|---|",
@@ -289,8 +322,8 @@ def write_tables(folder: Path, sentences: list[str], table: list[dict[str, Any]]
             f"| {line['grade']} |"
         )
     text = "\n".join(sentences) + "\n\n" + "\n".join(lines) + "\n"
-    (folder / "verdict.md").write_text(text)
-    with open(folder / "verdict.csv", "w", newline="") as handle:
+    train_module.write_atomic(folder / "verdict.md", text)
+    with train_module.replacing(folder / "verdict.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["preset", "SelHN", "minus", "mean", "low", "high", "pairs", "grade"])
         for line in table:
@@ -308,18 +341,24 @@ def write_unfreeze_verdict(folder: Path) -> str:
 
 def write_verdict(folder: Path) -> str:
     """verdict.md and verdict.csv in ``folder``, from ``folder/<preset>/runs.csv``."""
-    rows_by_preset = {
-        preset: read_runs_csv(folder / preset / "runs.csv")
-        for preset in PRESETS
-        if (folder / preset / "runs.csv").is_file()
-    }
-    sentences, table = verdict(rows_by_preset)
+    sentences, table = verdict(preset_runs(folder))
     return write_tables(folder, sentences, table)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", help="the confirmation's output folder (holding <preset>/runs.csv)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Writes verdict.md and verdict.csv into FOLDER (never over a verdict on more pairs). Grades: beats "
+        "(the paired 95% interval of the difference lies above 0), worse (below 0), not worse (its lower end above "
+        "-1 R@1 point; 'matches' for the unfreeze comparison), undecided (otherwise). The folders come from "
+        "benchmarks/confirm_epsilon.sh, compare --preset calibrated-unfreeze and benchmarks/swap_config.sh; the "
+        "committed ones are under docs/_results.",
+        formatter_class=cli.HelpFormatter,
+    )
+    parser.add_argument(
+        "folder",
+        help="the comparison's folder: <preset>/runs.csv or <preset>_runs.csv per preset (runs.csv for --unfreeze)",
+    )
     parser.add_argument(
         "--unfreeze",
         action="store_true",
@@ -342,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
             print(write_swap_verdict(folder))
         else:
             print(write_unfreeze_verdict(folder) if args.unfreeze else write_verdict(folder))
-    except TableError as error:
+    except (TableError, train_module.RunError) as error:
         raise SystemExit(f"error: {error}") from None
 
 
