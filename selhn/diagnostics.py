@@ -479,6 +479,11 @@ class CollapseAlarm:
         self.streak, self.fired = streak, fired
 
 
+def _epsilon_of(rule: SelectionRule | None, otherwise: float = 0.01) -> float:
+    """The epsilon a monitor measures the vanishing fraction at: SelHN's own, else ``otherwise``."""
+    return rule.epsilon if isinstance(rule, SelHN) else otherwise
+
+
 def _state_entries(state: Any, owner: str, names: tuple[str, ...]) -> list[Any]:
     """The entries ``names`` of a state dict, in order; a state that is no mapping or lacks one is refused."""
     if not isinstance(state, Mapping):
@@ -512,16 +517,18 @@ def advice(rule: SelectionRule | None) -> str:
         if rule.epsilon < ADVISED_EPSILON:
             return text + (
                 f"at this epsilon it leaves the plateau late. Pass epsilon={ADVISED_EPSILON:g} (scaled with the scores "
-                "if they are not cosine similarities): on the docs' benchmark it reached useful recall about as fast "
-                "as a sum-of-hinges warm-up from a cold start, and recovered within about a hundred steps after a "
-                "backbone was unfrozen. Or warm up with the sum of hinges for one "
-                f"epoch (selhn.ContrastiveLoss with max_violation_off(), then max_violation_on()); see {_WHERE}."
+                "if they are not cosine similarities): on the docs' benchmark, from a cold start, it ended not worse "
+                "than a sum-of-hinges warm-up (though it reached useful recall later), and after a backbone was "
+                "unfrozen it recovered without a schedule. Or, from a cold start, warm up with the sum of hinges for "
+                f"one epoch (selhn.ContrastiveLoss with max_violation_off(), then max_violation_on()); see {_WHERE}."
             )
         return text + (
             "on the docs' benchmark it left the plateau within a few hundred steps, at a cold start and after a "
-            "backbone was unfrozen. If it "
-            "does not, warm up with the sum of hinges for one epoch (selhn.ContrastiveLoss with "
-            f"max_violation_off(), then max_violation_on()) and check the learning rate; see {_WHERE}."
+            "backbone was unfrozen. If it does not: at a cold start, warm up with the sum of hinges for one epoch "
+            "(selhn.ContrastiveLoss with max_violation_off(), then max_violation_on()); after a backbone was "
+            "unfrozen, use VSE-infinity's whole schedule (the backbone unfrozen block by block, the loss ramped), "
+            "not the warm-up alone, which went back to the plateau there. Check the learning rate in both cases; "
+            f"see {_WHERE}."
         )
     if isinstance(rule, SumOfHinges):
         return (
@@ -533,8 +540,9 @@ def advice(rule: SelectionRule | None) -> str:
         "these anchors), or warm up with the sum of hinges for one epoch (selhn.ContrastiveLoss with "
         "max_violation_off(), then max_violation_on()). If it started when a backbone was unfrozen, the same "
         f"selhn.SelHNLoss(epsilon={ADVISED_EPSILON:g}) recovered from that without a schedule on the docs' benchmark; "
-        "or unfreeze the backbone block by "
-        f"block at a lower learning rate, with the loss ramped, as VSE-infinity does (see {_WHERE})."
+        "or unfreeze the backbone block by block with the loss ramped, as VSE-infinity's whole schedule does (the "
+        "docs measured both with the backbone at ten times the learning rate; see "
+        f"{_WHERE})."
     )
 
 
@@ -624,16 +632,61 @@ class TrainingMonitor:
             )
         self.alarm: CollapseAlarm | None = CollapseAlarm(margin) if alarm is True else (alarm or None)
         self.rule = None if rule is None else check_rule(rule)
+        self._loss: Any = None  # the loss module followed (for_loss), or None
         self.steps = 0
         self.alarm_steps: list[int] = []
         self._records: deque[Tensor] = deque(maxlen=history)
         self._last: dict[str, float] = {}
         self.columns: list[str] = []
 
+    @classmethod
+    def for_loss(
+        cls,
+        loss: nn.Module,
+        image_encoder: nn.Module | Iterable[nn.Parameter],
+        text_encoder: nn.Module | Iterable[nn.Parameter],
+        **options: Any,
+    ) -> TrainingMonitor:
+        """A monitor of a training run that uses ``loss`` (a selhn loss module): it takes the
+        loss's margin, and at every step its rule (a warm-up's switch included) for the alarm's
+        advice and, for SelHN, its epsilon for the vanishing fraction, so the monitor measures
+        what the loss uses and never advises the rule already in use. ``options`` are the
+        other arguments of :class:`TrainingMonitor` (``log_every``, ``alarm``, ``history``).
+
+        Example:
+            >>> import torch, selhn
+            >>> from selhn.diagnostics import TrainingMonitor
+            >>> criterion = selhn.SelHNLoss(epsilon=0.05)
+            >>> image_encoder, text_encoder = torch.nn.Linear(4, 3), torch.nn.Linear(5, 3)
+            >>> monitor = TrainingMonitor.for_loss(criterion, image_encoder, text_encoder, log_every=1)
+            >>> monitor.rule, monitor.epsilon, monitor.margin
+            (SelHN(epsilon=0.05, fallback='mean'), 0.05, 0.2)
+        """
+        rule = getattr(loss, "rule", None)
+        if not isinstance(rule, SelectionRule) or not hasattr(loss, "margin"):
+            raise TypeError(
+                f"loss must be a selhn loss module (with a rule and a margin, e.g. selhn.SelHNLoss), "
+                f"got {type(loss).__name__}"
+            )
+        unknown = sorted(set(options) - {"history", "log_every", "alarm"})
+        if unknown:
+            raise TypeError(f"for_loss takes the margin, epsilon and rule from the loss; unknown option(s): {unknown}")
+        margin: float = getattr(loss, "margin")  # noqa: B009 (a module's attribute: typed here)
+        monitor = cls(image_encoder, text_encoder, margin=margin, epsilon=_epsilon_of(rule), rule=rule, **options)
+        monitor._loss = loss
+        return monitor
+
+    def _follow_the_loss(self) -> None:
+        """With :meth:`for_loss`: this step's rule and, for SelHN, its epsilon."""
+        if self._loss is not None:
+            self.rule = self._loss.rule
+            self.epsilon = _epsilon_of(self.rule, self.epsilon)
+
     def step(
         self, scores: Tensor | None = None, loss: Tensor | None = None, *, mask: Tensor | None = None
     ) -> dict[str, float] | None:
         """Record one training step; returns its values as floats on logging steps, else None."""
+        self._follow_the_loss()
         if loss is not None:
             if not isinstance(loss, Tensor):
                 raise TypeError(f"loss must be a one-element torch.Tensor or None, got {type(loss).__name__}")

@@ -619,3 +619,34 @@ def test_a_restored_alarm_warns_no_second_time_for_the_same_collapse():
     ):
         with pytest.raises((TypeError, ValueError), match=message):
             D.TrainingMonitor(encoder, encoder).load_state_dict(bad)
+
+
+def test_a_monitor_for_a_loss_measures_and_advises_for_that_loss():
+    """A SelHNLoss(epsilon=0.05) run stuck on the plateau was told 'Fix: train with
+    selhn.SelHNLoss(epsilon=0.05)', and its vanishing fraction was measured at 0.01."""
+    import selhn
+
+    encoder = torch.nn.Linear(2, 2)
+    criterion = selhn.SelHNLoss(epsilon=0.05)
+    monitor = D.TrainingMonitor.for_loss(criterion, encoder, encoder, log_every=1, alarm=D.CollapseAlarm(patience=1))
+    assert (monitor.margin, monitor.epsilon) == (0.2, 0.05)
+    scores = torch.full((8, 8), 0.3) + 0.03 * torch.eye(8)  # every gap 0.03: vanishing at 0.05, not at 0.01
+    logged = monitor.step(scores, torch.tensor(0.17))
+    assert logged is not None and logged["i2t/vanishing_fraction"] == 1.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor.step(torch.full((8, 8), 0.3), torch.tensor(0.2))  # the plateau: the alarm fires
+    message = str(caught[0].message)
+    assert "This run trains with SelHN (epsilon 0.05)" in message and "Fix: train with" not in message
+    assert "after a backbone was unfrozen, use VSE-infinity's whole schedule" in message
+    switchable = selhn.ContrastiveLoss(max_violation=False)
+    follower = D.TrainingMonitor.for_loss(switchable, encoder, encoder, log_every=1)
+    follower.step(scores, torch.tensor(0.2))
+    assert isinstance(follower.rule, selhn.rules.SumOfHinges) and follower.epsilon == 0.01
+    switchable.max_violation_on()
+    follower.step(scores, torch.tensor(0.2))
+    assert isinstance(follower.rule, selhn.rules.MaxViolation)
+    with pytest.raises(TypeError, match="loss must be a selhn loss module"):
+        D.TrainingMonitor.for_loss(torch.nn.MSELoss(), encoder, encoder)
+    with pytest.raises(TypeError, match=r"unknown option\(s\): \['epsilon'\]"):
+        D.TrainingMonitor.for_loss(criterion, encoder, encoder, epsilon=0.01)
