@@ -168,6 +168,10 @@ def test_a_second_run_into_a_folder_in_use_is_refused(data_root, tmp_path):
         assert not (out / "last.pth").exists()
     run([*SMOKE, "--root", str(data_root), "--out", str(out), "--max-steps", "1", "--no-eval-test"])
     assert (out / "last.pth").is_file()
+    assert not (out / train_module.LOCK_FILE).exists()  # a finished run leaves no .lock behind
+    (out / train_module.LOCK_FILE).write_text("pid 99999")  # a stale lock that nobody holds: no obstacle
+    run([*SMOKE, "--root", str(data_root), "--out", str(out), "--resume", "--max-steps", "2", "--no-eval-test"])
+    assert not (out / train_module.LOCK_FILE).exists()
 
 
 def test_compare_reuses_a_finished_run_only_for_the_same_arguments(finished, data_root, tmp_path):

@@ -554,7 +554,9 @@ SAME_RUN = (
 def locked_run_folder(out: Path) -> Iterator[None]:
     """Create ``out`` if needed and hold an exclusive lock on it while the run lives: a second
     run into the same folder is refused at once instead of mixing its records and checkpoints
-    with the first one's. (The main process only; on systems without ``fcntl`` no lock is taken.)"""
+    with the first one's. The lock file goes when the run ends, removed while still held; a run
+    that locked a file removed meanwhile locks the new one instead. (The main process only; on
+    systems without ``fcntl`` no lock is taken.)"""
     if int(os.environ.get("RANK", "0")) != 0:  # a DDP rank other than the main one writes nothing
         yield
         return
@@ -564,30 +566,45 @@ def locked_run_folder(out: Path) -> Iterator[None]:
         raise RunError(f"--out {out} is a file, not a folder: choose a folder for the run")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the run's whole life)
     except OSError as error:
         raise RunError(f"cannot use --out {out} as the run folder: {error.strerror or error}") from None
-    with handle:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = out / LOCK_FILE
+    while True:
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            yield
-            return
+            handle = open(path, "a+")  # noqa: SIM115 (held open for the run's whole life)
+        except OSError as error:
+            raise RunError(f"cannot use --out {out} as the run folder: {error.strerror or error}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
+            handle.close()
             raise RunError(
                 f"{out} is in use by another run ({owner}): wait for it to finish, or choose another --out"
             ) from None
+        try:  # the file may have been removed by the run that held it before: then lock the new one
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    with handle:
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")
         handle.flush()
         try:
             yield
-        finally:
+        finally:  # removed while still held: a finished run leaves no .lock behind
+            with contextlib.suppress(OSError):
+                path.unlink()
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
