@@ -50,6 +50,7 @@ import os
 import random
 import shutil
 import signal
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -169,7 +170,16 @@ SYNTHETIC_HELP = {
 def preset_help(presets: dict[str, Preset]) -> str:
     """The presets' list for ``--help``."""
     width = max(len(name) for name in presets) + 2
-    lines = [f"  {name:<{width}}{preset.description}" for name, preset in presets.items()]
+    lines = []
+    for name, preset in presets.items():
+        lines.append(f"  {name:<{width}}{preset.description}")
+        values = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in preset.values.items())
+        lines += textwrap.wrap(
+            values or "(the flags' defaults)",
+            100,
+            initial_indent=" " * (width + 4),
+            subsequent_indent=" " * (width + 4),
+        )
     return "presets (--preset; every flag given on the command line overrides the preset's value):\n" + "\n".join(lines)
 
 
@@ -181,6 +191,7 @@ def parse_args(
     """The run's arguments. ``presets`` and ``criteria`` are what ``--preset`` and ``--loss``
     choose from (a study adds its own: see ``examples/selection_study``)."""
     parser = argparse.ArgumentParser(
+        prog="python -m examples.rvsepp.train",
         description=__doc__.split("\n\n")[0],
         epilog=preset_help(presets),
         formatter_class=cli.HelpFormatter,
@@ -192,10 +203,21 @@ def parse_args(
     add("--name", default="synthetic", help="data set: synthetic (generated), f30k, coco, ...")
     add("--test-split", default=None, help="evaluation split (when not given: test, and testall for coco)")
     add("--out", default="runs/rvsepp", help="run folder: checkpoints, TensorBoard logs, CSV")
-    add("--loss", choices=list(criteria), default="selhn", help="the loss (hn: max violation, sum: sum of hinges)")
+    add(
+        "--loss",
+        choices=list(criteria),
+        default="selhn",
+        help="the loss (hn: max violation, sum: sum of hinges, warmup: VSE-infinity's schedule, the sum of hinges "
+        "for --warmup-epochs, then max violation)",
+    )
     add("--reduction", choices=["auto", "mean", "sum"], default="auto", help="auto: mean for selhn, sum otherwise")
     add("--margin", type=number_at_least(0.0), default=0.2, help="triplet margin")
-    add("--epsilon", type=number_at_least(0.0), default=0.01, help="SelHN's gap threshold (the paper's 0.01)")
+    add(
+        "--epsilon",
+        type=number_at_least(0.0),
+        default=0.01,
+        help="SelHN's gap threshold (the paper's 0.01; for training from scratch the docs advise 0.05)",
+    )
     add("--warmup-epochs", type=integer_at_least(0), default=1, help="epochs of sum of hinges for --loss warmup")
     add("--backbone", action="store_true", help="fine-tune an image backbone in front of the image encoder")
     add("--backbone-blocks", type=integer_at_least(1), default=4, help="blocks of the backbone (with --backbone)")

@@ -773,21 +773,33 @@ def plot(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        prog="python -m examples.selection_study.compare",
         description=__doc__.split("\n\n")[0],
+        epilog="Writes into --out: runs/<variant>_seed<seed>/ (each run's folder), runs.csv (one row per run), "
+        "per_seed.csv, comparison.md and .csv (mean +- sd over seeds), facts.md and .csv (the known facts "
+        "checked, with 95% intervals), paired.csv (every variant's paired test R@1 differences), steps.csv and "
+        "dev.csv (every run's records), comparison.png. Finished runs are reused when their arguments match.",
         formatter_class=cli.HelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--out", default="runs/compare", help="folder of the runs and the tables")
     parser.add_argument("--root", default=None, help="data folder (default: data/<preset>)")
-    parser.add_argument("--preset", choices=list(STUDY_PRESETS), default="cpu")
+    parser.add_argument(
+        "--preset",
+        choices=list(STUDY_PRESETS),
+        default="cpu",
+        help="the training preset (python -m examples.rvsepp.train --help lists the pipeline's; calibrated, "
+        "calibrated-stall and calibrated-unfreeze are the benchmark's, in examples/selection_study/presets.py)",
+    )
     parser.add_argument("--seeds", type=cli.seed, nargs="+", default=[0, 1, 2], help="seeds of the runs")
     parser.add_argument(
         "--losses",
         nargs="+",
         choices=[*LOSSES, *SCHEDULES, *RULES],
         default=list(LOSSES),
-        help="hn sum warmup selhn, the schedules (examples/selection_study/presets.py: vse-infinity-full) and "
-        "the rule study's candidates (examples/selection_study/rules.py)",
+        help="the variants: the losses hn (max violation), sum (sum of hinges), warmup (the sum of hinges for an "
+        "epoch, then hn) and selhn (at 0.01 and each --epsilons); the schedules vse-infinity-full and selhn-staged; "
+        "and the rule study's candidate rules",
     )
     parser.add_argument(
         "--epsilons", type=cli.number_at_least(0.0), nargs="*", default=list(SWEEP), help="extra SelHN epsilons"
