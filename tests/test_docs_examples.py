@@ -232,3 +232,45 @@ def test_every_readme_and_docs_snippet_runs_as_written_with_what_it_says_it_assu
             if "criterion" in getattr(scope.get("self"), "__dict__", {}):
                 assert scope["self"].criterion.epsilon == 0.05
     assert ran >= 5
+
+
+def test_the_unfreeze_prose_numbers_come_from_the_committed_runs_csv():
+    """Every range the decision page, the stall page, Results and the README quote about the
+    unfreeze comparison is computed here from docs/_results/unfreeze/runs.csv (the prose once
+    said 20-40 and 20-50 steps where the CSV gives 10-24 and 39-68)."""
+    import csv
+
+    with open(ROOT / "docs/_results/unfreeze/runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    warmup = [r for r in rows if r["loss"] == "warmup"]
+    selhn05 = [r for r in rows if r["loss"] == "selhn" and r["epsilon"] == "0.05"]
+    total = 468  # 6 epochs of 78 steps: the stall lasts to the end of the run
+    begins = [total - float(r["stalled_steps_after_unfreeze"]) for r in warmup]
+
+    def span(values: list[float], digits: int = 0) -> str:
+        low, high = min(values), max(values)
+        return f"{low:.{digits}f}-{high:.{digits}f}"
+
+    after_unfreeze = span([b - float(r["unfreeze_step"]) for b, r in zip(begins, warmup, strict=True)])
+    alarm_after = span([float(r["alarm_steps"]) - b for b, r in zip(begins, warmup, strict=True)])
+    stall = span([float(r["stalled_steps_after_unfreeze"]) for r in warmup])
+    selhn_stall = span([float(r["stalled_steps_after_unfreeze"]) for r in selhn05])
+    selhn_end = span([float(r["final_dev_rsum"]) for r in selhn05], 1)
+    assert (after_unfreeze, alarm_after, stall, selhn_stall, selhn_end) == (
+        "10-24",
+        "39-68",
+        "288-302",
+        "2-56",
+        "576.2-582.1",
+    )
+    pages = {name: " ".join((ROOT / name).read_text().split()) for name in ("docs/results.rst", "docs/choose.rst")}
+    for quoted in (after_unfreeze, alarm_after, stall, selhn_stall, selhn_end):
+        assert quoted in pages["docs/results.rst"], quoted
+    for quoted in (alarm_after, stall, selhn_stall):
+        assert quoted in pages["docs/choose.rst"], quoted
+    assert alarm_after in " ".join((ROOT / "docs/stall.rst").read_text().split())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    with open(ROOT / "docs/_results/confirmation/verdict.csv") as handle:
+        for row in csv.DictReader(handle):
+            if row["SelHN"] == "selhn eps=0.05" and row["minus"] == "warmup":
+                assert f"{float(row['mean']):+.2f}" in readme and f"{float(row['low']):+.2f}" in readme, row
