@@ -20,6 +20,7 @@ import selhn
 from selhn import _core, _selection
 from selhn import functional as F
 from selhn.testing import batch_sizes, embedding_pairs, score_matrices
+from tests.capabilities import compile_works
 from tests.profiles import examples
 from tests.reference import reference_fallback_flags, reference_loss, reference_per_anchor
 from tests.simulated_rank import OneRank, rank_losses
@@ -527,14 +528,6 @@ def test_rank_rectangles_with_a_few_fallbacks_form_only_their_rows():
     assert not any(t.dim() == 2 and t.is_floating_point() and t.shape[0] == 7 and t.shape[1] == 12 for t in saved)
 
 
-def _compile_works() -> bool:
-    try:
-        torch.compile(lambda x: x + 1, fullgraph=True)(torch.ones(2))
-        return True
-    except Exception:
-        return False
-
-
 # Seen on an H200 machine with torch 2.11.0: Inductor's CPU backend gives SelHN wrong gradients
 # here (eager, aot_eager and the CUDA backend are right, and so is torch 2.13's CPU backend).
 CPU_INDUCTOR_BUG = pytest.mark.xfail(
@@ -544,7 +537,7 @@ CPU_INDUCTOR_BUG = pytest.mark.xfail(
 )
 
 
-@pytest.mark.skipif(not _compile_works(), reason="torch.compile is not available on this platform")
+@pytest.mark.skipif(not compile_works(), reason="torch.compile is not available on this platform")
 @pytest.mark.parametrize("loss", [pytest.param("selhn", marks=CPU_INDUCTOR_BUG), "hn", "sum"])
 def test_torch_compile_fullgraph_matches_eager(loss):
     generator = torch.Generator().manual_seed(1)

@@ -45,13 +45,17 @@ def copy_run(source: Path, target: Path) -> Path:
     return target
 
 
-def evaluate_main(argv: list[str]) -> str:
-    """evaluate's command line; the message it exits with (a user error) or '' after a table."""
+def exit_message(main, argv: list[str]) -> str:
+    """A command line's one-line message when it exits with a user error ('' when it succeeds)."""
     try:
-        evaluate.main(argv)
+        main(argv)
     except SystemExit as exit_:
         return str(exit_.code)
     return ""
+
+
+def evaluate_main(argv: list[str]) -> str:
+    return exit_message(evaluate.main, argv)
 
 
 # ------------------------------------------------------------------ wrong results
@@ -432,12 +436,7 @@ def test_data_files_that_cannot_be_read_are_named(tmp_path):
 
 # ------------------------------------------------------------------ damaged records: one line, never a traceback
 def train_main(argv: list[str]) -> str:
-    """train's command line; the one-line message it exits with ('' when it succeeds)."""
-    try:
-        train_module.main(argv)
-    except SystemExit as exit_:
-        return str(exit_.code)
-    return ""
+    return exit_message(train_module.main, argv)
 
 
 DAMAGED_RECORDS = [

@@ -477,6 +477,14 @@ def test_facts_carry_intervals_and_the_tables_come_from_a_runs_csv(tmp_path):
 
 
 # ------------------------------------------------------------------ the epsilon confirmation's verdict
+def write_rows(path, rows):
+    """A runs.csv of these rows, as compare writes one."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def confirmation_rows(offsets: dict[str, list[float]], seeds: int = 8) -> list[dict]:
     """runs.csv rows: each variant's test R@1 = 80 + its per-seed offsets (cycled)."""
     rows = []
@@ -525,11 +533,7 @@ def test_the_confirmation_verdict_follows_its_fixed_rule(tmp_path):
     # from the runs.csv files compare writes
     for preset in confirm.PRESETS:
         (tmp_path / preset).mkdir()
-        rows = confirmation_rows(good)
-        with open(tmp_path / preset / "runs.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(tmp_path / preset / "runs.csv", confirmation_rows(good))
     confirm.main([str(tmp_path)])
     assert "| calibrated | selhn eps=0.05 | warmup |" in (tmp_path / "verdict.md").read_text()
     assert (tmp_path / "verdict.csv").read_text().startswith("preset,SelHN,minus,mean,low,high,pairs,grade")
@@ -582,11 +586,7 @@ def test_the_swap_verdict_grades_each_preset_with_its_stability(tmp_path):
     assert [line["grade"] for line in table] == ["no verdict", "no verdict"] and "stay as they are" in sentences[-1]
     for preset in confirm.PRESETS:  # from the runs.csv files compare writes
         (tmp_path / preset).mkdir()
-        rows = confirmation_rows(close)
-        with open(tmp_path / preset / "runs.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(tmp_path / preset / "runs.csv", confirmation_rows(close))
     confirm.main(["--swap", str(tmp_path)])
     assert "| calibrated-stall | selhn eps=0.05 | warmup |" in (tmp_path / "verdict.md").read_text()
     with pytest.raises(SystemExit):
@@ -744,13 +744,6 @@ def test_compare_refuses_to_start_without_matplotlib(monkeypatch, capsys):
         compare.parse_args(["--preset", "smoke"])
     assert "comparison.png needs matplotlib" in capsys.readouterr().err
     compare.parse_args(["--preset", "smoke", "--from-runs", "runs.csv"])  # no plot: no need
-
-
-def write_rows(path, rows):
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def test_damaged_or_duplicated_runs_tables_are_refused_with_one_line(tmp_path):

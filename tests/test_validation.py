@@ -7,6 +7,7 @@ import torch
 
 import selhn
 from selhn import functional as F
+from tests.capabilities import compile_works
 
 S = torch.rand(3, 3)
 FUNCTIONS = [F.selhn_loss, F.max_violation_loss, F.sum_hinge_loss]
@@ -221,14 +222,6 @@ def test_hostile_library_arguments_are_refused_by_name():
 
 
 # ------------------------------------------------------------------ settings, rules and helpers under misuse
-def _compile_works() -> bool:
-    try:
-        torch.compile(lambda x: x + 1, fullgraph=True)(torch.ones(2))
-        return True
-    except Exception:
-        return False
-
-
 class _NaNWeights(selhn.rules.SelectionRule):
     def weights(self, anchors):
         return torch.full_like(anchors.scores, float("nan"))
@@ -237,7 +230,7 @@ class _NaNWeights(selhn.rules.SelectionRule):
         return "NaNWeights()"
 
 
-@pytest.mark.skipif(not _compile_works(), reason="torch.compile is not available on this platform")
+@pytest.mark.skipif(not compile_works(), reason="torch.compile is not available on this platform")
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_a_rule_under_torch_compile_refuses_nan_weights(fullgraph):
     """Eager raises a ValueError; compiled code raised nothing and returned NaN before."""
