@@ -516,13 +516,19 @@ def test_a_full_disk_while_recording_an_evaluation_is_one_line(finished, data_ro
             r"--backbone-lr-factor 0.5: the backbone's settings apply only with --backbone",
         ),
         (["--backbone-blocks", "2"], r"--backbone-blocks 2: .* only with --backbone"),
-        (["--backbone", "--embedding-warmup-epochs", "5", "--epochs", "1"], r"would stay frozen for the whole run"),
     ],
 )
 def test_backbone_settings_that_cannot_apply_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         train_module.parse_args(["--preset", "smoke", *flags])
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_backbone_that_never_unfreezes_is_said_not_silent(capsys):
+    """A frozen backbone for the whole run is a configuration of its own (it reproduces the run
+    without one), but it was accepted silently where a user expected an unfreezing."""
+    train_module.parse_args(["--preset", "smoke", "--backbone", "--embedding-warmup-epochs", "5", "--epochs", "1"])
+    assert "note: --embedding-warmup-epochs 5 with --epochs 1: the backbone stays frozen" in capsys.readouterr().err
 
 
 def test_a_vocabulary_with_a_word_twice_is_refused(tmp_path):

@@ -50,6 +50,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -307,8 +308,8 @@ BACKBONE_FLAGS = ("backbone_blocks", "embedding_warmup_epochs", "backbone_warmup
 
 
 def check_backbone_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse backbone settings that cannot apply: any without --backbone (a run would train
-    without them, silently), and an unfreezing that no epoch reaches."""
+    """Refuse backbone settings that cannot apply, any without --backbone (a run would train
+    without them, silently); say so when no epoch reaches the unfreezing (a frozen backbone)."""
     if not args.backbone:
         changed = [
             name for name in (*BACKBONE_FLAGS, "backbone_ramp") if getattr(args, name) != parser.get_default(name)
@@ -317,10 +318,12 @@ def check_backbone_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
             flags = ", ".join(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in changed)
             parser.error(f"{flags}: the backbone's settings apply only with --backbone")
         return
-    if args.embedding_warmup_epochs >= args.epochs:
-        parser.error(
-            f"--embedding-warmup-epochs {args.embedding_warmup_epochs} with --epochs {args.epochs}: the backbone would "
-            "stay frozen for the whole run (it unfreezes after the embedding warm-up)"
+    if args.embedding_warmup_epochs >= args.epochs:  # legitimate (a frozen backbone), but never silent
+        print(
+            f"note: --embedding-warmup-epochs {args.embedding_warmup_epochs} with --epochs {args.epochs}: the backbone "
+            "stays frozen for the whole run (it unfreezes after the embedding warm-up)",
+            file=sys.stderr,
+            flush=True,
         )
 
 
