@@ -33,7 +33,7 @@ from torch import Tensor
 from selhn import _core, _validation
 from selhn._selection import embedding_compute_dtype
 from selhn.losses import RuleLoss
-from selhn.rules import SelectionRule, _side_losses, lean_settings, resolve_rule
+from selhn.rules import SelectionRule, _side_losses, lean_settings, resolve_rule, rule_settings
 from selhn.types import Fallback, LossName
 
 __all__ = ["global_loss", "is_distributed"]
@@ -288,8 +288,8 @@ def _signature(
     img_emb: Any, rule: SelectionRule | None, margin: Any, ids: Any, reduction: Any, ok: bool
 ) -> list[float]:
     """This rank's call as numbers (read even from arguments that failed their checks). The
-    rule is compared by a checksum of its ``repr``, which for the built-in rules holds their
-    settings (loss name, epsilon, fallback)."""
+    rule is compared by a checksum of its class and settings (:func:`selhn.rules.rule_settings`),
+    so two rules that differ in a parameter disagree even where their ``repr`` hides it."""
     shape = tuple(img_emb.shape) if isinstance(img_emb, Tensor) else ()
     dtype = img_emb.dtype if isinstance(img_emb, Tensor) else None
     return [
@@ -298,7 +298,7 @@ def _signature(
         float(shape[1]) if len(shape) == 2 else -1.0,
         _code(dtype, _DTYPES),
         0.0 if ids is None else 1.0,
-        -1.0 if rule is None else float(zlib.crc32(repr(rule).encode())),
+        -1.0 if rule is None else float(zlib.crc32(f"{type(rule).__module__} {rule_settings(rule)}".encode())),
         _number(margin),
         _code(reduction, _validation.REDUCTIONS),
     ]
@@ -326,7 +326,7 @@ def _agree(signature: list[float], problem: Exception | None, rule: SelectionRul
         if any(not (v == values[0] or (math.isnan(v) and math.isnan(values[0]))) for v in values):
             readable: list[Any] = [_readable(name, value) for value in values]
             if name.startswith("loss"):  # each rank's rule as it describes itself
-                dist.all_gather_object(readable, repr(rule))
+                dist.all_gather_object(readable, None if rule is None else rule_settings(rule))
             per_rank = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(readable))
             raise ValueError(
                 f"selhn.distributed.global_loss: the ranks disagree on the {name} ({per_rank}); "

@@ -45,7 +45,7 @@ from selhn import _selection as sel
 from selhn._validation import Mode, as_fallback, as_mode, check_float_tensor, check_nonnegative
 from selhn.types import Fallback
 
-__all__ = ["Anchors", "MaxViolation", "SelHN", "SelectionRule", "SumOfHinges", "side_losses"]
+__all__ = ["Anchors", "MaxViolation", "SelHN", "SelectionRule", "SumOfHinges", "rule_settings", "side_losses"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,8 +128,11 @@ class SelectionRule(abc.ABC):
 
     Subclass it and implement :meth:`weights`. The weights are taken as constants (no
     gradient flows through the selection), must be finite, and count only at negatives
-    (whatever a rule returns elsewhere is ignored). Give the rule a readable ``repr``: the
-    modules print it, and the distributed loss compares it across ranks.
+    (whatever a rule returns elsewhere is ignored). Keep the rule's settings as attributes: the
+    distributed loss compares rules across ranks by class and attributes (:func:`rule_settings`).
+    A readable ``repr`` helps too: the modules print it. A rule must choose each anchor's weights
+    from that anchor's row alone (no statistic over the batch of anchors), or the distributed
+    loss is not the one-process loss.
 
     Example:
         >>> import torch
@@ -260,6 +263,30 @@ def rule_for(mode: Mode, epsilon: float = 0.01, fallback: Fallback = "mean") -> 
     if mode == "sum":
         return SumOfHinges()
     return SelHN(epsilon, fallback)
+
+
+def rule_settings(rule: SelectionRule) -> str:
+    """A rule as its class and settings, e.g. ``TopK(k=5)``: what the ranks of the distributed
+    loss compare. Every instance attribute is shown, so two rules that differ in a parameter
+    differ here even when their ``repr`` does not show it.
+
+    Example:
+        >>> from selhn.rules import SelectionRule, SelHN, rule_settings
+        >>> class TopK(SelectionRule):
+        ...     def __init__(self, k):
+        ...         self.k = k
+        ...     def weights(self, anchors):
+        ...         return anchors.one_hot(anchors.hardest_index)
+        >>> repr(TopK(1)) == repr(TopK(5)), rule_settings(TopK(5))
+        (True, 'TopK(k=5)')
+        >>> rule_settings(SelHN(0.05))
+        "SelHN(epsilon=0.05, fallback='mean')"
+    """
+    settings = getattr(rule, "__dict__", None)
+    if settings is None:  # (a rule with __slots__: its repr is all there is)
+        return repr(rule)
+    shown = ", ".join(f"{name}={value!r}" for name, value in sorted(settings.items()))
+    return f"{type(rule).__qualname__}({shown})"
 
 
 def resolve_rule(loss: object, epsilon: object = None, fallback: object = None) -> SelectionRule:

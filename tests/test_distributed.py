@@ -51,6 +51,16 @@ class Fragile(SelectionRule):
         return f"Fragile({self.how!r})"
 
 
+class TopK(SelectionRule):
+    """A user's rule whose repr hides its parameter (the default repr: 'TopK()')."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def weights(self, anchors: Anchors) -> torch.Tensor:
+        return anchors.one_hot(anchors.hardest_index)
+
+
 CASES = list(itertools.product(["selhn", "hn", "sum", "tempered"], ["mean", "sum"], [False, True]))
 
 
@@ -342,6 +352,12 @@ DISAGREEMENTS = [
     ("ids on one rank", {"ids": torch.tensor([0, 1, 2])}, {}, "disagree on the ids given"),
     ("zero rows", {}, {"rows": 0}, r"refused their arguments|at least one row"),
     ("bad margin", {}, {"margin": -1.0}, r"refused their arguments|margin must be"),
+    (
+        "rule parameter",
+        {"loss": TopK(1)},
+        {"loss": TopK(5)},
+        r"disagree on the loss .*rank 0: TopK\(k=1\).*TopK\(k=5\)",
+    ),
     (
         "rule raises on one rank",
         {"loss": Fragile("raise")},
