@@ -35,11 +35,13 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from selhn import functional as F
 from selhn._validation import as_fallback, check_nonnegative, check_positive_int
 from selhn.diagnostics import gradient_norms, vanishing_stats
+from selhn.rules import SelectionRule, check_rule
 from selhn.types import Fallback
 
 __all__ = [
     "assert_finite_gradients",
     "assert_no_vanishing",
+    "assert_rule_matches",
     "assert_selection_rule",
     "batch_sizes",
     "collapsed_embedding_pairs",
@@ -540,6 +542,108 @@ def assert_selection_rule(
                 f"{names[direction]} {anchor} should take the {branch} branch "
                 f"(expected {float(expected[at]):.6g}, got {float(got[at]):.6g}; "
                 f"fallback value {float(dense[at]):.6g}, hard value {float(hard[at]):.6g})"
+            )
+
+    check()
+
+
+RuleReference = Callable[[Tensor, Tensor | None, float], Tensor]
+
+
+def assert_rule_matches(
+    rule: SelectionRule,
+    reference: RuleReference,
+    *,
+    margin: float = 0.2,
+    max_examples: int = 50,
+) -> None:
+    """Check with hypothesis that a selection rule's loss equals your literal definition of it,
+    in values and gradients.
+
+    ``reference(scores, mask, margin)`` is your loss written in its most literal form (loops
+    over anchors and negatives are fine): the (2, B) per-anchor losses of a (B, B) float64 score
+    matrix, row 0 the image anchors (rows), row 1 the caption anchors (columns), differentiable
+    with respect to ``scores``; ``mask`` is None or a boolean (B, B), ``True`` where a pair is no
+    negative (shared ids). The helper compares it with
+    :func:`selhn.functional.rule_loss` ``(scores, rule, margin, mask=mask, reduction="none")`` on
+    score matrices with ties, masks of shared ids, and B = 1 (no negatives), in float64.
+
+    Args:
+        rule: the rule under test (a :class:`selhn.rules.SelectionRule` instance).
+        reference: your literal per-anchor loss, as above.
+        margin: the margin both use.
+        max_examples: how many batches hypothesis tries.
+
+    Raises:
+        AssertionError: naming the batch size, the direction and anchor that differ, and both
+            values (or the gradients' largest difference).
+
+    Example:
+        >>> import torch
+        >>> from selhn.rules import MaxViolation
+        >>> from selhn.testing import assert_rule_matches
+        >>> def hardest(scores, mask, margin):
+        ...     size = scores.shape[0]
+        ...     rows = []
+        ...     for direction in (0, 1):
+        ...         s = scores if direction == 0 else scores.T
+        ...         m = None if mask is None else (mask if direction == 0 else mask.T)
+        ...         losses = []
+        ...         for a in range(size):
+        ...             negatives = [n for n in range(size) if n != a and (m is None or not m[a, n])]
+        ...             best = max(negatives, key=lambda n: s[a, n].item(), default=None)  # ties: the first
+        ...             hinge = (margin - s[a, a] + s[a, best]).clamp(min=0) if best is not None else s[a, a] * 0
+        ...             losses.append(hinge)
+        ...         rows.append(torch.stack(losses))
+        ...     return torch.stack(rows)
+        >>> assert_rule_matches(MaxViolation(), hardest, max_examples=10)
+    """
+    rule = check_rule(rule)
+    margin = check_nonnegative(margin, "margin")
+    max_examples = check_positive_int(max_examples, "max_examples")
+    if not callable(reference):
+        raise TypeError(f"reference must be a function (scores, mask, margin) -> (2, B) losses, got {reference!r}")
+
+    @st.composite
+    def batches(draw: st.DrawFn) -> tuple[Tensor, Tensor | None]:
+        scores = draw(st.one_of(score_matrices(levels=8), score_matrices(batch_sizes(1, 1)), score_matrices()))
+        size = scores.shape[0]
+        mask = None
+        if draw(st.booleans()):
+            ids = draw(duplicate_ids(size))
+            mask = (ids.unsqueeze(0) == ids.unsqueeze(1)) & ~torch.eye(size, dtype=torch.bool)
+        return scores, mask
+
+    @settings(max_examples=max_examples, deadline=None)
+    @given(batches())
+    def check(batch: tuple[Tensor, Tensor | None]) -> None:
+        scores, mask = batch
+        size = scores.shape[0]
+        ours, theirs = scores.clone().requires_grad_(), scores.clone().requires_grad_()
+        got = F.rule_loss(ours, rule, margin, mask=mask, reduction="none")
+        expected = reference(theirs, mask, margin)
+        if not isinstance(expected, Tensor) or tuple(expected.shape) != (2, size):
+            shape = tuple(expected.shape) if isinstance(expected, Tensor) else type(expected).__name__
+            raise AssertionError(f"reference must return the per-anchor losses (2, {size}), got {shape}")
+        close = torch.isclose(got.detach(), expected.detach().to(got.dtype), rtol=1e-7, atol=1e-9)
+        if not bool(close.all()):
+            direction, anchor = (int(i) for i in (~close).nonzero()[0])
+            names = ("image anchor (row)", "caption anchor (column)")
+            raise AssertionError(
+                f"B = {size}: {names[direction]} {anchor}: the rule's loss is {float(got[direction, anchor]):.10g}, "
+                f"the reference's {float(expected[direction, anchor]):.10g}"
+            )
+        cotangent = torch.randn(2, size, generator=torch.Generator().manual_seed(size), dtype=got.dtype)
+        torch.autograd.backward((got * cotangent).sum())
+        if expected.requires_grad:
+            torch.autograd.backward((expected * cotangent.to(expected.dtype)).sum())
+        theirs_grad = theirs.grad if theirs.grad is not None else torch.zeros_like(scores)
+        ours_grad = ours.grad if ours.grad is not None else torch.zeros_like(scores)
+        if not torch.allclose(ours_grad, theirs_grad.to(ours_grad.dtype), rtol=1e-7, atol=1e-9):
+            difference = float((ours_grad - theirs_grad).abs().max())
+            raise AssertionError(
+                f"B = {size}: the gradients with respect to the scores differ by up to {difference:.3g} "
+                "(the values agree): look at ties (the first index wins) and at which hinges count as active (> 0)"
             )
 
     check()

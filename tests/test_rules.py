@@ -240,3 +240,86 @@ def test_rules_benchmark_script_smoke():
     command = [sys.executable, str(script), "--sizes", "32", "--dim", "8", "--rounds", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
     assert "SelHN, plain" in result.stdout and "SumOfHinges, lean" in result.stdout
+
+
+# ------------------------------------------------------------------ a rule against its own literal loop
+class TopKAveraged(SelectionRule):
+    """The k hardest negatives' hinges, averaged (over fewer where an anchor has fewer)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def weights(self, anchors):
+        order = torch.sort(anchors.scores, dim=1, descending=True, stable=True).indices[:, : self.k]  # ties: lowest
+        chosen = torch.zeros_like(anchors.scores).scatter_(1, order, 1.0) * anchors.negatives
+        return chosen / chosen.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+class HardestBelow(SelectionRule):
+    """The hardest negative scoring below s_p + m (none: no loss)."""
+
+    def weights(self, anchors):
+        below = anchors.negatives & (anchors.scores < (anchors.positive + anchors.margin).unsqueeze(1))
+        scores = anchors.scores.masked_fill(~below, float("-inf"))
+        return anchors.one_hot(scores.max(dim=1).indices) * below.any(dim=1, keepdim=True)
+
+
+def literal(choose):
+    """A literal per-anchor loss: for each anchor, ``choose(scores of its negatives by index,
+    positive, margin)`` gives {negative: weight}; the loss is the weighted sum of their hinges."""
+
+    def reference(scores, mask, margin):
+        size = scores.shape[0]
+        out = []
+        for direction in (0, 1):
+            s = scores if direction == 0 else scores.T
+            m = None if mask is None else (mask if direction == 0 else mask.T)
+            row = []
+            for a in range(size):
+                negatives = {n: s[a, n].item() for n in range(size) if n != a and (m is None or not bool(m[a, n]))}
+                total = s[a, a] * 0
+                for n, weight in choose(negatives, s[a, a].item(), margin).items():
+                    hinge = margin - s[a, a] + s[a, n]
+                    total = total + weight * (hinge if hinge.item() > 0 else hinge * 0)
+                row.append(total)
+            out.append(torch.stack(row))
+        return torch.stack(out)
+
+    return reference
+
+
+def k_hardest(k):
+    def choose(negatives, positive, margin):
+        ranked = sorted(negatives, key=lambda n: (-negatives[n], n))[:k]
+        return {n: 1.0 / len(ranked) for n in ranked}
+
+    return choose
+
+
+def hardest_below(negatives, positive, margin):
+    below = [n for n in negatives if negatives[n] < positive + margin]
+    if not below:
+        return {}
+    return {max(below, key=lambda n: (negatives[n], -n)): 1.0}
+
+
+def test_user_rules_match_their_literal_loops():
+    from selhn.testing import assert_rule_matches
+
+    assert_rule_matches(TopKAveraged(2), literal(k_hardest(2)), max_examples=30)
+    assert_rule_matches(HardestBelow(), literal(hardest_below), max_examples=30)
+    assert_rule_matches(MaxViolation(), literal(k_hardest(1)), max_examples=30)
+
+
+def test_assert_rule_matches_says_where_a_rule_and_its_loop_differ():
+    from selhn.testing import assert_rule_matches
+
+    def last_of_ties(negatives, positive, margin):  # the wrong tie rule: the highest index wins
+        return {max(negatives, key=lambda n: (negatives[n], n)): 1.0} if negatives else {}
+
+    with pytest.raises(AssertionError, match=r"the gradients with respect to the scores differ|anchor .* the rule's"):
+        assert_rule_matches(MaxViolation(), literal(last_of_ties), max_examples=50)
+    with pytest.raises(AssertionError, match=r"reference must return the per-anchor losses \(2, \d+\)"):
+        assert_rule_matches(MaxViolation(), lambda scores, mask, margin: scores.sum(), max_examples=5)
+    with pytest.raises(TypeError, match="reference must be a function"):
+        assert_rule_matches(MaxViolation(), None)
