@@ -557,3 +557,28 @@ def test_help_never_prints_an_empty_default(command):
 
     text = subprocess.run([sys.executable, "-m", command, "--help"], capture_output=True, text=True, check=True).stdout
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_the_epoch_progress_bar_shows_on_a_terminal_that_reports_no_size(monkeypatch):
+    """Inside an epoch nothing was shown on consoles that report a size of 0 x 0 (tqdm sized the
+    bar to 0 columns and hid it below row 0); a log (no terminal) stays quiet."""
+    import io
+    import pty
+    import select
+    import sys
+
+    master, follower = pty.openpty()  # a new terminal reports 0 x 0 until someone sets its size
+    with os.fdopen(follower, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        for _ in train_module.progress_bar(range(3), "epoch 0 (selhn)", disable=False):
+            pass
+        terminal.flush()
+        readable, _, _ = select.select([master], [], [], 5.0)  # nothing written: fail, never hang
+        shown = os.read(master, 65536).decode(errors="replace") if readable else ""
+    os.close(master)
+    assert "epoch 0 (selhn)" in shown and "step/s" in shown and "/3 [" in shown
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    for _ in train_module.progress_bar(range(3), "epoch 0 (selhn)", disable=False):
+        pass
+    assert log.getvalue() == ""

@@ -1295,11 +1295,24 @@ def make_writer(args: argparse.Namespace, out: Path) -> Any:
 
 
 def progress_bar(iterable: Any, description: str, disable: bool) -> Any:
+    """A progress bar over an epoch's steps (steps/s and the time left) where a person watches a
+    terminal; nothing in a log (output that is no terminal) or on other ranks. Its size is the
+    terminal's, or 100 x 24 where the terminal reports none (some consoles report 0 x 0, where a
+    bar sized to it, or hidden below its last row, draws nothing at all)."""
     try:
         from tqdm import tqdm
     except ImportError:
         return iterable
-    return tqdm(iterable, desc=description, disable=disable or None, leave=False, dynamic_ncols=True)
+    size = shutil.get_terminal_size((100, 24))
+    return tqdm(
+        iterable,
+        desc=description,
+        disable=disable or None,
+        leave=False,
+        ncols=size.columns,
+        nrows=size.lines,
+        unit="step",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
