@@ -274,3 +274,19 @@ def test_the_unfreeze_prose_numbers_come_from_the_committed_runs_csv():
         for row in csv.DictReader(handle):
             if row["SelHN"] == "selhn eps=0.05" and row["minus"] == "warmup":
                 assert f"{float(row['mean']):+.2f}" in readme and f"{float(row['low']):+.2f}" in readme, row
+
+
+def test_the_swap_configurations_verdict_is_quoted_as_recorded():
+    """The decision page, the swap guide, Results and the README quote the summed-scale verdict
+    (docs/_results/swap/verdict.csv) with its intervals, and say it is undecided."""
+    import csv
+
+    with open(ROOT / "docs/_results/swap/verdict.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["grade"] for row in rows] == ["undecided", "undecided"]
+    for name in ("README.md", "docs/choose.rst", "docs/swap.rst", "docs/results.rst"):
+        text = " ".join((ROOT / name).read_text().split())
+        assert "undecided" in text, name
+        for row in rows:
+            interval = f"[{float(row['low']):+.2f}, {float(row['high']):+.2f}]"
+            assert f"{float(row['mean']):+.2f}" in text and interval in text, (name, row)

@@ -924,7 +924,7 @@ def test_confirm_reproduces_the_committed_verdicts_and_never_writes_a_poorer_one
     from examples.selection_study import confirm
 
     results = Path(__file__).resolve().parents[1] / "docs" / "_results"
-    for name, flags in (("confirmation", []), ("unfreeze", ["--unfreeze"])):
+    for name, flags in (("confirmation", []), ("unfreeze", ["--unfreeze"]), ("swap", ["--swap"])):
         copy = shutil.copytree(results / name, tmp_path / name)
         confirm.main([*flags, str(copy)])
         for verdict in ("verdict.md", "verdict.csv"):
