@@ -488,24 +488,23 @@ def _forward(
     positives = _take_positives(matrices, layout, offset, excluded, opt.lean)
     selection = _select(matrices, layout, positives, opt)
     hard_loss, hard_index, hard_coef, falls_back = selection
+    n_anchors = positives.shape[1]
+    # how many anchors fall back, per side (eager SelHN: one device read; max violation: none; else every anchor)
+    if falls_back is None:
+        n_falling = [0, 0]
+    else:
+        n_falling = falls_back.sum(1).tolist() if opt.lean and opt.mode == "selhn" else [n_anchors] * 2
+    if opt.lean and n_anchors and sum(n_falling) == 2 * n_anchors:  # every anchor falls back (a cold start)
+        hard_index = hard_coef = None
+    if hard_index is not None and candidates is not None:  # (only where a hardest negative is used)
+        hard_index = _lowest_copies(matrices, layout, hard_index, candidates)
     no_forms: tuple[Form, ...] = ("none", "none")
     if falls_back is None:  # max violation: every anchor takes its hardest negative
-        assert hard_coef is not None and hard_index is not None
-        if candidates is not None:
-            hard_index = _lowest_copies(matrices, layout, hard_index, candidates)
+        assert hard_coef is not None
         return hard_loss, State(hard_index, hard_coef, None, hard_coef, no_forms, (None, None))
-    n_anchors = positives.shape[1]
-    # how many anchors fall back, per side (eager SelHN: one device read; else every anchor)
-    n_falling = falls_back.sum(1).tolist() if opt.lean and opt.mode == "selhn" else [n_anchors] * 2
     if not any(n_falling):  # (an empty batch of the sum of hinges has no coefficient: zeros)
-        if hard_index is not None and candidates is not None:
-            hard_index = _lowest_copies(matrices, layout, hard_index, candidates)
         positive_coef = hard_loss if hard_coef is None else hard_coef
         return hard_loss, State(hard_index, hard_coef, None, positive_coef, no_forms, (None, None))
-    if opt.lean and sum(n_falling) == 2 * n_anchors:  # every anchor falls back (a cold start)
-        hard_index = hard_coef = None
-    if hard_index is not None and candidates is not None:
-        hard_index = _lowest_copies(matrices, layout, hard_index, candidates)
 
     threshold = positives - opt.margin  # each hinge is relu(s - threshold)
     terms = _fallback_terms(matrices, layout, threshold.unbind(), falls_back, n_falling, opt)
