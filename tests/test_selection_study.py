@@ -872,21 +872,23 @@ def test_sigterm_stops_compares_workers_and_starts_no_queued_run(data_root, tmp_
     out = tmp_path / "out"
     command = [sys.executable, "-m", "examples.selection_study.compare", "--out", str(out), "--root", str(data_root)]
     command += ["--preset", "smoke", "--seeds", "0", "1", "2", "--losses", "sum", "--jobs", "2", "--steps", "400"]
-    process = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(out.glob("runs/*/steps.csv")) and not list(out.glob("runs/*/dev.jsonl")):
-        assert time.monotonic() < deadline and process.poll() is None
-        if not list(out.glob("runs/*/.lock")):
-            time.sleep(0.5)
-            continue
-        time.sleep(3)  # training has started in both workers
-        break
+    command += ["--", "--epochs", "30"]  # (the smoke preset trains one epoch: the runs must outlast the signal)
+    log = tmp_path / "compare.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, cwd=root, stdout=handle, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    runs = [out / "runs" / f"sum_seed{seed}" for seed in (0, 1)]
+    while not all((run / "steps.csv").exists() or (run / ".lock").exists() for run in runs):  # both training
+        assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+    time.sleep(3)
+    assert not (out / "runs" / "sum_seed2").exists(), "a run ended early: " + log.read_text()[-3000:]
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
     time.sleep(1)
     workers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert not workers, workers
-    assert not (out / "runs" / "sum_seed2").exists()  # the queued third run never started
+    assert not (out / "runs" / "sum_seed2").exists(), log.read_text()[-3000:]  # the queued run never started
 
 
 def test_a_full_disk_never_leaves_a_table_cut_mid_row(tmp_path, monkeypatch):
