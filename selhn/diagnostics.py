@@ -802,19 +802,16 @@ class TrainingMonitor:
             # mkstemp's file is private (0600): take the replaced file's mode, else an ordinary file's
             os.chmod(temporary, os.stat(target).st_mode & 0o777 if os.path.exists(target) else 0o644)
             os.replace(temporary, target)
-        except OSError as error:
-            if temporary is not None:
+        except BaseException as error:
+            if temporary is not None:  # whatever failed, no temporary file stays behind
                 with contextlib.suppress(OSError):
                     os.remove(temporary)
+            if not isinstance(error, OSError):
+                raise
             reason = error.strerror or str(error)
             raise OSError(
                 error.errno, f"could not write the history to {target}: {reason} (any earlier file there is intact)"
             ) from error
-        except BaseException:
-            if temporary is not None:
-                with contextlib.suppress(OSError):
-                    os.remove(temporary)
-            raise
 
     def plot(self, path: str | os.PathLike[str], **others: TrainingMonitor) -> None:
         """Draw this run (and any others, by label) with :func:`plot_histories`."""

@@ -445,7 +445,7 @@ def _checked_weights(rule: SelectionRule, anchors: Anchors) -> Tensor:
             f"{rule!r}.weights must return one weight per (anchor, candidate), shape {tuple(anchors.scores.shape)}, "
             f"got {tuple(weights.shape)}"
         )
-    if weights.is_complex() or not (weights.is_floating_point() or weights.dtype in _INTEGER_WEIGHTS):
+    if not (weights.is_floating_point() or weights.dtype in _INTEGER_WEIGHTS):  # (complex: neither)
         raise TypeError(f"{rule!r}.weights must return real (floating-point) weights, got dtype {weights.dtype}")
     if weights.device != anchors.scores.device:
         raise ValueError(

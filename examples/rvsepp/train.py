@@ -1139,7 +1139,8 @@ class Run:
         kept: dict[str, Any] = {}
         number = {k: (math.nan if v is None else v) for k, v in previous.items()}  # (JSON's null is a NaN figure)
         if not trained:
-            kept.update({k: number[k] for k in ("step_seconds",) if k in previous})
+            if "step_seconds" in previous:
+                kept["step_seconds"] = number["step_seconds"]
             kept.update({k: previous[k] for k in ("commit", "machine", "started") if k in previous})
         if self.args.no_eval_test and previous.get("best_dev_rsum") == results["best_dev_rsum"]:
             kept.update({k: v for k, v in number.items() if k.startswith("test_")})
