@@ -223,7 +223,6 @@ def swap_verdict(rows_by_preset: dict[str, list[dict[str, Any]]]) -> tuple[list[
     name = label("selhn", SWAP_EPSILON)
     sentences: list[str] = []
     table: list[dict[str, Any]] = []
-    grades: dict[str, str] = {}
     for preset in PRESETS:
         values = r1_by_label(rows_by_preset.get(preset, []))
         selhn_values, reference = values.get(name, {}), values.get(SWAP_REFERENCE, {})
@@ -242,19 +241,19 @@ def swap_verdict(rows_by_preset: dict[str, list[dict[str, Any]]]) -> tuple[list[
         if not complete:
             sentences.append(f"{preset}: no verdict ({difference.n} of {SEEDS_NEEDED} complete pairs): {difference}.")
             continue
-        grades[preset] = graded
         sentences.append(
             f"{preset}: SelHN at {SWAP_EPSILON:g} minus the warm-up, both summed and clipped at 2.0: {difference}, "
             f"{graded} ({stability(selhn_values, reference)})."
         )
-    if len(grades) < len(PRESETS):
+    grades = [line["grade"] for line in table]
+    if "no verdict" in grades:
         sentences.append("No verdict on the swap's configuration: the patches and the advice stay as they are.")
-    elif all(g in ("beats", "not worse") for g in grades.values()):
+    elif all(g in ("beats", "not worse") for g in grades):
         sentences.append(
             f"In the swap's configuration SelHN at {SWAP_EPSILON:g} is not worse than the warm-up on both presets: "
             "the patches keep it."
         )
-    elif any(g == "worse" for g in grades.values()):
+    elif "worse" in grades:
         sentences.append(
             f"In the swap's configuration SelHN at {SWAP_EPSILON:g} is worse than the warm-up on a preset: the patches "
             "and the advice follow this measurement, not the mean scale's."
