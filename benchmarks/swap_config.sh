@@ -15,9 +15,11 @@ PY=${PY:-python3}
 PRESETS=${PRESETS:-calibrated calibrated-stall}
 SEEDS=(30 31 32 33 34 35 36 37)
 EXTRA=()
+STEPS=()
 if [ "${SMOKE:-0}" = 1 ]; then
   SEEDS=(30 31)
-  EXTRA=(--max-steps 4 --synthetic-train 120 --synthetic-dev 40 --synthetic-test 40 --batch-size 32
+  STEPS=(--steps 4)
+  EXTRA=(--synthetic-train 120 --synthetic-dev 40 --synthetic-test 40 --batch-size 32
          --embed-size 32 --word-dim 16)
 fi
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=$THREADS
@@ -26,7 +28,7 @@ compare() {  # preset, seeds...
   local preset=$1
   shift
   "$PY" -m examples.selection_study.compare --preset "$preset" --root "$DATA/$preset" --out "$OUT/$preset" \
-    --losses warmup selhn --epsilons 0.05 --no-default-epsilon --threads "$THREADS" --seeds "$@" \
+    --losses warmup selhn --epsilons 0.05 --no-default-epsilon --threads "$THREADS" "${STEPS[@]}" --seeds "$@" \
     -- --reduction sum --grad-clip 2.0 "${EXTRA[@]}"
 }
 for preset in $PRESETS; do
