@@ -36,6 +36,7 @@ import torch
 from _timing import cuda_peak_bytes, device_label, time_rounds
 
 from selhn import _core
+from selhn.rules import resolve_rule
 
 Case = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -91,7 +92,8 @@ def batches(local: int, total: int, dim: int, device: str) -> dict[str, Rank]:
 
 def cases(rank: dict[str, Rank], margin: float, epsilon: float) -> dict[str, tuple[str, Case]]:
     def lean(mode: str, kind: str) -> Case:  # SelHN with the authors' fallback, the mean
-        return lambda i, t: _core.embedding_losses(i, t, None, margin, epsilon, mode, "mean", rank[kind]).sum()
+        rule = resolve_rule(mode, epsilon, "mean")
+        return lambda i, t: _core.embedding_losses(i, t, None, margin, rule, rank[kind]).sum()
 
     def plain(mode: str, kind: str) -> Case:
         def both(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

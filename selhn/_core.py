@@ -1,4 +1,5 @@
-r"""The built-in rules' core: per-anchor losses over anchors x candidates, with a lean backward.
+r"""The lean core: per-anchor losses over anchors x candidates of any rule in the sparse form
+(:class:`selhn.rules.Selection`), with a lean backward.
 
 Vocabulary
 ----------
@@ -13,11 +14,13 @@ The forward pass, as the paper reads (:func:`_forward`)
 --------------------------------------------------------
 1. the positives :math:`s_p`, and every pair that is not a negative set to ``-inf``
    (:func:`_take_positives`);
-2. each anchor's hardest negative :math:`s_{\hat n}`, its hinge, the gap
-   :math:`s_p - s_{\hat n}`, and which anchors fall back (:func:`_select`: SelHN's
-   :math:`|gap| < \epsilon`; every anchor for the sum of hinges; none for max violation);
+2. the rule's choice on each side (:func:`_select`): its chosen negatives, whose weighted
+   hinges are summed (max violation's hardest negative, SelHN's where the gap is wide), and
+   each anchor's coefficient :math:`k_a` on all of its hinges (1 for the sum of hinges,
+   :math:`1/|N_a|` where SelHN falls back, 0 elsewhere); the anchors with :math:`k_a \ne 0`
+   *fall back*;
 3. for the anchors that fall back, the sum of their hinges and how many are active
-   (:func:`_fallback_terms`), scaled by :math:`1/|N_a|` for SelHN's mean (:func:`_fallback_scale`);
+   (:func:`_fallback_terms`), times :math:`k_a`;
 4. the backward plan: which form each side's fallback terms keep for backward
    (:func:`_plan_pair_forms`), and the coefficients of the gradient (:class:`State`).
 
@@ -25,11 +28,11 @@ The gradient (:func:`_entries`, :func:`_embedding_grads`, :func:`_score_grad`)
 ------------------------------------------------------------------------------
 With :math:`g_a` the cotangent of anchor :math:`a`'s loss, the gradient with respect to the
 scores has, per anchor, :math:`-c_a` at its positive (:attr:`State.positive_coef`,
-:math:`c_a` = the weight its loss puts on the positive), :math:`+g_a` at its hardest negative
-when that hinge counts and is active (:attr:`State.hard_coef`), and :math:`+g_a k_a` at every
-active hinge of an anchor that falls back (:math:`k_a` = :attr:`State.dense_coef`: 1, or
-:math:`1/|N_a|` for SelHN's mean). The hard terms are O(B) entries: one weighted gather of
-embedding rows per set. The fallback terms keep one of four forms per side:
+:math:`c_a` = the weight its loss puts on the positive), :math:`+g_a w_{aj}` at each chosen
+negative whose hinge is active (:attr:`State.hard_coef`), and :math:`+g_a k_a` at every
+active hinge of an anchor that falls back (:math:`k_a` = :attr:`State.dense_coef`). The
+chosen terms are O(kB) entries: one weighted gather of embedding rows per set. The fallback
+terms keep one of four forms per side:
 
 * ``full``: the side's thresholds :math:`t_a = s_p - m`; backward forms the coefficient
   matrix :math:`K_{an} = g_a k_a [s_{an} > t_a]` from the saved scores (one pass, compiled
@@ -44,7 +47,9 @@ embedding rows per set. The fallback terms keep one of four forms per side:
 
 The last two save 20-25% of ``full``'s time below about 1.5% of a side's hinges on a CPU, and
 pay on a GPU only below 0.3% - 0.7% (``benchmarks/bench_forms.py``). Under ``torch.compile``
-only ``full`` is taken. Any other selection rule takes :mod:`selhn.rules`' plain autograd path.
+only ``full`` is taken. A dense rule (:meth:`selhn.rules.SelectionRule.weights` alone) takes
+:mod:`selhn.rules`' plain autograd path: :func:`score_losses` and :func:`embedding_losses`
+send each rule its way.
 """
 
 from __future__ import annotations
@@ -62,8 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selhn import _selection as sel
-from selhn._validation import Mode
-from selhn.types import Fallback
+from selhn.rules import Anchors, SelectionRule, _checked_selection, _side_losses, is_sparse, square_losses
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +139,12 @@ def _low_rank_or_sparse(inactive: float, n_active: float, n_pairs: int, device: 
 
 
 class Options(NamedTuple):
-    """One call's choices. ``lean``: eager, so data-dependent forms may be chosen (not under
-    ``torch.compile``); ``embeddings``: the loss is over embeddings (the rows and pair forms apply)."""
+    """One call's choices: the rule (one with a sparse form, :func:`selhn.rules.is_sparse`) and
+    margin; ``lean``: eager, so data-dependent forms may be chosen (not under ``torch.compile``);
+    ``embeddings``: the loss is over embeddings (the rows and pair forms apply)."""
 
-    mode: Mode
+    rule: SelectionRule
     margin: float
-    epsilon: float
-    fallback: Fallback
     lean: bool
     embeddings: bool
 
@@ -295,30 +298,15 @@ def candidate_copies(img: Tensor, txt: Tensor) -> Copies:
     return sel.first_copies(txt), sel.first_copies(img)
 
 
-def _lowest_copies(
-    matrices: list[Tensor], layout: Layout, hard_index: Tensor, candidates: tuple[Tensor, Tensor]
-) -> Tensor:
-    """Each side's hardest negatives moved to the lowest-index exact copy among its candidates
-    (``candidates``: the images' and captions' embeddings the scores came from)."""
-    copies = candidate_copies(*candidates)
-    if copies == (None, None):
-        return hard_index
-    return torch.stack(
-        [
-            sel.lowest_copy(matrices[k] if along == 1 else matrices[k].t(), index, side_copies)
-            for (k, along), index, side_copies in zip(layout, hard_index, copies, strict=True)
-        ]
-    )
-
-
-class Selection(NamedTuple):
-    """Step 2 of the forward pass, (2, L) each: the hardest negative's hinge (the max-violation
-    loss), its candidate and coefficient, and which anchors fall back."""
+class Chosen(NamedTuple):
+    """Step 2 of the forward pass, both sides: the chosen negatives' weighted hinges (2, L),
+    their candidates and gradient coefficients (2, L, k; None where no side chose any), and each
+    anchor's coefficient on all of its hinges (2, L; None where the rule gives none)."""
 
     hard_loss: Tensor
     hard_index: Tensor | None
-    hard_coef: Tensor | None
-    falls_back: Tensor | None  # boolean; None for max violation (no anchor falls back)
+    hard_coef: Tensor | None  # the slot's weight where its hinge is active, else 0
+    every: Tensor | None
 
 
 def _take_positives(matrices: list[Tensor], layout: Layout, offset: int, excluded: Tensor | None, lean: bool) -> Tensor:
@@ -341,22 +329,75 @@ def _take_positives(matrices: list[Tensor], layout: Layout, offset: int, exclude
     return torch.stack([on_matrix[k] for k, _ in layout])
 
 
-def _select(matrices: list[Tensor], layout: Layout, positives: Tensor, opt: Options) -> Selection:
-    """Step 2: the hardest negatives, their hinges, the gaps, and which anchors fall back."""
+def _lean_anchors(
+    matrices: list[Tensor],
+    layout: Layout,
+    side: int,
+    offset: int,
+    positives: Tensor,
+    excluded: Tensor | None,
+    opt: Options,
+    candidates: tuple[Tensor, Tensor] | None,
+) -> Anchors:
+    """Side ``side``'s anchors as its rule sees them: its scores as rows (a view: no copy), and
+    the negatives' mask, their count and the candidates' exact copies made only if the rule
+    asks for them."""
+    k, along = layout[side]
+    scores = matrices[k] if along == 1 else matrices[k].t()
+    n_anchors, n_candidates = scores.shape
+    side_excluded = None if excluded is None else (excluded if along == 1 else excluded.t())
+
+    def negatives() -> Tensor:
+        mask = torch.ones(n_anchors, n_candidates, dtype=torch.bool, device=scores.device)
+        mask.diagonal(offset).fill_(False)
+        return mask if side_excluded is None else mask.logical_and_(~side_excluded)
+
+    def count() -> Tensor:  # the candidates but the positive and the excluded pairs
+        if side_excluded is None:
+            return torch.full((n_anchors,), max(n_candidates - 1, 0), dtype=torch.long, device=scores.device)
+        n_excluded = side_excluded.sum(1) - side_excluded.diagonal(offset).long()
+        return n_candidates - 1 - n_excluded
+
+    def copies() -> Tensor | None:  # the captions' for the image anchors, the images' for the caption anchors
+        if candidates is None or not opt.lean:
+            return None
+        return sel.first_copies(candidates[1] if side == 0 else candidates[0])
+
+    return Anchors._deferred(scores.detach(), positives[side].detach(), opt.margin, negatives, count, copies)
+
+
+def _select(
+    matrices: list[Tensor],
+    layout: Layout,
+    offset: int,
+    positives: Tensor,
+    excluded: Tensor | None,
+    opt: Options,
+    candidates: tuple[Tensor, Tensor] | None,
+) -> Chosen:
+    """Step 2: each side's rule chooses (:meth:`selhn.rules.SelectionRule.select`); the chosen
+    negatives' hinges are weighted and summed. A slot whose candidate is no negative (``-inf``
+    on the matrix) counts 0."""
     n_anchors = positives.shape[1]
-    if opt.mode == "sum":  # every anchor takes all its negatives
-        every = torch.ones(2, n_anchors, dtype=torch.bool, device=positives.device)
-        return Selection(positives.new_zeros(2, n_anchors), None, None, every)
-    maxima = [sel.max_along(matrices[k], along) for k, along in layout]
-    hardest = torch.stack([value for value, _ in maxima])
-    hard_index = torch.stack([index for _, index in maxima])
-    hard_loss = sel.hinge(positives, hardest, opt.margin)
-    hard_coef = (hard_loss > 0).to(positives.dtype)
-    if opt.mode == "hn":  # no anchor falls back
-        return Selection(hard_loss, hard_index, hard_coef, None)
-    falls_back = sel.vanishing(sel.gap(positives, hardest), opt.epsilon)
-    hard_coef.masked_fill_(falls_back, 0.0)
-    return Selection(hard_loss, hard_index, hard_coef, falls_back)
+    choices = []
+    for side in range(len(layout)):
+        anchors = _lean_anchors(matrices, layout, side, offset, positives, excluded, opt, candidates)
+        choices.append(_checked_selection(opt.rule, anchors, opt.rule.select(anchors)))
+    every = None
+    if any(choice.every is not None for choice in choices):
+        every = torch.stack([positives.new_zeros(n_anchors) if c.every is None else c.every for c in choices])
+    width = max(choice.candidate.shape[1] for choice in choices)
+    if width == 0:
+        return Chosen(positives.new_zeros(2, n_anchors), None, None, every)
+    index = torch.stack([F.pad(c.candidate, (0, width - c.candidate.shape[1])) for c in choices])
+    weight = torch.stack([F.pad(c.weight, (0, width - c.weight.shape[1])) for c in choices])
+    chosen = torch.stack(
+        [(matrices[k] if along == 1 else matrices[k].t()).gather(1, index[s]) for s, (k, along) in enumerate(layout)]
+    )
+    weight = torch.where(chosen != -math.inf, weight, 0.0)  # (a NaN score stays, and propagates)
+    hinges = sel.hinge(positives.unsqueeze(2), chosen, opt.margin)
+    hard_loss = torch.where(weight != 0, weight * hinges, 0.0).sum(dim=2)
+    return Chosen(hard_loss, index, weight * (hinges > 0), every)
 
 
 class FallbackTerms(NamedTuple):
@@ -460,19 +501,6 @@ def _plan_pair_forms(
         terms.data[s] = PairsData(pairs if along == 1 else pairs.flip(0))  # row 0: the anchor
 
 
-def _fallback_scale(
-    opt: Options, n_candidates: int, excluded: Tensor | None, layout: Layout, offset: int, dtype: torch.dtype
-) -> Tensor | float:
-    """The weight of each hinge of a falling-back anchor: :math:`1/|N_a|` for SelHN's mean
-    fallback (:math:`N_a`: the candidates but the positive and the excluded pairs), else 1."""
-    if opt.mode != "selhn" or opt.fallback != "mean":
-        return 1.0
-    if excluded is None:
-        return 1.0 / max(n_candidates - 1, 1)
-    n_excluded = torch.stack([excluded.sum(along) for _, along in layout]) - excluded.diagonal(offset).long()
-    return 1.0 / (n_candidates - 1 - n_excluded).clamp(min=1).to(dtype)
-
-
 def _forward(
     matrices: list[Tensor],
     layout: Layout,
@@ -483,28 +511,26 @@ def _forward(
 ) -> tuple[Tensor, State]:
     """Both sides' per-anchor losses (2, L) and the backward state. Overwrites the matrices'
     non-negatives with ``-inf``. See the module docs for the four steps. ``candidates``: the
-    (images, captions) the scores came from, whose exact copies tie (:func:`_lowest_copies`);
-    None for a score matrix."""
+    (images, captions) the scores came from, whose exact copies tie
+    (:attr:`selhn.rules.Anchors.copies`); None for a score matrix."""
     positives = _take_positives(matrices, layout, offset, excluded, opt.lean)
-    selection = _select(matrices, layout, positives, opt)
-    hard_loss, hard_index, hard_coef, falls_back = selection
+    hard_loss, hard_index, hard_coef, every = _select(matrices, layout, offset, positives, excluded, opt, candidates)
     n_anchors = positives.shape[1]
-    # how many anchors fall back, per side (eager SelHN: one device read; max violation: none; else every anchor)
-    if falls_back is None:
-        n_falling = [0, 0]
-    else:
-        n_falling = falls_back.sum(1).tolist() if opt.lean and opt.mode == "selhn" else [n_anchors] * 2
-    if opt.lean and n_anchors and sum(n_falling) == 2 * n_anchors:  # every anchor falls back (a cold start)
-        hard_index = hard_coef = None
-    if hard_index is not None and candidates is not None:  # (only where a hardest negative is used)
-        hard_index = _lowest_copies(matrices, layout, hard_index, candidates)
+    falls_back = None if every is None else every != 0
+    # how many anchors take all their hinges, per side, and whether any chosen hinge is active:
+    # eager, one device read; compiled, every anchor may
+    n_falling = [0, 0] if falls_back is None else [n_anchors] * 2
+    if opt.lean and falls_back is not None:
+        any_hard = hard_coef.ne(0).any().view(1) if hard_coef is not None else falls_back.new_zeros(1)
+        *n_falling, hard_used = torch.cat([falls_back.sum(1), any_hard]).tolist()
+        if not hard_used:  # (a cold start: no chosen hinge is active, or none was chosen)
+            hard_index = hard_coef = None
+    hard_positive = None if hard_coef is None else hard_coef.sum(dim=2)  # the chosen hinges' weight on s_p
     no_forms: tuple[Form, ...] = ("none", "none")
-    if falls_back is None:  # max violation: every anchor takes its hardest negative
-        assert hard_coef is not None
-        return hard_loss, State(hard_index, hard_coef, None, hard_coef, no_forms, (None, None))
-    if not any(n_falling):  # (an empty batch of the sum of hinges has no coefficient: zeros)
-        positive_coef = hard_loss if hard_coef is None else hard_coef
+    if falls_back is None or not any(n_falling):
+        positive_coef = torch.zeros_like(hard_loss) if hard_positive is None else hard_positive
         return hard_loss, State(hard_index, hard_coef, None, positive_coef, no_forms, (None, None))
+    assert every is not None
 
     threshold = positives - opt.margin  # each hinge is relu(s - threshold)
     terms = _fallback_terms(matrices, layout, threshold.unbind(), falls_back, n_falling, opt)
@@ -518,12 +544,9 @@ def _forward(
         # its hinge sum is +inf when it has negatives (each hinge is), else 0. (Only a fused pass
         # over a whole matrix meets it: the rows form reads an embeddings' finite scores.)
         total = torch.where(torch.isneginf(threshold), torch.where(count > 0, math.inf, 0.0), total)
-    n_candidates = matrices[0].shape[layout[0][1]]
-    scale = _fallback_scale(opt, n_candidates, excluded, layout, offset, positives.dtype)
-    dense_coef = falls_back.to(positives.dtype) * scale
-    positive_coef = count * dense_coef if hard_coef is None else torch.addcmul(hard_coef, count, dense_coef)
-    loss = torch.where(falls_back, total * scale, hard_loss)
-    return loss, State(hard_index, hard_coef, dense_coef, positive_coef, tuple(terms.forms), tuple(terms.data))
+    positive_coef = count * every if hard_positive is None else torch.addcmul(hard_positive, count, every)
+    loss = hard_loss + torch.where(falls_back, total * every, 0.0)
+    return loss, State(hard_index, hard_coef, every, positive_coef, tuple(terms.forms), tuple(terms.data))
 
 
 # --------------------------------------------------------------------------- the backward pass
@@ -543,9 +566,10 @@ def _entries(grad: Tensor, coef: Tensor | None, state: State, anchor: Tensor) ->
             positive = positive - coef[s]
     rows, cols, weights = [anchor], [anchor], [positive]
     if state.hard_index is not None and state.hard_coef is not None:
-        rows += [anchor, state.hard_index[1]]  # image anchors' hardest captions; caption anchors' hardest images
-        cols += [state.hard_index[0], anchor]
-        weights.append((grad * state.hard_coef).view(-1))  # side 0's, then side 1's
+        repeated = anchor.repeat_interleave(state.hard_index.shape[2])  # each anchor once per slot
+        rows += [repeated, state.hard_index[1].reshape(-1)]  # image anchors' chosen captions; caption anchors' images
+        cols += [state.hard_index[0].reshape(-1), repeated]
+        weights.append((grad.unsqueeze(2) * state.hard_coef).reshape(-1))  # side 0's, then side 1's
     for s, (form, data) in enumerate(zip(state.forms, state.data, strict=True)):
         if form in ("low_rank", "sparse") and coef is not None and isinstance(data, PairsData):
             on_pair = coef[s].index_select(0, data.pairs[0])
@@ -688,22 +712,20 @@ class ScoreLoss(torch.autograd.Function):
     """Per-anchor losses (2, B) of a score matrix (:mod:`selhn.functional`)."""
 
     @staticmethod
-    def forward(
-        ctx: Any, scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, fallback: Fallback
-    ) -> Tensor:
+    def forward(ctx: Any, scores: Tensor, mask: Tensor | None, margin: float, rule: SelectionRule) -> Tensor:
         ctx.lean = not torch.compiler.is_compiling()
         work = scores.clone(memory_format=torch.contiguous_format)  # never overwrite the caller's scores
-        options = Options(mode, margin, epsilon, fallback, ctx.lean, embeddings=False)
+        options = Options(rule, margin, ctx.lean, embeddings=False)
         losses, state = _forward([work], SQUARE, 0, mask, options)
         _save(ctx, state, scores=work if "full" in state.forms else None)
         return losses
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         saved, state = _load(ctx)
         grad = grad.contiguous()
         coef = None if state.dense_coef is None else grad * state.dense_coef
-        return _score_grad(grad, coef, state, saved["scores"], ctx.lean), None, None, None, None, None
+        return _score_grad(grad, coef, state, saved["scores"], ctx.lean), None, None, None
 
 
 class EmbeddingLoss(torch.autograd.Function):
@@ -717,9 +739,7 @@ class EmbeddingLoss(torch.autograd.Function):
         txt: Tensor,
         excluded: Tensor | None,
         margin: float,
-        epsilon: float,
-        mode: Mode,
-        fallback: Fallback,
+        rule: SelectionRule,
         ranks: Ranks | None,
         observe: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
@@ -732,7 +752,7 @@ class EmbeddingLoss(torch.autograd.Function):
         else:
             (img_all, txt_all), offset, layout = ranks.gather(img, txt), ranks.offset, RECTANGLES
             matrices = [img @ txt_all.t(), txt @ img_all.t()]
-        options = Options(mode, margin, epsilon, fallback, ctx.lean, embeddings=True)
+        options = Options(rule, margin, ctx.lean, embeddings=True)
         losses, state = _forward(matrices, layout, offset, excluded, options, (img_all, txt_all))
         ctx.layout, ctx.offset = layout, offset
         full = {k for form, (k, _) in zip(state.forms, layout, strict=True) if form == "full"}
@@ -760,17 +780,18 @@ class EmbeddingLoss(torch.autograd.Function):
             d_img, d_txt = ctx.ranks.scatter(d_img, d_txt)
         d_img_out = d_img if ctx.needs_input_grad[0] else None
         d_txt_out = d_txt if ctx.needs_input_grad[1] else None
-        return d_img_out, d_txt_out, *([None] * 7)  # (no gradient for the 7 other arguments)
+        return d_img_out, d_txt_out, *([None] * 5)  # (no gradient for the 5 other arguments)
 
 
 # --------------------------------------------------------------------------- the internal API
-# (what selhn.functional, selhn.losses, selhn.distributed and selhn.diagnostics call)
-def score_losses(
-    scores: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, fallback: Fallback = "mean"
-) -> Tensor:
-    """Per-anchor losses (2, B) of a score matrix, computed in float32 or wider."""
+# (what selhn.functional, selhn.losses, selhn.distributed and selhn.diagnostics call): the one
+# place that sends a rule with a sparse form to the lean Functions and any other to the plain path
+def score_losses(scores: Tensor, mask: Tensor | None, margin: float, rule: SelectionRule) -> Tensor:
+    """Per-anchor losses (2, B) of a score matrix under ``rule``, computed in float32 or wider."""
     scores = scores.to(sel.compute_dtype(scores.dtype))
-    losses: Tensor = ScoreLoss.apply(scores, mask, margin, epsilon, mode, fallback)  # type: ignore[no-untyped-call]
+    if not is_sparse(rule):
+        return square_losses(scores, mask, rule, margin)
+    losses: Tensor = ScoreLoss.apply(scores, mask, margin, rule)  # type: ignore[no-untyped-call]
     return losses
 
 
@@ -779,38 +800,57 @@ def embedding_losses(
     txt: Tensor,
     excluded: Tensor | None,
     margin: float,
-    epsilon: float,
-    mode: Mode,
-    fallback: Fallback = "mean",
+    rule: SelectionRule,
     ranks: Ranks | None = None,
     observe: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     """Per-anchor losses (2, L) of ``img`` and ``txt`` against the batch (every rank's with
-    ``ranks``), scored in float32 or wider outside autocast, with the lean backward.
-    ``observe`` (the square batch only) is handed the score matrix before it is used."""
+    ``ranks``), scored in float32 or wider outside autocast: a rule with a sparse form with the
+    lean backward, any other by plain autograd. ``observe`` (the square batch only) is handed
+    the score matrix before it is used."""
     dtype = sel.embedding_compute_dtype(img, txt)
     with torch.autocast(device_type=img.device.type, enabled=False):
-        losses: Tensor = EmbeddingLoss.apply(  # type: ignore[no-untyped-call]
-            img.to(dtype), txt.to(dtype), excluded, margin, epsilon, mode, fallback, ranks, observe
-        )
-    return losses
+        img, txt = img.to(dtype), txt.to(dtype)
+        if is_sparse(rule):
+            losses: Tensor = EmbeddingLoss.apply(  # type: ignore[no-untyped-call]
+                img, txt, excluded, margin, rule, ranks, observe
+            )
+            return losses
+        if ranks is not None:
+            return _plain_rectangles(img, txt, excluded, margin, rule, ranks)
+        scores = img @ txt.t()
+        if observe is not None:
+            observe(scores)
+        return square_losses(scores, excluded, rule, margin, candidate_copies(img, txt))
 
 
-def embedding_gradients(
-    img: Tensor, txt: Tensor, mask: Tensor | None, margin: float, epsilon: float, mode: Mode, fallback: Fallback
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of the summed per-anchor losses (the diagnostic's): with respect to the images
-    and captions, then each anchor's through its own loss only (image anchors, caption anchors)."""
-    img, txt = img.detach(), txt.detach()  # (the diagnostic upcasts them)
-    with torch.no_grad():
-        matrices = [img @ txt.t()]
-        options = Options(mode, margin, epsilon, fallback, lean=True, embeddings=True)
-        _, state = _forward(matrices, SQUARE, 0, mask, options, (img, txt))
-        batch = Batch(img, txt, img, txt, offset=0)
-        alone = torch.eye(2, dtype=img.dtype, device=img.device).unsqueeze(2).expand(2, 2, img.shape[0])
-        own = [_embedding_grads(g, state, SQUARE, matrices, batch, True) for g in alone]
-    (img_anchor, txt_from_images), (img_from_captions, txt_anchor) = own  # side s alone: its anchors' own
-    return img_anchor + img_from_captions, txt_from_images + txt_anchor, img_anchor, txt_anchor
+class _Gathered(torch.autograd.Function):
+    """Every rank's (images, captions), differentiable: the gradient of the gathered rows goes
+    back to the rank that owns them, summed over the ranks (the plain path's rectangles)."""
+
+    @staticmethod
+    def forward(ctx: Any, img: Tensor, txt: Tensor, ranks: Ranks) -> tuple[Tensor, Tensor]:
+        ctx.ranks = ranks
+        return ranks.gather(img, txt)
+
+    @staticmethod
+    def backward(ctx: Any, d_img_all: Tensor, d_txt_all: Tensor) -> tuple[Tensor, Tensor, None]:
+        d_img, d_txt = ctx.ranks.scatter(d_img_all.contiguous(), d_txt_all.contiguous())
+        return d_img, d_txt, None
+
+
+def _plain_rectangles(
+    img: Tensor, txt: Tensor, excluded: Tensor | None, margin: float, rule: SelectionRule, ranks: Ranks
+) -> Tensor:
+    """This rank's anchors' losses (2, L) under a dense rule, by plain autograd: its images
+    against every rank's captions, its captions against every rank's images (positives at the
+    offset)."""
+    img_all, txt_all = _Gathered.apply(img, txt, ranks)  # type: ignore[no-untyped-call]
+    positives = torch.arange(ranks.offset, ranks.offset + img.shape[0], device=img.device)
+    caption_copies, image_copies = candidate_copies(img_all, txt_all)
+    image_anchors = _side_losses(img @ txt_all.t(), positives, excluded, rule, margin, caption_copies)
+    caption_anchors = _side_losses(txt @ img_all.t(), positives, excluded, rule, margin, image_copies)
+    return torch.stack([image_anchors, caption_anchors])
 
 
 def reduce(per_anchor: Tensor, reduction: str) -> Tensor:

@@ -102,6 +102,15 @@ def check_positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def check_count(value: Any, name: str) -> int:
+    """Require an integer >= 0 of any integer type (bool is rejected)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= 0, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value}")
+    return int(value)
+
+
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     """Require one of a fixed set of strings."""
     if not isinstance(value, str) or value not in choices:

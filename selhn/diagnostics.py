@@ -39,7 +39,7 @@ from selhn._validation import (
     check_positive_int,
     check_scores,
 )
-from selhn.rules import SelectionRule, SelHN, SumOfHinges, check_rule, lean_settings, resolve_rule, square_losses
+from selhn.rules import SelectionRule, SelHN, SumOfHinges, check_rule, resolve_rule
 from selhn.types import Fallback, LossName
 
 __all__ = [
@@ -282,8 +282,8 @@ def gradient_norms(
         img_emb: (B, D) L2-normalised image embeddings.
         txt_emb: (B, D) L2-normalised caption embeddings.
         loss: ``"selhn"``, ``"hn"`` (max violation) or ``"sum"`` (sum of hinges), or any
-            :class:`selhn.rules.SelectionRule` (the built-in rules analytically, any other
-            rule by autograd on its plain path: the same definitions).
+            :class:`selhn.rules.SelectionRule` (by autograd through the rule's loss: the lean
+            backward for a rule with a sparse form, the plain path for a dense one).
         margin: triplet margin.
         epsilon: SelHN's gap threshold for ``loss="selhn"`` (None: 0.01); refused beside a
             rule, which carries its own.
@@ -318,13 +318,7 @@ def gradient_norms(
     dtype = sel.embedding_compute_dtype(img_emb, txt_emb)
     img = img_emb.detach().to(dtype)
     txt = txt_emb.detach().to(dtype)
-    lean = lean_settings(rule)
-    if lean is not None:
-        d_img, d_txt, anchor_img, anchor_txt = _core.embedding_gradients(
-            img, txt, mask, margin, lean.epsilon, lean.mode, lean.fallback
-        )
-    else:
-        d_img, d_txt, anchor_img, anchor_txt = _rule_gradients(img, txt, mask, rule, margin)
+    d_img, d_txt, anchor_img, anchor_txt = _rule_gradients(img, txt, mask, rule, margin)
     return GradientNorms(
         image=_through_normalisation(d_img, img, img_norms).norm(dim=1),
         text=_through_normalisation(d_txt, txt, txt_norms).norm(dim=1),
@@ -336,17 +330,17 @@ def gradient_norms(
 def _rule_gradients(
     img: Tensor, txt: Tensor, mask: Tensor | None, rule: SelectionRule, margin: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The gradients :func:`gradient_norms` reads, for any rule, by autograd on its plain path.
-    Image anchor ``i``'s loss depends on image ``i`` alone among the images (row ``i`` of the
-    scores), so the image anchors' summed losses differentiated by the images give each anchor's
-    gradient through its own loss; likewise for the caption anchors and the captions."""
+    """The gradients :func:`gradient_norms` reads, for any rule, by autograd through the loss
+    (the lean backward for a rule with a sparse form). Image anchor ``i``'s loss depends on
+    image ``i`` alone among the images (row ``i`` of the scores), so the image anchors' summed
+    losses differentiated by the images give each anchor's gradient through its own loss;
+    likewise for the caption anchors and the captions."""
     with torch.enable_grad():
         img, txt = img.detach().requires_grad_(), txt.detach().requires_grad_()
-        per_anchor = square_losses(img @ txt.t(), mask, rule, margin, _core.candidate_copies(img, txt))
-        d_img, d_txt = torch.autograd.grad(per_anchor.sum(), (img, txt), retain_graph=True)
-        (anchor_img,) = torch.autograd.grad(per_anchor[0].sum(), img, retain_graph=True)
-        (anchor_txt,) = torch.autograd.grad(per_anchor[1].sum(), txt)
-    return d_img, d_txt, anchor_img, anchor_txt
+        per_anchor = _core.embedding_losses(img, txt, mask, margin, rule)
+        anchor_img, txt_from_images = torch.autograd.grad(per_anchor[0].sum(), (img, txt), retain_graph=True)
+        img_from_captions, anchor_txt = torch.autograd.grad(per_anchor[1].sum(), (img, txt))
+    return anchor_img + img_from_captions, txt_from_images + anchor_txt, anchor_img, anchor_txt
 
 
 # --------------------------------------------------------------------------- the alarm

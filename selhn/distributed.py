@@ -31,9 +31,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from selhn import _core, _validation
-from selhn._selection import embedding_compute_dtype
 from selhn.losses import RuleLoss
-from selhn.rules import SelectionRule, _side_losses, lean_settings, resolve_rule, rule_settings
+from selhn.rules import SelectionRule, resolve_rule, rule_settings
 from selhn.types import Fallback, LossName
 
 __all__ = ["global_loss", "is_distributed"]
@@ -177,13 +176,12 @@ def global_loss(
     if own_ids is not None:  # gathered as int64 whatever each rank's integer dtype (uint64 wraps, equality holds)
         own_ids = own_ids.to(img_emb.device, torch.int64)
         excluded = own_ids.unsqueeze(1) == ranks.rows(own_ids).unsqueeze(0)
-    lean = lean_settings(rule)
-    if lean is not None:
-        share = _core.embedding_losses(
-            img_emb, txt_emb, excluded, margin, lean.epsilon, lean.mode, lean.fallback, ranks
-        ).sum()
-    else:
-        share = _plain_share(img_emb, txt_emb, excluded, rule, margin, ranks)
+    problem = None
+    try:
+        share = _core.embedding_losses(img_emb, txt_emb, excluded, margin, rule, ranks).sum()
+    except Exception as error:  # the user's rule raised, or returned a choice the checks refused
+        problem = error
+    _agree_the_rule_ran(problem, rule)
     share = share / (2 * sum(ranks.sizes)) if reduction == "mean" else share
     value = share.detach().clone()
     dist.all_reduce(value)
@@ -202,42 +200,6 @@ def _checked(
     margin = _validation.check_nonnegative(margin, "margin")
     _validation.ids_as_tensor(ids, img_emb.shape[0])  # (checked here; the mask is built where it is used)
     return rule, margin
-
-
-class _Gathered(torch.autograd.Function):
-    """Every rank's (images, captions), differentiable: the gradient of the gathered rows goes
-    back to the rank that owns them, summed over the ranks (the plain path of a user's rule)."""
-
-    @staticmethod
-    def forward(ctx: Any, img: Tensor, txt: Tensor, ranks: _Ranks) -> tuple[Tensor, Tensor]:
-        ctx.ranks = ranks
-        return ranks.gather(img, txt)
-
-    @staticmethod
-    def backward(ctx: Any, d_img_all: Tensor, d_txt_all: Tensor) -> tuple[Tensor, Tensor, None]:
-        d_img, d_txt = ctx.ranks.scatter(d_img_all.contiguous(), d_txt_all.contiguous())
-        return d_img, d_txt, None
-
-
-def _plain_share(
-    img: Tensor, txt: Tensor, excluded: Tensor | None, rule: SelectionRule, margin: float, ranks: _Ranks
-) -> Tensor:
-    """This rank's anchors' summed losses under any rule, by plain autograd: its images against
-    every rank's captions, its captions against every rank's images (positives at the offset)."""
-    dtype = embedding_compute_dtype(img, txt)
-    with torch.autocast(device_type=img.device.type, enabled=False):
-        img, txt = img.to(dtype), txt.to(dtype)
-        img_all, txt_all = _Gathered.apply(img, txt, ranks)  # type: ignore[no-untyped-call]
-        positives = torch.arange(ranks.offset, ranks.offset + img.shape[0], device=img.device)
-        caption_copies, image_copies = _core.candidate_copies(img_all, txt_all)
-        problem: Exception | None = None
-        try:
-            image_anchors = _side_losses(img @ txt_all.t(), positives, excluded, rule, margin, caption_copies)
-            caption_anchors = _side_losses(txt @ img_all.t(), positives, excluded, rule, margin, image_copies)
-        except Exception as error:  # the user's rule raised, or returned weights the check refused
-            problem = error
-        _agree_the_rule_ran(problem, rule)
-    return image_anchors.sum() + caption_anchors.sum()
 
 
 def _collective_device() -> torch.device:

@@ -33,9 +33,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from selhn import _core
-from selhn import _selection as sel
 from selhn._validation import REDUCTIONS, as_fallback, check_choice, check_mask, check_nonnegative, check_scores
-from selhn.rules import SelectionRule, check_rule, lean_settings, square_losses
+from selhn.rules import MaxViolation, SelectionRule, SelHN, SumOfHinges, check_rule
 from selhn.types import Fallback, Reduction
 
 __all__ = ["max_violation_loss", "rule_loss", "selhn_loss", "sum_hinge_loss"]
@@ -106,7 +105,7 @@ def selhn_loss(
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
     return _core.reduce(
-        _core.score_losses(scores, mask, margin, epsilon, "selhn", fallback_),
+        _core.score_losses(scores, mask, margin, SelHN(epsilon, fallback_)),
         reduction,
     )
 
@@ -155,7 +154,7 @@ def max_violation_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _core.reduce(_core.score_losses(scores, mask, margin, 0.0, "hn"), reduction)
+    return _core.reduce(_core.score_losses(scores, mask, margin, MaxViolation()), reduction)
 
 
 def sum_hinge_loss(
@@ -202,7 +201,7 @@ def sum_hinge_loss(
     margin = check_nonnegative(margin, "margin")
     check_choice(reduction, "reduction", REDUCTIONS)
     mask = check_mask(mask, scores.shape[0], scores.device)
-    return _core.reduce(_core.score_losses(scores, mask, margin, 0.0, "sum"), reduction)
+    return _core.reduce(_core.score_losses(scores, mask, margin, SumOfHinges()), reduction)
 
 
 def rule_loss(
@@ -224,9 +223,9 @@ def rule_loss(
 
     The built-in rules (:class:`~selhn.rules.SelHN`, :class:`~selhn.rules.MaxViolation`,
     :class:`~selhn.rules.SumOfHinges`) give exactly :func:`selhn_loss`,
-    :func:`max_violation_loss` and :func:`sum_hinge_loss`, through the same lean backward;
-    any other rule is computed by plain autograd over its weighted hinges (see
-    :mod:`selhn.rules`).
+    :func:`max_violation_loss` and :func:`sum_hinge_loss`. A rule with a sparse form
+    (:meth:`~selhn.rules.SelectionRule.select`) runs on the same lean backward; a dense rule
+    is computed by plain autograd over its weighted hinges (see :mod:`selhn.rules`).
 
     Args:
         scores: (B, B) scores, rows images, columns captions, positives on the diagonal.
@@ -263,9 +262,4 @@ def rule_loss(
     margin = check_nonnegative(margin, "margin")
     mask = check_mask(mask, scores.shape[0], scores.device)
     check_choice(reduction, "reduction", REDUCTIONS)
-    lean = lean_settings(rule)
-    if lean is not None:
-        per_anchor = _core.score_losses(scores, mask, margin, lean.epsilon, lean.mode, lean.fallback)
-    else:
-        per_anchor = square_losses(scores.to(sel.compute_dtype(scores.dtype)), mask, rule, margin)
-    return _core.reduce(per_anchor, reduction)
+    return _core.reduce(_core.score_losses(scores, mask, margin, rule), reduction)

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from selhn import _core
-from selhn._selection import embedding_compute_dtype
 from selhn._validation import (
-    Mode,
     Setting,
     as_fallback,
     as_reduction,
@@ -30,7 +27,7 @@ from selhn._validation import (
     check_nonnegative,
     ids_to_mask,
 )
-from selhn.rules import MaxViolation, SelectionRule, SelHN, SumOfHinges, check_rule, lean_settings, square_losses
+from selhn.rules import MaxViolation, SelectionRule, SelHN, SumOfHinges, check_rule
 from selhn.types import Fallback, Reduction
 
 __all__ = ["ContrastiveLoss", "MaxViolationLoss", "RuleLoss", "SelHNLoss", "SumHingeLoss"]
@@ -62,16 +59,12 @@ class _TripletLoss(nn.Module):
         img_emb: Tensor,
         txt_emb: Tensor,
         ids: Any,
-        mode: Mode,
-        epsilon: float = 0.0,
-        fallback: Fallback = "mean",
+        rule: SelectionRule,
     ) -> Tensor:
         check_embeddings(img_emb, txt_emb)
         mask = ids_to_mask(ids, img_emb.shape[0], img_emb.device)
         observe = (lambda scores: self._keep(scores, mask)) if self.keep_scores else None
-        per_anchor = _core.embedding_losses(
-            img_emb, txt_emb, mask, self.margin, epsilon, mode, fallback, observe=observe
-        )
+        per_anchor = _core.embedding_losses(img_emb, txt_emb, mask, self.margin, rule, observe=observe)
         return _core.reduce(per_anchor, self.reduction)
 
     def max_violation_on(self) -> None:
@@ -149,7 +142,7 @@ class SelHNLoss(_TripletLoss):
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        return self._loss(img_emb, txt_emb, ids, "selhn", self.epsilon, self.fallback)
+        return self._loss(img_emb, txt_emb, ids, self.rule)
 
     @property
     def rule(self) -> SelectionRule:
@@ -198,7 +191,7 @@ class MaxViolationLoss(_TripletLoss):
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        return self._loss(img_emb, txt_emb, ids, "hn")
+        return self._loss(img_emb, txt_emb, ids, MaxViolation())
 
     @property
     def rule(self) -> SelectionRule:
@@ -240,7 +233,7 @@ class SumHingeLoss(_TripletLoss):
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        return self._loss(img_emb, txt_emb, ids, "sum")
+        return self._loss(img_emb, txt_emb, ids, SumOfHinges())
 
     @property
     def rule(self) -> SelectionRule:
@@ -303,7 +296,7 @@ class ContrastiveLoss(_TripletLoss):
 
     def forward(self, im: Tensor, s: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        return self._loss(im, s, ids, "hn" if self.max_violation else "sum")
+        return self._loss(im, s, ids, self.rule)
 
     @property
     def rule(self) -> SelectionRule:
@@ -326,9 +319,10 @@ class RuleLoss(_TripletLoss):
         \ell_a = \sum_{n \in N_a} w_{an} \max(0,\, m - s_p + s_n)
 
     For a built-in rule it is exactly :class:`SelHNLoss`, :class:`MaxViolationLoss` or
-    :class:`SumHingeLoss` (the same lean backward); any other rule is computed by plain
-    autograd, with the scores in float32 for half-precision embeddings, as the other modules
-    do. :meth:`max_violation_on` / :meth:`max_violation_off` are no-ops (the rule decides).
+    :class:`SumHingeLoss`. A rule with a sparse form (:meth:`~selhn.rules.SelectionRule.select`)
+    runs on their lean backward; a dense rule is computed by plain autograd, with the scores in
+    float32 for half-precision embeddings, as the other modules do. :meth:`max_violation_on` /
+    :meth:`max_violation_off` are no-ops (the rule decides).
 
     Args:
         rule: a :class:`selhn.rules.SelectionRule` instance.
@@ -371,18 +365,7 @@ class RuleLoss(_TripletLoss):
 
     def forward(self, img_emb: Tensor, txt_emb: Tensor, ids: Any = None) -> Tensor:
         """Loss of a batch of matched (image, caption) embedding pairs; see the class docs."""
-        lean = lean_settings(self._rule)
-        if lean is not None:
-            return self._loss(img_emb, txt_emb, ids, lean.mode, lean.epsilon, lean.fallback)
-        check_embeddings(img_emb, txt_emb)
-        mask = ids_to_mask(ids, img_emb.shape[0], img_emb.device)
-        dtype = embedding_compute_dtype(img_emb, txt_emb)
-        with torch.autocast(device_type=img_emb.device.type, enabled=False):
-            scores = img_emb.to(dtype) @ txt_emb.to(dtype).t()
-            self._keep(scores, mask)
-            copies = _core.candidate_copies(img_emb, txt_emb)
-            per_anchor = square_losses(scores, mask, self._rule, self.margin, copies)
-        return _core.reduce(per_anchor, self.reduction)
+        return self._loss(img_emb, txt_emb, ids, self._rule)
 
     def extra_repr(self) -> str:
         return f"rule={self._rule!r}, margin={self.margin}, reduction={self.reduction!r}"

@@ -8,33 +8,32 @@ Every triplet loss of this field has one form. For an anchor :math:`a` with posi
     \ell_a = \sum_{n \in N_a} w_{an}\, h_n ,
 
 where the weights :math:`w_{an}` are chosen from the (detached) scores and carry no
-gradient. A *selection rule* is that choice:
+gradient. A *selection rule* is that choice. Most rules choose sparsely, and say so with a
+:class:`Selection`: per anchor a few chosen negatives with their weights, plus a coefficient
+on all of its hinges. The built-in rules are of that form, each defined once, here:
 
-* :class:`MaxViolation` (VSE++): weight 1 on the hardest negative, 0 elsewhere;
-* :class:`SumOfHinges` (VSE0): weight 1 on every negative;
-* :class:`SelHN`: per anchor, the sum of hinges' weights divided by :math:`|N_a|` (its mean)
-  while the gap :math:`|s_p - s_{\hat n}|` is below epsilon, else max violation's.
+* :class:`MaxViolation` (VSE++): the hardest negative, weight 1;
+* :class:`SumOfHinges` (VSE0): every hinge, coefficient 1;
+* :class:`SelHN`: per anchor, all its hinges at :math:`1/|N_a|` (their mean) while the gap
+  :math:`|s_p - s_{\hat n}|` is below epsilon, else the hardest negative.
 
-Write your own by subclassing :class:`SelectionRule` and returning the weights from
-:meth:`SelectionRule.weights`; it sees one direction's anchors at a time as an
+Write your own by subclassing :class:`SelectionRule`: return a :class:`Selection` from
+:meth:`SelectionRule.select` (it then runs on the package's lean forward and backward), or
+dense weights from :meth:`SelectionRule.weights` (exact plain autograd over the weighted
+hinges, :func:`side_losses`). It sees one direction's anchors at a time as an
 :class:`Anchors` (scores, positives, which candidates are negatives, the hardest negative,
-the gap, the hinges). :class:`selhn.RuleLoss` and :func:`selhn.functional.rule_loss` turn
-any rule into a loss over embeddings or over a score matrix;
+the gap, the hinges, a top-k). :class:`selhn.RuleLoss` and :func:`selhn.functional.rule_loss`
+turn any rule into a loss over embeddings or over a score matrix;
 :func:`selhn.distributed.global_loss` and :func:`selhn.diagnostics.gradient_norms` take a
-rule too, and :mod:`selhn.testing`'s helpers test the loss it gives.
-
-Any rule is computed exactly by plain autograd over its weighted hinges (:func:`side_losses`).
-The three built-in rules are also served by the package's lean backward (the same values
-and gradients, in less time and memory; the tests hold both paths to the literal loop
-references); a rule of your own takes the plain path, and so does a subclass of a built-in
-rule.
+rule too, and :mod:`selhn.testing`'s helpers test the loss it gives. The dense view of a
+sparse rule (its :meth:`~SelectionRule.weights`) is derived from its selection; the tests hold
+both paths to the literal loop references.
 """
 
 from __future__ import annotations
 
-import abc
-import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -42,22 +41,33 @@ import torch
 from torch import Tensor
 
 from selhn import _selection as sel
-from selhn._validation import Mode, as_fallback, as_mode, check_float_tensor, check_nonnegative
+from selhn._validation import Mode, as_fallback, as_mode, check_count, check_float_tensor, check_nonnegative
 from selhn.types import Fallback
 
-__all__ = ["Anchors", "MaxViolation", "SelHN", "SelectionRule", "SumOfHinges", "rule_settings", "side_losses"]
+__all__ = [
+    "Anchors",
+    "MaxViolation",
+    "SelHN",
+    "Selection",
+    "SelectionRule",
+    "SumOfHinges",
+    "is_sparse",
+    "rule_settings",
+    "side_losses",
+]
 
 
-@dataclass(frozen=True, eq=False)
 class Anchors:
     """One direction's anchors of a batch, as a selection rule sees them. Every tensor is
     detached; anchors are rows, candidates columns.
 
     For image anchors (image-to-text) row ``a`` is image ``a`` against the captions; for
     caption anchors (text-to-image) row ``a`` is caption ``a`` against the images. Under
-    :func:`selhn.distributed.global_loss` the candidates are the global batch.
+    :func:`selhn.distributed.global_loss` the candidates are the global batch. The attributes
+    are read-only; what is derived from them (``negatives`` where the loss did not hand it
+    over, ``hardest``, ``count``, ...) is computed on first use, once.
 
-    Attributes:
+    Args:
         scores: (L, C) the score of each anchor with each candidate; ``-inf`` where the
             candidate is not a negative (the anchor's positive, and masked pairs).
         positive: (L,) each anchor's positive score.
@@ -81,26 +91,94 @@ class Anchors:
         tensor([[0.0000, 0.1000, 0.3000]])
     """
 
-    scores: Tensor
-    positive: Tensor
-    negatives: Tensor
-    margin: float
-    copies: Tensor | None = None
+    def __init__(
+        self, scores: Tensor, positive: Tensor, negatives: Tensor, margin: float, copies: Tensor | None = None
+    ) -> None:
+        self._scores, self._positive, self._margin = scores, positive, margin
+        self._make_negatives: Callable[[], Tensor] = lambda: negatives
+        self._make_copies: Callable[[], Tensor | None] = lambda: copies
+        self._make_count: Callable[[], Tensor] | None = None
+        self._made: dict[str, Any] = {}  # what has been derived, by name (torch.compile traces a dict)
 
-    @functools.cached_property
-    def _hardest(self) -> tuple[Tensor, Tensor]:
-        values, index = sel.max_along(self.scores, 1)
-        return values, sel.lowest_copy(self.scores, index, self.copies)
+    def _once(self, name: str, make: Callable[[], Any]) -> Any:
+        """``make()`` on first use of ``name``, then its result."""
+        if name not in self._made:
+            self._made[name] = make()
+        return self._made[name]
+
+    @classmethod
+    def _deferred(
+        cls,
+        scores: Tensor,
+        positive: Tensor,
+        margin: float,
+        negatives: Callable[[], Tensor],
+        count: Callable[[], Tensor],
+        copies: Callable[[], Tensor | None],
+    ) -> Anchors:
+        """Anchors whose ``negatives``, ``count`` and ``copies`` are made only if a rule reads
+        them (the lean core's: a rule that never asks for the (L, C) mask costs none)."""
+        anchors = cls(scores, positive, scores, margin)  # (the two callables are replaced below)
+        anchors._make_negatives, anchors._make_copies, anchors._make_count = negatives, copies, count
+        return anchors
+
+    @property
+    def scores(self) -> Tensor:
+        """(L, C) scores, ``-inf`` where the candidate is no negative."""
+        return self._scores
+
+    @property
+    def positive(self) -> Tensor:
+        """(L,) each anchor's positive score."""
+        return self._positive
+
+    @property
+    def margin(self) -> float:
+        """The triplet margin :math:`m`."""
+        return self._margin
+
+    @property
+    def negatives(self) -> Tensor:
+        """(L, C) boolean, ``True`` where the candidate is a negative of the anchor."""
+        negatives: Tensor = self._once("negatives", self._make_negatives)
+        return negatives
+
+    @property
+    def copies(self) -> Tensor | None:
+        """(C,) the lowest index of each candidate's exact copies, or None (see the class docs)."""
+        copies: Tensor | None = self._once("copies", self._make_copies)
+        return copies
+
+    @property
+    def count(self) -> Tensor:
+        """(L,) the number of negatives of each anchor, :math:`|N_a|` (integers)."""
+        make = self._make_count or (lambda: self.negatives.sum(dim=1))
+        count: Tensor = self._once("count", make)
+        return count
+
+    @property
+    def _maximum(self) -> tuple[Tensor, Tensor]:
+        """The row maxima and their first index, read in the scores' own memory order (the lean
+        core's caption anchors are the columns of a contiguous matrix: no transposed copy)."""
+
+        def maximum() -> tuple[Tensor, Tensor]:
+            if not self._scores.is_contiguous() and self._scores.t().is_contiguous():
+                return sel.max_along(self._scores.t(), 0)
+            return sel.max_along(self._scores, 1)
+
+        found: tuple[Tensor, Tensor] = self._once("maximum", maximum)
+        return found
 
     @property
     def hardest(self) -> Tensor:
         """(L,) the hardest (highest-scoring) negative's score; ``-inf`` without negatives."""
-        return self._hardest[0]
+        return self._maximum[0]
 
     @property
     def hardest_index(self) -> Tensor:
         """(L,) the hardest negative's candidate (ties, and exact copies: the lowest index)."""
-        return self._hardest[1]
+        index: Tensor = self._once("hardest_index", lambda: sel.lowest_copy(self.scores, self._maximum[1], self.copies))
+        return index
 
     @property
     def gap(self) -> Tensor:
@@ -112,56 +190,178 @@ class Anchors:
         """(L, C) ``max(0, margin - positive + score)``: 0 where the candidate is no negative."""
         return sel.hinge(self.positive.unsqueeze(1), self.scores, self.margin)
 
-    @property
-    def count(self) -> Tensor:
-        """(L,) the number of negatives of each anchor, :math:`|N_a|`."""
-        return self.negatives.sum(dim=1)
-
     def one_hot(self, index: Tensor) -> Tensor:
         """(L, C) weights 1 at candidate ``index[a]`` of each anchor (0 where it is no negative)."""
         chosen = torch.zeros_like(self.scores).scatter_(1, index.unsqueeze(1), 1.0)
         return torch.where(self.negatives, chosen, 0.0)
 
+    def top_k(self, k: int, below: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Each anchor's ``k`` highest-scoring negatives, and which of them exist.
 
-class SelectionRule(abc.ABC):
+        Highest first; ties go to the lowest index, and ``k = 1`` is exactly
+        :attr:`hardest_index` (exact copies included). With ``below`` (L,), only negatives
+        scoring strictly below ``below[a]`` qualify. An anchor with fewer than ``k``
+        qualifying negatives fills its other slots with ``chosen`` False: use the index only
+        where ``chosen`` holds (:class:`Selection` weights of 0 there). No (L, C) buffer is
+        formed (:func:`selhn._selection.top_k`).
+
+        Args:
+            k: how many negatives per anchor (>= 0).
+            below: optional (L,) bound per anchor, e.g. ``positive + margin``.
+
+        Returns:
+            ``(index, chosen)``: (L, k) candidate indices, (L, k) boolean.
+
+        Example:
+            >>> import torch
+            >>> from selhn.rules import Anchors
+            >>> inf = float("-inf")
+            >>> anchors = Anchors(torch.tensor([[inf, 0.5, 0.7, 0.5]]), torch.tensor([0.6]),
+            ...                   torch.tensor([[False, True, True, True]]), margin=0.2)
+            >>> anchors.top_k(2)
+            (tensor([[2, 1]]), tensor([[True, True]]))
+            >>> anchors.top_k(2, below=anchors.positive)      # only 0.5 and 0.5 qualify
+            (tensor([[1, 3]]), tensor([[True, True]]))
+            >>> anchors.top_k(4)[1]
+            tensor([[ True,  True,  True, False]])
+        """
+        k = check_count(k, "k")
+        n_anchors, n_candidates = self._scores.shape
+        if below is not None:
+            below = check_float_tensor(below, "below")
+            if tuple(below.shape) != (n_anchors,):
+                raise ValueError(
+                    f"below must have shape ({n_anchors},), one bound per anchor, got {tuple(below.shape)}"
+                )
+        if k == 1 and below is None:
+            return self.hardest_index.unsqueeze(1), (self.hardest > -math.inf).unsqueeze(1)
+        width = min(k, n_candidates)
+        index = torch.zeros(n_anchors, k, dtype=torch.long, device=self._scores.device)
+        chosen = torch.zeros(n_anchors, k, dtype=torch.bool, device=self._scores.device)
+        if width == 0 or n_anchors == 0:
+            return index, chosen
+        if not self._scores.is_contiguous() and self._scores.t().is_contiguous():  # (columns of a matrix)
+            values, found = sel.top_k(self._scores.t(), width, 0, below)
+        else:
+            values, found = sel.top_k(self._scores.contiguous(), width, 1, below)
+        index[:, :width], chosen[:, :width] = found, values > -math.inf
+        if k == 1:  # the hardest qualifying negative: among exact copies, the lowest-index one
+            index[:, 0] = sel.lowest_copy(self._scores, index[:, 0], self.copies)
+        return index, chosen
+
+    def dense(self, selection: Selection) -> Tensor:
+        """(L, C) the dense weights of a sparse :class:`Selection`: each chosen negative's weight
+        (added where a candidate is chosen twice), plus ``every[a]`` on every candidate. (The
+        loss keeps them at the negatives only.)"""
+        weights = torch.zeros_like(self._scores).scatter_add_(1, selection.candidate, selection.weight)
+        if selection.every is not None:
+            weights += selection.every.unsqueeze(1)
+        return weights
+
+
+class Selection(NamedTuple):
+    r"""A rule's choice in the sparse form the lean backward runs, for one direction's L anchors:
+
+    .. math::
+
+        \ell_a = \sum_{j} w_{aj}\, h_{a,\, i_{aj}} \;+\; e_a \sum_{n \in N_a} h_n ,
+
+    ``k`` chosen negatives per anchor with their weights, plus a coefficient on every hinge of
+    the anchor (the sum of hinges' term; :math:`e_a = 1/|N_a|` gives the mean). Every value is
+    taken as a constant (no gradient flows through the choice) and must be finite. A slot
+    whose candidate is no negative of its anchor counts 0, whatever its weight.
+
+    Example:
+        >>> import torch
+        >>> from selhn.rules import Selection
+        >>> index = torch.tensor([[2], [0]])
+        >>> Selection(index, torch.ones(2, 1), every=torch.tensor([0.0, 0.5]))
+        Selection(candidate=tensor([[2],
+                [0]]), weight=tensor([[1.],
+                [1.]]), every=tensor([0.0000, 0.5000]))
+    """
+
+    #: (L, k) the chosen candidates (integer indices).
+    candidate: Tensor
+    #: (L, k) the weight of each chosen candidate's hinge (0: the slot is unused).
+    weight: Tensor
+    #: optional (L,) the coefficient :math:`e_a` on all of the anchor's hinges (None: 0).
+    every: Tensor | None = None
+
+
+class SelectionRule:
     """A selection rule: per anchor, the weight of each negative's hinge in its loss.
 
-    Subclass it and implement :meth:`weights`. The weights are taken as constants (no
-    gradient flows through the selection), must be finite, and count only at negatives
-    (whatever a rule returns elsewhere is ignored). Keep the rule's settings as attributes: the
-    distributed loss compares rules across ranks by class and attributes (:func:`rule_settings`).
-    A readable ``repr`` helps too: the modules print it. A rule must choose each anchor's weights
-    from that anchor's row alone (no statistic over the batch of anchors), or the distributed
-    loss is not the one-process loss.
+    Subclass it and implement one of two methods:
+
+    * :meth:`select` returns a sparse :class:`Selection` (a few chosen negatives per anchor,
+      plus a coefficient on all of its hinges): the form of max violation, the sum of hinges,
+      SelHN, a top-k or semi-hard rule. Such a rule takes the package's lean backward.
+    * :meth:`weights` returns dense (L, C) weights, for a rule that weighs every negative its
+      own way (a softmax-like weighting). Such a rule takes the exact plain autograd path,
+      which forms a few B x B tensors.
+
+    The weights are taken as constants (no gradient flows through the selection), must be
+    finite, and count only at negatives (whatever a rule returns elsewhere is ignored). A rule
+    must choose each anchor's weights from that anchor's row alone (no statistic over the
+    batch of anchors), or the distributed loss is not the one-process loss
+    (:func:`selhn.testing.assert_per_anchor` checks it). Keep the rule's settings as
+    attributes (a frozen dataclass is simplest): the distributed loss compares rules across
+    ranks by class and attributes (:func:`rule_settings`). A readable ``repr`` helps too: the
+    modules print it.
 
     Example:
         >>> import torch
         >>> import selhn
-        >>> from selhn.rules import SelectionRule
+        >>> from selhn.rules import SelectionRule, Selection, is_sparse
+        >>> class TopK(SelectionRule):
+        ...     '''The k hardest negatives' hinges, averaged (over fewer where there are fewer).'''
+        ...     def __init__(self, k: int) -> None:
+        ...         self.k = k
+        ...     def select(self, anchors):
+        ...         index, chosen = anchors.top_k(self.k)
+        ...         weight = chosen / chosen.sum(dim=1, keepdim=True).clamp(min=1)
+        ...         return Selection(index, weight)
         >>> class Tempered(SelectionRule):
-        ...     '''Every hinge weighted by exp((s_n - s_hardest) / T): near the sum of
-        ...     hinges while the negatives are close, near the hardest negative once they spread.'''
+        ...     '''Every hinge weighted by exp((s_n - s_hardest) / T) (dense: the plain path).'''
         ...     def __init__(self, temperature: float) -> None:
         ...         self.temperature = temperature
         ...     def weights(self, anchors):
         ...         spread = anchors.scores - anchors.hardest.unsqueeze(1)   # <= 0 at the negatives
         ...         return torch.exp(spread / self.temperature)
-        ...     def __repr__(self) -> str:
-        ...         return f"Tempered({self.temperature})"
-        >>> criterion = selhn.RuleLoss(Tempered(0.05))
         >>> img = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
         >>> txt = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
-        >>> loss = criterion(img, txt)
-        >>> bool(loss >= 0)
-        True
+        >>> bool(selhn.RuleLoss(TopK(3))(img, txt) >= 0), bool(selhn.RuleLoss(Tempered(0.05))(img, txt) >= 0)
+        (True, True)
+        >>> is_sparse(TopK(3)), is_sparse(Tempered(0.05))
+        (True, False)
     """
 
-    @abc.abstractmethod
+    def select(self, anchors: Anchors) -> Selection:
+        """The sparse choice for ``anchors`` (one direction's anchors); see :class:`Selection`."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse form: it defines weights()")
+
     def weights(self, anchors: Anchors) -> Tensor:
-        """The (L, C) weights of the hinges of ``anchors`` (one direction's anchors)."""
+        """The (L, C) weights of the hinges of ``anchors`` (one direction's anchors). A rule
+        with a sparse form gets them from :meth:`select` (:meth:`Anchors.dense`)."""
+        return anchors.dense(_checked_selection(self, anchors, self.select(anchors)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def is_sparse(rule: SelectionRule) -> bool:
+    """Whether a rule takes the lean path: its class (or the nearest base that defines either)
+    defines :meth:`~SelectionRule.select` rather than :meth:`~SelectionRule.weights`. A
+    subclass of a built-in rule that overrides ``weights`` alone is dense: its weights win."""
+    for cls in type(rule).__mro__:
+        if cls is SelectionRule:
+            break
+        if "select" in cls.__dict__:
+            return True
+        if "weights" in cls.__dict__:
+            return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -177,8 +377,9 @@ class MaxViolation(SelectionRule):
         True
     """
 
-    def weights(self, anchors: Anchors) -> Tensor:
-        return anchors.one_hot(anchors.hardest_index)
+    def select(self, anchors: Anchors) -> Selection:
+        hardest = anchors.hardest_index.unsqueeze(1)
+        return Selection(hardest, torch.ones_like(hardest, dtype=anchors.scores.dtype))
 
 
 @dataclass(frozen=True)
@@ -194,14 +395,18 @@ class SumOfHinges(SelectionRule):
         True
     """
 
-    def weights(self, anchors: Anchors) -> Tensor:
-        return anchors.negatives.to(anchors.scores.dtype)
+    def select(self, anchors: Anchors) -> Selection:
+        nothing = anchors.positive.new_zeros(anchors.positive.shape[0], 0)
+        return Selection(nothing.long(), nothing, every=torch.ones_like(anchors.positive))
 
 
 @dataclass(frozen=True)
 class SelHN(SelectionRule):
     r"""SelHN: per anchor, the mean (or sum) of all its hinges while
     :math:`|s_p - s_{\hat n}| < \epsilon`, else the hardest negative's hinge.
+
+    This is the package's one definition of SelHN: the losses, the distributed loss, the
+    diagnostics and :mod:`selhn.testing` all read it from here.
 
     The built-in rules are frozen dataclasses: their settings are checked once, cannot be
     changed afterwards (make a new rule instead), and two rules with equal settings are equal.
@@ -227,42 +432,72 @@ class SelHN(SelectionRule):
         object.__setattr__(self, "epsilon", check_nonnegative(self.epsilon, "epsilon"))
         object.__setattr__(self, "fallback", as_fallback(self.fallback))
 
-    def weights(self, anchors: Anchors) -> Tensor:
-        hard = anchors.one_hot(anchors.hardest_index)
-        every = anchors.negatives.to(anchors.scores.dtype)
+    def falls_back(self, anchors: Anchors) -> Tensor:
+        """(L,) boolean: the anchors in the vanishing regime, :math:`|s_p - s_{\\hat n}| < \\epsilon`."""
+        return sel.vanishing(anchors.gap, self.epsilon)
+
+    def select(self, anchors: Anchors) -> Selection:
+        vanishing = self.falls_back(anchors)
+        dtype = anchors.scores.dtype
+        hard = (~vanishing).to(dtype).unsqueeze(1)  # the hardest negative, where the gap is wide enough
+        every = vanishing.to(dtype)  # all the hinges, where it is not
         if self.fallback == "mean":
-            every = every / anchors.count.clamp(min=1).unsqueeze(1).to(every.dtype)
-        vanishing = sel.vanishing(anchors.gap, self.epsilon)
-        return torch.where(vanishing.unsqueeze(1), every, hard)
+            every = every / anchors.count.clamp(min=1).to(dtype)
+        return Selection(anchors.hardest_index.unsqueeze(1), hard, every)
 
 
-class LeanSettings(NamedTuple):
-    """How the lean core computes a built-in rule: its mode and SelHN's settings."""
+def _checked_selection(rule: SelectionRule, anchors: Anchors, selection: object) -> Selection:
+    """A rule's :class:`Selection`, checked (types, shapes, device, integer candidates in range,
+    finite weights), detached and in the scores' dtype."""
+    # (a dataclass's repr cannot be traced by torch.compile: there the class name stands for it)
+    named = type(rule).__name__ if torch.compiler.is_compiling() else repr(rule)
+    if not isinstance(selection, Selection):
+        raise TypeError(f"{named}.select must return a selhn.rules.Selection, got {type(selection).__name__}")
+    n_anchors, n_candidates = anchors.scores.shape
+    index, weight, every = selection
+    for name, value in (("candidate", index), ("weight", weight), ("every", every)):
+        if name == "every" and value is None:
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{named}.select's {name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.device != anchors.scores.device:
+            raise ValueError(f"{named}.select's {name} is on {value.device}, the scores on {anchors.scores.device}")
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"{named}.select's candidate must hold integer candidates, got dtype {index.dtype}")
+    if index.ndim != 2 or index.shape[0] != n_anchors or tuple(weight.shape) != tuple(index.shape):
+        raise ValueError(
+            f"{named}.select must return candidate and weight of shape ({n_anchors}, k), one row per anchor, "
+            f"got {tuple(index.shape)} and {tuple(weight.shape)}"
+        )
+    if every is not None and tuple(every.shape) != (n_anchors,):
+        raise ValueError(f"{named}.select's every must have shape ({n_anchors},), got {tuple(every.shape)}")
+    for name, value in (("weight", weight), ("every", every)):
+        if value is not None and not (value.is_floating_point() or value.dtype in _INTEGER_WEIGHTS):
+            raise TypeError(f"{named}.select's {name} must be real (floating-point), got dtype {value.dtype}")
+    dtype = anchors.scores.dtype
+    weight = weight.detach().to(dtype)
+    every = None if every is None else every.detach().to(dtype)
+    index = index.long()
+    in_range = ((index >= 0) & (index < n_candidates)).all()
+    finite = torch.isfinite(weight).all() & (True if every is None else torch.isfinite(every).all())
+    checks = (
+        (in_range, f"{named}.select returned a candidate outside [0, {n_candidates})"),
+        (finite, f"{named}.select returned a NaN or infinite weight: weights must be finite"),
+    )
+    for holds, message in checks:
+        if torch.compiler.is_compiling():  # no Python branch on data in a graph: torch raises it (RuntimeError)
+            torch._assert_async(holds, message)
+        elif not bool(holds):
+            raise ValueError(message)
+    return Selection(index, weight, every)
 
-    mode: Mode
-    epsilon: float
-    fallback: Fallback
 
-
-def lean_settings(rule: SelectionRule) -> LeanSettings | None:
-    """The lean core's settings for exactly a built-in rule (not a subclass: it may have
-    changed the weights); None for every other rule, which takes the plain path."""
-    if type(rule) is MaxViolation:
-        return LeanSettings("hn", 0.0, "mean")
-    if type(rule) is SumOfHinges:
-        return LeanSettings("sum", 0.0, "mean")
-    if type(rule) is SelHN:
-        return LeanSettings("selhn", rule.epsilon, rule.fallback)
-    return None
-
-
-def rule_for(mode: Mode, epsilon: float = 0.01, fallback: Fallback = "mean") -> SelectionRule:
-    """The built-in rule of a loss name (``"selhn"``, ``"hn"``, ``"sum"``)."""
-    if mode == "hn":
-        return MaxViolation()
-    if mode == "sum":
-        return SumOfHinges()
-    return SelHN(epsilon, fallback)
+#: The rules of the loss names (``"selhn"``, ``"hn"``, ``"sum"``), SelHN's at its defaults.
+_BY_NAME: dict[Mode, Callable[[float, Fallback], SelectionRule]] = {
+    "selhn": SelHN,
+    "hn": lambda epsilon, fallback: MaxViolation(),
+    "sum": lambda epsilon, fallback: SumOfHinges(),
+}
 
 
 def rule_settings(rule: SelectionRule) -> str:
@@ -296,7 +531,7 @@ def resolve_rule(loss: object, epsilon: object = None, fallback: object = None) 
     value given beside a rule would be ignored."""
     if isinstance(loss, str):
         epsilon = 0.01 if epsilon is None else check_nonnegative(epsilon, "epsilon")
-        return rule_for(as_mode(loss), epsilon, as_fallback("mean" if fallback is None else fallback))
+        return _BY_NAME[as_mode(loss)](epsilon, as_fallback("mean" if fallback is None else fallback))
     rule = check_rule(loss, "loss")
     given = [name for name, value in (("epsilon", epsilon), ("fallback", fallback)) if value is not None]
     if given:
@@ -316,6 +551,12 @@ def check_rule(value: object, name: str = "rule") -> SelectionRule:
         )
     if not isinstance(value, SelectionRule):
         raise TypeError(f"{name} must be a selhn.rules.SelectionRule (subclass it), got {type(value).__name__}")
+    dense = any("weights" in cls.__dict__ for cls in type(value).__mro__ if cls is not SelectionRule)
+    if not is_sparse(value) and not dense:
+        raise TypeError(
+            f"{name}: {type(value).__name__} defines neither select() (a sparse choice) nor weights() (dense "
+            "weights): define one"
+        )
     return value
 
 
@@ -402,6 +643,33 @@ def _check_side(scores: Any, positive_column: Any, excluded: Any, copies: Any) -
             )
 
 
+def _side_anchors(
+    scores: Tensor, positive_column: Tensor, excluded: Tensor | None, margin: float, copies: Tensor | None = None
+) -> Anchors:
+    """One direction's :class:`Anchors` of (L, C) ``scores`` (read detached): anchor ``a``'s
+    positive is column ``positive_column[a]``, ``excluded`` marks the other candidates that are
+    no negatives. NaN scores are refused, naming where."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    scores = scores.detach()
+    positive = scores[rows, positive_column]
+    negatives = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    negatives[rows, positive_column] = False
+    if excluded is not None:
+        negatives &= ~excluded
+    _check_scores_are_numbers(scores, positive, negatives)
+    return Anchors(scores.masked_fill(~negatives, -math.inf), positive, negatives, margin, copies)
+
+
+def _square_anchors(scores: Tensor, mask: Tensor | None, margin: float) -> tuple[Anchors, Anchors]:
+    """The two directions' :class:`Anchors` of a square score matrix: the image anchors (rows),
+    then the caption anchors (columns)."""
+    diagonal = torch.arange(scores.shape[0], device=scores.device)
+    return (
+        _side_anchors(scores, diagonal, mask, margin),
+        _side_anchors(scores.t(), diagonal, None if mask is None else mask.t(), margin),
+    )
+
+
 def _side_losses(
     scores: Tensor,
     positive_column: Tensor,
@@ -411,21 +679,10 @@ def _side_losses(
     copies: Tensor | None = None,
 ) -> Tensor:
     """:func:`side_losses` on checked arguments (the package's own calls)."""
+    anchors = _side_anchors(scores, positive_column, excluded, margin, copies)
+    weights = _checked_weights(rule, anchors)  # 0 wherever the candidate is no negative
     rows = torch.arange(scores.shape[0], device=scores.device)
     positive = scores[rows, positive_column]
-    negatives = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    negatives[rows, positive_column] = False
-    if excluded is not None:
-        negatives &= ~excluded
-    _check_scores_are_numbers(scores.detach(), positive.detach(), negatives)
-    anchors = Anchors(
-        scores=scores.detach().masked_fill(~negatives, -math.inf),
-        positive=positive.detach(),
-        negatives=negatives,
-        margin=margin,
-        copies=copies,
-    )
-    weights = _checked_weights(rule, anchors)  # 0 wherever the candidate is no negative
     hinges = sel.hinge(positive.unsqueeze(1), scores, margin)
     # only weighted hinges count: a zero weight never multiplies an infinite hinge into NaN
     weighted = torch.where(weights != 0, weights * hinges, 0.0)

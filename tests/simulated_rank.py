@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from selhn import _core
+from selhn.rules import resolve_rule
 
 
 class OneRank:
@@ -35,5 +36,6 @@ def rank_losses(img, txt, offset, local, excluded, epsilon, loss, fallback, reco
     """The distributed loss's (2, local) per-anchor losses of one simulated rank, and the rank."""
     ranks = OneRank(img.detach(), txt.detach(), offset, local, record)
     rows = slice(offset, offset + local)
-    out = _core.embedding_losses(img[rows], txt[rows], excluded, 0.2, epsilon, loss, fallback, ranks)
+    rule = resolve_rule(loss, epsilon, fallback)
+    out = _core.embedding_losses(img[rows], txt[rows], excluded, 0.2, rule, ranks)
     return out, ranks

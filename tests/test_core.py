@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import selhn
 from selhn import _core, _selection
 from selhn import functional as F
+from selhn.rules import resolve_rule
 from selhn.testing import batch_sizes, embedding_pairs, score_matrices
 from tests.capabilities import compile_works
 from tests.profiles import examples
@@ -683,7 +684,8 @@ def test_rank_rectangles_pass_gradcheck(loss, form):
 
     def rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ranks = OneRank(img_all, txt_all, 1, 3)
-        return _core.embedding_losses(unit(a, dim=1), unit(b, dim=1), excluded, 0.2, 0.3, loss, "mean", ranks)
+        rule = resolve_rule(loss, 0.3, "mean")
+        return _core.embedding_losses(unit(a, dim=1), unit(b, dim=1), excluded, 0.2, rule, ranks)
 
     with _core.forced_pair_form_fractions(*FORMS[form]):
         assert torch.autograd.gradcheck(rows, (u[1:4].clone().requires_grad_(), w[1:4].clone().requires_grad_()))
