@@ -33,14 +33,25 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("selhn.testing needs hypothesis: pip install hypothesis (selhn's 'testing' extra)") from error
 
 from selhn import functional as F
-from selhn._validation import as_fallback, check_nonnegative, check_positive_int
-from selhn.diagnostics import gradient_norms, vanishing_stats
-from selhn.rules import SelectionRule, check_rule
+from selhn._validation import check_nonnegative, check_positive_int
+from selhn.diagnostics import gradient_norms
+from selhn.losses import RuleLoss
+from selhn.rules import (
+    Anchors,
+    SelectionRule,
+    SelHN,
+    _checked_weights,
+    _square_anchors,
+    check_rule,
+    is_sparse,
+    square_losses,
+)
 from selhn.types import Fallback
 
 __all__ = [
     "assert_finite_gradients",
     "assert_no_vanishing",
+    "assert_per_anchor",
     "assert_rule_matches",
     "assert_selection_rule",
     "batch_sizes",
@@ -495,9 +506,10 @@ def assert_selection_rule(
     """Check that a SelHN-like loss follows the selection rule, anchor by anchor.
 
     ``loss(scores)`` must return the per-anchor losses (2, B) (row 0 image anchors, row 1
-    caption anchors). Where ``|s_pos - s_hardest| < epsilon`` each must equal the hinge
-    averaged (``fallback="mean"``) or summed over the anchor's negatives, elsewhere its
-    hardest-negative hinge. Score matrices include ties and gaps near epsilon.
+    caption anchors) of :class:`selhn.rules.SelHN` ``(epsilon, fallback)``: where
+    ``|s_pos - s_hardest| < epsilon`` the hinge averaged (``fallback="mean"``) or summed over
+    the anchor's negatives, elsewhere its hardest-negative hinge. Score matrices include ties
+    and gaps near epsilon.
 
     Args:
         loss: per-anchor loss over a score matrix.
@@ -515,8 +527,8 @@ def assert_selection_rule(
         >>> from selhn.testing import assert_selection_rule
         >>> assert_selection_rule(partial(selhn_loss, reduction="none"), max_examples=10)
     """
-    margin, epsilon = check_nonnegative(margin, "margin"), check_nonnegative(epsilon, "epsilon")
-    fallback = as_fallback(fallback)
+    margin = check_nonnegative(margin, "margin")
+    rule = SelHN(epsilon, fallback)
     max_examples = check_positive_int(max_examples, "max_examples")
 
     @settings(max_examples=max_examples, deadline=None)
@@ -525,13 +537,9 @@ def assert_selection_rule(
         got = _call(loss, scores.clone().requires_grad_())
         if tuple(got.shape) != (2, scores.shape[0]):
             raise AssertionError(f"the loss must return per-anchor losses of shape (2, B), got {tuple(got.shape)}")
+        expected = F.rule_loss(scores, rule, margin, reduction="none")  # the package's one SelHN
+        flags = torch.stack([rule.falls_back(side) for side in _square_anchors(scores, None, margin)])
         hard = F.max_violation_loss(scores, margin, reduction="none")
-        dense = F.sum_hinge_loss(scores, margin, reduction="none")
-        if fallback == "mean":
-            dense = dense / max(scores.shape[0] - 1, 1)
-        stats = vanishing_stats(scores, margin, epsilon)
-        flags = torch.stack([stats.i2t.vanishing, stats.t2i.vanishing])
-        expected = torch.where(flags, dense, hard)
         close = torch.isclose(got.to(expected.dtype), expected, rtol=1e-5, atol=1e-6)
         if not close.all():
             direction, anchor = (int(i) for i in (~close).nonzero()[0])
@@ -541,7 +549,7 @@ def assert_selection_rule(
             raise AssertionError(
                 f"{names[direction]} {anchor} should take the {branch} branch "
                 f"(expected {float(expected[at]):.6g}, got {float(got[at]):.6g}; "
-                f"fallback value {float(dense[at]):.6g}, hard value {float(hard[at]):.6g})"
+                f"hard value {float(hard[at]):.6g})"
             )
 
     check()
@@ -564,9 +572,12 @@ def assert_rule_matches(
     over anchors and negatives are fine): the (2, B) per-anchor losses of a (B, B) float64 score
     matrix, row 0 the image anchors (rows), row 1 the caption anchors (columns), differentiable
     with respect to ``scores``; ``mask`` is None or a boolean (B, B), ``True`` where a pair is no
-    negative (shared ids). The helper compares it with
-    :func:`selhn.functional.rule_loss` ``(scores, rule, margin, mask=mask, reduction="none")`` on
-    score matrices with ties, masks of shared ids, and B = 1 (no negatives), in float64.
+    negative (shared ids). The helper compares it, on score matrices with ties, masks of shared
+    ids, and B = 1 (no negatives), in float64, with every path that computes the rule's loss:
+    :func:`selhn.functional.rule_loss` ``(scores, rule, margin, mask=mask, reduction="none")``,
+    :class:`selhn.RuleLoss` over embeddings whose product is that matrix (with the ids), and,
+    for a rule with a sparse form (:meth:`~selhn.rules.SelectionRule.select`), the plain autograd
+    path that computes its dense view.
 
     Args:
         rule: the rule under test (a :class:`selhn.rules.SelectionRule` instance).
@@ -607,43 +618,130 @@ def assert_rule_matches(
     @st.composite
     def batches(draw: st.DrawFn) -> tuple[Tensor, Tensor | None]:
         scores = draw(st.one_of(score_matrices(levels=8), score_matrices(batch_sizes(1, 1)), score_matrices()))
-        size = scores.shape[0]
-        mask = None
-        if draw(st.booleans()):
-            ids = draw(duplicate_ids(size))
-            mask = (ids.unsqueeze(0) == ids.unsqueeze(1)) & ~torch.eye(size, dtype=torch.bool)
-        return scores, mask
+        return scores, draw(st.none() | duplicate_ids(scores.shape[0]))
 
     @settings(max_examples=max_examples, deadline=None)
     @given(batches())
     def check(batch: tuple[Tensor, Tensor | None]) -> None:
-        scores, mask = batch
+        scores, ids = batch
         size = scores.shape[0]
-        ours, theirs = scores.clone().requires_grad_(), scores.clone().requires_grad_()
-        got = F.rule_loss(ours, rule, margin, mask=mask, reduction="none")
+        mask = None if ids is None else (ids.unsqueeze(0) == ids.unsqueeze(1)) & ~torch.eye(size, dtype=torch.bool)
+        theirs = scores.clone().requires_grad_()
         expected = reference(theirs, mask, margin)
         if not isinstance(expected, Tensor) or tuple(expected.shape) != (2, size):
             shape = tuple(expected.shape) if isinstance(expected, Tensor) else type(expected).__name__
             raise AssertionError(f"reference must return the per-anchor losses (2, {size}), got {shape}")
-        close = torch.isclose(got.detach(), expected.detach().to(got.dtype), rtol=1e-7, atol=1e-9)
-        if not bool(close.all()):
-            direction, anchor = (int(i) for i in (~close).nonzero()[0])
-            names = ("image anchor (row)", "caption anchor (column)")
-            raise AssertionError(
-                f"B = {size}: {names[direction]} {anchor}: the rule's loss is {float(got[direction, anchor]):.10g}, "
-                f"the reference's {float(expected[direction, anchor]):.10g}"
-            )
-        cotangent = torch.randn(2, size, generator=torch.Generator().manual_seed(size), dtype=got.dtype)
-        torch.autograd.backward((got * cotangent).sum())
+        cotangent = torch.randn(2, size, generator=torch.Generator().manual_seed(size), dtype=scores.dtype)
         if expected.requires_grad:
             torch.autograd.backward((expected * cotangent.to(expected.dtype)).sum())
-        theirs_grad = theirs.grad if theirs.grad is not None else torch.zeros_like(scores)
-        ours_grad = ours.grad if ours.grad is not None else torch.zeros_like(scores)
-        if not torch.allclose(ours_grad, theirs_grad.to(ours_grad.dtype), rtol=1e-7, atol=1e-9):
-            difference = float((ours_grad - theirs_grad).abs().max())
+        their_grad = theirs.grad if theirs.grad is not None else torch.zeros_like(scores)
+        for path, (got, our_grad) in _rule_paths(rule, scores, ids, mask, margin, cotangent).items():
+            close = torch.isclose(got.detach(), expected.detach().to(got.dtype), rtol=1e-7, atol=1e-9)
+            if not bool(close.all()):
+                direction, anchor = (int(i) for i in (~close).nonzero()[0])
+                names = ("image anchor (row)", "caption anchor (column)")
+                raise AssertionError(
+                    f"B = {size}, {path}: {names[direction]} {anchor}: the rule's loss is "
+                    f"{float(got[direction, anchor]):.10g}, the reference's {float(expected[direction, anchor]):.10g}"
+                )
+            if not torch.allclose(our_grad, their_grad.to(our_grad.dtype), rtol=1e-7, atol=1e-9):
+                difference = float((our_grad - their_grad).abs().max())
+                raise AssertionError(
+                    f"B = {size}, {path}: the gradients with respect to the scores differ by up to {difference:.3g} "
+                    "(the values agree): look at ties (the first index wins) and at which hinges count as active (> 0)"
+                )
+
+    check()
+
+
+def _rule_paths(
+    rule: SelectionRule, scores: Tensor, ids: Tensor | None, mask: Tensor | None, margin: float, cotangent: Tensor
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """A rule's per-anchor losses (2, B) and their gradient with respect to the scores (through
+    ``cotangent``) on each path the package computes it by: over the score matrix, over
+    embeddings whose product is exactly that matrix (identity images, captions the columns'
+    transposes; ``ids`` for the mask), and for a rule with a sparse form also on the plain
+    autograd path, which computes its dense view (:meth:`selhn.rules.SelectionRule.weights`)."""
+    out = {}
+    matrix = scores.clone().requires_grad_()
+    losses = F.rule_loss(matrix, rule, margin, mask=mask, reduction="none")
+    out["over the score matrix"] = (losses, _gradient(losses, cotangent, matrix))
+    img = torch.eye(scores.shape[0], dtype=scores.dtype)
+    txt = scores.t().clone().requires_grad_()  # img @ txt.T == scores, exactly
+    losses = RuleLoss(rule, margin, reduction="none")(img, txt, ids)
+    out["over embeddings"] = (losses, _gradient(losses, cotangent, txt).t())
+    if is_sparse(rule):
+        matrix = scores.clone().requires_grad_()
+        losses = square_losses(matrix, mask, rule, margin)
+        out["on the plain path (its dense weights)"] = (losses, _gradient(losses, cotangent, matrix))
+    return out
+
+
+def _gradient(losses: Tensor, cotangent: Tensor, wrt: Tensor) -> Tensor:
+    """d(losses . cotangent)/d(wrt), zeros where ``wrt`` does not reach the losses."""
+    (grad,) = torch.autograd.grad((losses * cotangent).sum(), wrt, allow_unused=True)
+    return torch.zeros_like(wrt) if grad is None else grad
+
+
+def assert_per_anchor(rule: SelectionRule, *, margin: float = 0.2, max_examples: int = 50) -> None:
+    """Check with hypothesis that a selection rule chooses each anchor's weights from that
+    anchor's row alone: removing other anchors, or putting them in another order, leaves every
+    anchor's weights unchanged.
+
+    The distributed loss hands each rank its own anchors against the global batch, so a rule
+    that uses a statistic over the batch of anchors (the mean score of all anchors, say) gives
+    another loss on several ranks than in one process. Built-in rules, top-k rules and SelHN
+    pass; such a rule fails here, on one process, before it trains.
+
+    Args:
+        rule: the rule under test (a :class:`selhn.rules.SelectionRule` instance).
+        margin: the margin its anchors carry.
+        max_examples: how many batches hypothesis tries.
+
+    Raises:
+        AssertionError: naming the batch size, the anchors kept and the anchor whose weights changed.
+
+    Example:
+        >>> import torch
+        >>> from selhn.rules import SelectionRule, SelHN
+        >>> from selhn.testing import assert_per_anchor
+        >>> assert_per_anchor(SelHN(0.05), max_examples=10)
+        >>> class AboveTheBatchMean(SelectionRule):
+        ...     def weights(self, anchors):          # the mean over every anchor: not per anchor
+        ...         mean = anchors.scores[anchors.negatives].mean()
+        ...         return (anchors.scores > mean).to(anchors.scores.dtype)
+        >>> try:
+        ...     assert_per_anchor(AboveTheBatchMean(), max_examples=20)
+        ... except AssertionError as error:
+        ...     print(str(error).split(":")[0])
+        a rule must choose each anchor's weights from its own row
+    """
+    rule = check_rule(rule)
+    margin = check_nonnegative(margin, "margin")
+    max_examples = check_positive_int(max_examples, "max_examples")
+
+    @settings(max_examples=max_examples, deadline=None)
+    @given(st.one_of(score_matrices(levels=8), score_matrices()), st.data())
+    def check(scores: Tensor, data: st.DataObject) -> None:
+        size = scores.shape[0]
+        order = data.draw(st.permutations(range(size)))
+        kept = order[: data.draw(st.integers(min_value=1, max_value=size))]
+        negatives = ~torch.eye(size, dtype=torch.bool)
+        rows = scores.masked_fill(~negatives, float("-inf"))
+
+        def weights(anchors: list[int]) -> Tensor:
+            index = torch.tensor(anchors, dtype=torch.long)
+            side = Anchors(rows[index], scores.diagonal()[index], negatives[index], margin)
+            return _checked_weights(rule, side)
+
+        alone, together = weights(kept), weights(list(range(size)))[torch.tensor(kept)]
+        differs = ~torch.isclose(alone, together, rtol=1e-12, atol=1e-12).all(dim=1)
+        if bool(differs.any()):
+            anchor = kept[int(differs.nonzero()[0, 0])]
             raise AssertionError(
-                f"B = {size}: the gradients with respect to the scores differ by up to {difference:.3g} "
-                "(the values agree): look at ties (the first index wins) and at which hinges count as active (> 0)"
+                f"a rule must choose each anchor's weights from its own row: {rule!r} gives anchor {anchor} other "
+                f"weights among the anchors {kept} than among all {size} of the batch (B = {size}), so the "
+                "distributed loss, which hands each rank its own anchors, would differ from one process's"
             )
 
     check()

@@ -21,6 +21,7 @@ from selhn import _core
 from selhn import distributed as D
 from selhn import functional as F
 from selhn.rules import Anchors, SelectionRule, SelHN
+from tests.user_rules import HardestBelow, TopKAveraged
 
 
 class Tempered(SelectionRule):
@@ -61,11 +62,13 @@ class TopK(SelectionRule):
         return anchors.one_hot(anchors.hardest_index)
 
 
-CASES = list(itertools.product(["selhn", "hn", "sum", "tempered"], ["mean", "sum"], [False, True]))
+#: the user's rules: a dense one (the plain path) and two in the sparse form (the lean core)
+USER_RULES = {"tempered": Tempered, "top-2": lambda: TopKAveraged(2), "hardest-below": HardestBelow}
+CASES = list(itertools.product(["selhn", "hn", "sum", *USER_RULES], ["mean", "sum"], [False, True]))
 
 
 def as_loss(name: str) -> str | SelectionRule:
-    return Tempered() if name == "tempered" else name
+    return USER_RULES[name]() if name in USER_RULES else name
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +114,7 @@ def worker(rank: int, world: int, sizes: list[int], init_file: str, out: str) ->
     for loss_name, reduction, use_ids in CASES:
         model = torch.nn.parallel.DistributedDataParallel(make_model(0))
         img, txt = model(x[local], y[local])
-        epsilon = None if loss_name == "tempered" else 0.3  # (a rule carries its own settings)
+        epsilon = None if loss_name in USER_RULES else 0.3  # (a rule carries its own settings)
         value = D.global_loss(
             img, txt, as_loss(loss_name), 0.2, epsilon, ids=ids[local] if use_ids else None, reduction=reduction
         )
@@ -141,8 +144,8 @@ def single_process(sizes: list[int]):
             value = F.selhn_loss(scores, 0.2, 0.3, mask=mask, reduction=reduction)
         elif loss_name == "hn":
             value = F.max_violation_loss(scores, 0.2, mask=mask, reduction=reduction)
-        elif loss_name == "tempered":
-            value = F.rule_loss(scores, Tempered(), 0.2, mask=mask, reduction=reduction)
+        elif loss_name in USER_RULES:
+            value = F.rule_loss(scores, as_loss(loss_name), 0.2, mask=mask, reduction=reduction)
         else:
             value = F.sum_hinge_loss(scores, 0.2, mask=mask, reduction=reduction)
         value.backward()
@@ -315,7 +318,7 @@ def test_the_distributed_loss_refuses_second_derivatives_by_name(tmp_path):
         txt = unit(torch.randn(3, 4, dtype=torch.float64), dim=1).requires_grad_()
         ranks = D._Ranks(3, img.device)
         assert (ranks.offset, ranks.sizes) == (0, [3])
-        value = _core.embedding_losses(img, txt, None, 0.2, 0.5, "selhn", "mean", ranks).sum()
+        value = _core.embedding_losses(img, txt, None, 0.2, selhn.rules.SelHN(0.5), ranks).sum()
         expected = selhn.SelHNLoss(0.2, 0.5, reduction="sum")(img, txt)
         torch.testing.assert_close(value, expected)
         first = torch.autograd.grad(value, (img, txt), retain_graph=True)  # first order: fine

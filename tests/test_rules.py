@@ -19,6 +19,7 @@ from selhn import functional as F
 from selhn.rules import Anchors, MaxViolation, SelectionRule, SelHN, SumOfHinges, side_losses
 from selhn.testing import assert_finite_gradients, assert_no_vanishing, duplicate_ids, embedding_pairs, score_matrices
 from tests.reference import reference_loss
+from tests.user_rules import HardestBelow, TopKAveraged, hardest_below, k_hardest, literal
 
 BUILT_IN = {"selhn": SelHN(0.05), "selhn-sum": SelHN(0.05, "sum"), "hn": MaxViolation(), "sum": SumOfHinges()}
 REFERENCE = {
@@ -243,66 +244,6 @@ def test_rules_benchmark_script_smoke():
 
 
 # ------------------------------------------------------------------ a rule against its own literal loop
-class TopKAveraged(SelectionRule):
-    """The k hardest negatives' hinges, averaged (over fewer where an anchor has fewer)."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-
-    def weights(self, anchors):
-        order = torch.sort(anchors.scores, dim=1, descending=True, stable=True).indices[:, : self.k]  # ties: lowest
-        chosen = torch.zeros_like(anchors.scores).scatter_(1, order, 1.0) * anchors.negatives
-        return chosen / chosen.sum(dim=1, keepdim=True).clamp(min=1)
-
-
-class HardestBelow(SelectionRule):
-    """The hardest negative scoring below s_p + m (none: no loss)."""
-
-    def weights(self, anchors):
-        below = anchors.negatives & (anchors.scores < (anchors.positive + anchors.margin).unsqueeze(1))
-        scores = anchors.scores.masked_fill(~below, float("-inf"))
-        return anchors.one_hot(scores.max(dim=1).indices) * below.any(dim=1, keepdim=True)
-
-
-def literal(choose):
-    """A literal per-anchor loss: for each anchor, ``choose(scores of its negatives by index,
-    positive, margin)`` gives {negative: weight}; the loss is the weighted sum of their hinges."""
-
-    def reference(scores, mask, margin):
-        size = scores.shape[0]
-        out = []
-        for direction in (0, 1):
-            s = scores if direction == 0 else scores.T
-            m = None if mask is None else (mask if direction == 0 else mask.T)
-            row = []
-            for a in range(size):
-                negatives = {n: s[a, n].item() for n in range(size) if n != a and (m is None or not bool(m[a, n]))}
-                total = s[a, a] * 0
-                for n, weight in choose(negatives, s[a, a].item(), margin).items():
-                    hinge = margin - s[a, a] + s[a, n]
-                    total = total + weight * (hinge if hinge.item() > 0 else hinge * 0)
-                row.append(total)
-            out.append(torch.stack(row))
-        return torch.stack(out)
-
-    return reference
-
-
-def k_hardest(k):
-    def choose(negatives, positive, margin):
-        ranked = sorted(negatives, key=lambda n: (-negatives[n], n))[:k]
-        return {n: 1.0 / len(ranked) for n in ranked}
-
-    return choose
-
-
-def hardest_below(negatives, positive, margin):
-    below = [n for n in negatives if negatives[n] < positive + margin]
-    if not below:
-        return {}
-    return {max(below, key=lambda n: (negatives[n], -n)): 1.0}
-
-
 def test_user_rules_match_their_literal_loops():
     from selhn.testing import assert_rule_matches
 
@@ -323,3 +264,120 @@ def test_assert_rule_matches_says_where_a_rule_and_its_loop_differ():
         assert_rule_matches(MaxViolation(), lambda scores, mask, margin: scores.sum(), max_examples=5)
     with pytest.raises(TypeError, match="reference must be a function"):
         assert_rule_matches(MaxViolation(), None)
+
+
+# ------------------------------------------------------------------ the sparse form
+def test_sparse_user_rules_take_the_lean_core_and_dense_ones_the_plain_path():
+    img = torch.nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64), dim=1).requires_grad_()
+    txt = torch.nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64), dim=1)
+    for rule, lean in ((TopKAveraged(2), True), (HardestBelow(), True), (SelHN(0.05), True), (Tempered(0.1), False)):
+        assert selhn.rules.is_sparse(rule) is lean
+        loss = selhn.RuleLoss(rule, reduction="none")(img, txt)
+        assert ("EmbeddingLoss" in type(loss.grad_fn).__name__) is lean, rule
+
+
+def test_a_built_in_rules_subclass_that_overrides_the_weights_is_dense():
+    class Doubled(MaxViolation):
+        def weights(self, anchors):
+            return 2 * super().weights(anchors)
+
+    scores = torch.rand(5, 5, dtype=torch.float64)
+    assert not selhn.rules.is_sparse(Doubled())
+    torch.testing.assert_close(F.rule_loss(scores, Doubled()), 2 * F.max_violation_loss(scores, reduction="mean"))
+
+
+def test_a_rule_with_neither_form_is_refused_by_name():
+    class Nothing(SelectionRule):
+        pass
+
+    with pytest.raises(TypeError, match="Nothing defines neither select\\(\\) .* nor weights\\(\\)"):
+        selhn.RuleLoss(Nothing())
+
+
+def test_bad_selections_are_refused_by_name():
+    from selhn.rules import Selection
+
+    class Returns(SelectionRule):
+        def __init__(self, make):
+            self.make = make
+
+        def select(self, anchors):
+            return self.make(anchors)
+
+        def __repr__(self):
+            return "Returns()"
+
+    scores = torch.rand(4, 4)
+    one = torch.zeros(4, 1, dtype=torch.long)
+    cases = [
+        (lambda a: (one, torch.ones(4, 1)), TypeError, "select must return a selhn.rules.Selection, got tuple"),
+        (lambda a: Selection(one.float(), torch.ones(4, 1)), TypeError, "candidate must hold integer candidates"),
+        (lambda a: Selection(one, torch.ones(4, 2)), ValueError, r"index and weight of shape \(4, k\)|shape \(4, k\)"),
+        (lambda a: Selection(one[:3], torch.ones(3, 1)), ValueError, r"shape \(4, k\), one row per anchor"),
+        (lambda a: Selection(one + 4, torch.ones(4, 1)), ValueError, r"a candidate outside \[0, 4\)"),
+        (lambda a: Selection(one, torch.full((4, 1), math.nan)), ValueError, "NaN or infinite weight"),
+        (lambda a: Selection(one, torch.ones(4, 1), every=torch.ones(3)), ValueError, r"every must have shape \(4,\)"),
+        (lambda a: Selection(one, torch.ones(4, 1), every=[1.0] * 4), TypeError, "every must be a torch.Tensor"),
+    ]
+    for make, error, message in cases:
+        with pytest.raises(error, match=message):
+            F.rule_loss(scores, Returns(make))
+
+
+def test_a_chosen_candidate_that_is_no_negative_counts_zero():
+    from selhn.rules import Selection
+
+    class Positive(SelectionRule):  # chooses each anchor's own positive (column a of row a)
+        def select(self, anchors):
+            return Selection(torch.arange(anchors.scores.shape[0]).unsqueeze(1), torch.ones(anchors.scores.shape[0], 1))
+
+    scores = torch.rand(5, 5, requires_grad=True)
+    loss = F.rule_loss(scores, Positive(), reduction="sum")
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and not scores.grad.any()
+
+
+@given(score_matrices(levels=4) | score_matrices(), st.integers(1, 6), st.booleans(), st.data())
+def test_top_k_takes_the_highest_negatives_with_ties_to_the_lowest_index(scores, k, bounded, data):
+    size = scores.shape[0]
+    ids = data.draw(duplicate_ids(size))
+    negatives = (ids.unsqueeze(0) != ids.unsqueeze(1)) & ~torch.eye(size, dtype=torch.bool)
+    positive = scores.diagonal().clone()
+    masked = scores.masked_fill(~negatives, -math.inf)
+    below = positive + 0.2 if bounded else None
+    for anchors in (
+        Anchors(masked, positive, negatives, 0.2),  # rows of a contiguous matrix
+        Anchors(masked.t().contiguous().t(), positive, negatives, 0.2),  # columns of one (the caption anchors)
+    ):
+        index, chosen = anchors.top_k(k, below=below)
+        for a in range(size):
+            qualifying = [n for n in range(size) if negatives[a, n] and (below is None or scores[a, n] < below[a])]
+            expected = sorted(qualifying, key=lambda n: (-scores[a, n].item(), n))[:k]
+            got = index[a][chosen[a]].tolist()
+            assert got == expected, (a, got, expected)
+            assert chosen[a].sum() == len(expected)
+
+
+def test_top_k_refuses_bad_arguments_by_name():
+    anchors = Anchors(torch.zeros(2, 2), torch.zeros(2), torch.ones(2, 2, dtype=torch.bool), 0.2)
+    with pytest.raises(TypeError, match="k must be an int >= 0, got float"):
+        anchors.top_k(1.5)
+    with pytest.raises(ValueError, match="k must be an int >= 0, got -1"):
+        anchors.top_k(-1)
+    with pytest.raises(ValueError, match=r"below must have shape \(2,\), one bound per anchor"):
+        anchors.top_k(1, below=torch.zeros(3))
+
+
+def test_the_per_anchor_check_fails_a_batch_statistic_rule_and_passes_the_others():
+    from selhn.testing import assert_per_anchor
+
+    class AboveTheBatchMean(SelectionRule):
+        def weights(self, anchors):
+            mean = anchors.scores[anchors.negatives].mean()
+            return (anchors.scores > mean).to(anchors.scores.dtype)
+
+    for rule in (SelHN(0.05), SelHN(0.05, "sum"), MaxViolation(), SumOfHinges(), TopKAveraged(3), HardestBelow()):
+        assert_per_anchor(rule, max_examples=20)
+    assert_per_anchor(Tempered(0.1), max_examples=20)
+    with pytest.raises(AssertionError, match="a rule must choose each anchor's weights from its own row"):
+        assert_per_anchor(AboveTheBatchMean(), max_examples=50)
