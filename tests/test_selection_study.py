@@ -936,3 +936,44 @@ def test_confirm_reproduces_the_committed_verdicts_and_never_writes_a_poorer_one
     with pytest.raises(SystemExit, match=r"verdict.csv holds a verdict on more pairs .* 8 pairs there, 0 here"):
         confirm.main([str(tmp_path / "confirmation")])
     assert (tmp_path / "confirmation" / "verdict.md").read_bytes() == before
+
+
+def test_the_settings_verdict_grades_each_factor_against_its_references(tmp_path):
+    from examples.selection_study import confirm
+
+    noise = [0.0, 0.3, -0.2, 0.1, -0.1, 0.2, -0.3, 0.0]
+    ahead = {
+        "warmup": [x - 3 for x in noise],
+        "vse-infinity-full": noise,
+        "selhn eps=0.05": [x + 2 + 0.1 * (i % 2) for i, x in enumerate(noise)],
+    }
+
+    def with_stall(rows, stalled_seeds):
+        for row in rows:
+            on = row["loss"] == "warmup" and int(row["seed"]) in stalled_seeds
+            row.update(stalled_steps_after_unfreeze=50.0 if on else 0.0, stall_loss_share=1.0 if on else math.nan)
+        return rows
+
+    parts = {
+        "factor-0.01": with_stall(confirmation_rows(ahead, seeds=5), {20, 21, 22}),
+        "factor-10": confirmation_rows({k: v for k, v in ahead.items() if k != "warmup"}, seeds=7),
+    }
+    sentences, table = confirm.settings_verdict(parts)
+    grades = {(line["preset"], line["reference"]): line["grade"] for line in table}
+    assert grades == {
+        ("calibrated-unfreeze, factor-0.01", "vse-infinity-full"): "beats",
+        ("calibrated-unfreeze, factor-0.01", "warmup"): "beats",
+        ("calibrated-unfreeze, factor-10", "vse-infinity-full"): "no verdict",  # 7 of its 8 seeds
+    }
+    text = "\n".join(sentences)
+    assert "the warm-up went back to the plateau after the unfreeze on 3 of 5 seeds (20, 21, 22)" in text
+    assert "factor-1 (backbone factor 1 (VSE++'s finetuning), summed, clipped at 2.0): not run." in text
+    assert "factor-10: selhn eps=0.05 minus vse-infinity-full: a pilot (7 of 8 seeds), no verdict" in text
+    assert "beats vse-infinity-full (+2.04" in text and "with one seed left out: beats 5" in text
+    for part, rows in parts.items():  # from the runs.csv files compare writes
+        (tmp_path / part).mkdir()
+        write_rows(tmp_path / part / "runs.csv", rows)
+    confirm.main(["--settings", str(tmp_path)])
+    assert "| calibrated-unfreeze, factor-0.01 | selhn eps=0.05 | warmup |" in (tmp_path / "verdict.md").read_text()
+    with pytest.raises(SystemExit):
+        confirm.main(["--settings", "--swap", str(tmp_path)])

@@ -38,6 +38,14 @@ by the same rule, :data:`SEEDS_NEEDED` complete pairs per preset or no verdict, 
 with its leave-one-seed-out stability and the seeds "beats" would need at the observed spread.
 Run: ``python -m examples.selection_study.confirm --swap runs/swap`` (reads
 ``<folder>/<preset>/runs.csv``).
+
+The unfreeze at the settings users run (``docs/_results/unfreeze_settings/PROTOCOL.txt``, fixed
+before its runs): on ``calibrated-unfreeze`` at backbone factor 0.01 (VSE-infinity's) and 1
+(VSE++'s finetuning), summed and clipped at 2.0, SelHN at 0.05 with no schedule against
+``vse-infinity-full`` and the warm-up at the same factor (5 seeds each); at the preset's factor
+10, against ``vse-infinity-full`` on 8 fresh seeds. Same grades, with the stability; a part
+without all its seeds is a pilot. Run: ``python -m examples.selection_study.confirm --settings
+runs/unfreeze_settings`` (reads ``<folder>/<part>/runs.csv``).
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from typing import Any
 
 from examples.rvsepp import cli
 from examples.rvsepp import train as train_module
-from examples.selection_study.compare import TableError, label, r1_by_label, read_runs_csv
+from examples.selection_study.compare import TableError, back_on_plateau, label, r1_by_label, read_runs_csv
 from examples.selection_study.intervals import (
     PairedInterval,
     leave_one_out,
@@ -272,6 +280,82 @@ def write_swap_verdict(folder: Path) -> str:
     return write_tables(folder, sentences, table)
 
 
+#: The unfreeze at the settings users run (docs/_results/unfreeze_settings/PROTOCOL.txt): per part,
+#: how it ran, the seeds a verdict needs, and what SelHN at 0.05 is graded against.
+SETTINGS_PARTS: dict[str, tuple[str, int, tuple[str, ...]]] = {
+    "factor-0.01": (
+        "backbone factor 0.01 (VSE-infinity's), summed, clipped at 2.0",
+        5,
+        ("vse-infinity-full", "warmup"),
+    ),
+    "factor-1": ("backbone factor 1 (VSE++'s finetuning), summed, clipped at 2.0", 5, ("vse-infinity-full", "warmup")),
+    "factor-10": ("backbone factor 10 (the preset's), fresh seeds 40-47", 8, ("vse-infinity-full",)),
+}
+
+
+def settings_verdict(rows_by_part: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The unfreeze at the settings users run: per part, SelHN at 0.05 (no schedule) minus each
+    reference at the same factor, graded by the unfreeze comparison's rule ("matches" for not
+    worse), with its stability; a part without all its seeds is a pilot, with no verdict. Each
+    part's sentence also says on how many seeds the warm-up went back to the plateau."""
+    name = label("selhn", SWAP_EPSILON)
+    words = {"beats": "beats", "not worse": "matches", "worse": "is worse than", "undecided": "is undecided against"}
+    sentences: list[str] = []
+    table: list[dict[str, Any]] = []
+    for part, (conditions, needed, references) in SETTINGS_PARTS.items():
+        rows = rows_by_part.get(part)
+        if rows is None:
+            sentences.append(f"{part} ({conditions}): not run.")
+            continue
+        values = r1_by_label(rows)
+        warm = [r for r in rows if r["loss"] == "warmup"]
+        if warm:
+            stalled = sorted(int(r["seed"]) for r in warm if back_on_plateau(r))
+            sentences.append(
+                f"{part} ({conditions}): the warm-up went back to the plateau after the unfreeze on "
+                f"{len(stalled)} of {len(warm)} seeds ({', '.join(map(str, stalled)) or 'none'})."
+            )
+        for reference in references:
+            difference = paired_interval(values.get(name, {}), values.get(reference, {}))
+            complete = difference.n >= needed
+            graded = grade(difference)
+            table.append(
+                {
+                    "preset": f"calibrated-unfreeze, {part}",
+                    "variant": name,
+                    "reference": reference,
+                    "difference": difference,
+                    "grade": ("matches" if graded == "not worse" else graded) if complete else "no verdict",
+                }
+            )
+            if not complete:
+                sentences.append(
+                    f"{part}: {name} minus {reference}: a pilot ({difference.n} of {needed} seeds), no verdict: "
+                    f"{difference}."
+                )
+                continue
+            sentences.append(
+                f"{part} ({conditions}): {name}, with no schedule, {words[graded]} {reference} ({difference}, "
+                f"{difference.n} seeds; {stability(values[name], values[reference])})."
+            )
+    return sentences, table
+
+
+def write_settings_verdict(folder: Path) -> str:
+    """verdict.md and verdict.csv in ``folder``, from ``folder/<part>/runs.csv`` (or
+    ``<part>_runs.csv``) of each part of the unfreeze at the settings users run."""
+    rows = {}
+    for part in SETTINGS_PARTS:
+        for path in (folder / part / "runs.csv", folder / f"{part}_runs.csv"):
+            if path.is_file():
+                rows[part] = read_runs_csv(path)
+                break
+    if not rows:
+        raise TableError(f"{folder}: no <part>/runs.csv for any of {', '.join(SETTINGS_PARTS)}")
+    sentences, table = settings_verdict(rows)
+    return write_tables(folder, sentences, table)
+
+
 def preset_runs(folder: Path) -> dict[str, list[dict[str, Any]]]:
     """Each preset's rows, from ``<folder>/<preset>/runs.csv`` (what the run scripts write) or
     ``<folder>/<preset>_runs.csv`` (the layout committed under docs/_results)."""
@@ -369,15 +453,24 @@ def main(argv: list[str] | None = None) -> None:
         help="the folder is the swap configuration's (holding <preset>/runs.csv): grade SelHN 0.05 against the "
         "warm-up, both summed and clipped at 2.0",
     )
+    parser.add_argument(
+        "--settings",
+        action="store_true",
+        help="the folder is the unfreeze at the settings users run (holding <part>/runs.csv for factor-0.01, "
+        "factor-1, factor-10, from benchmarks/unfreeze_settings.sh): grade SelHN 0.05 against vse-infinity-full "
+        "and the warm-up at each backbone factor",
+    )
     args = parser.parse_args(argv)
     folder = Path(args.folder)
-    if args.unfreeze and args.swap:
-        parser.error("--unfreeze and --swap grade different comparisons: give one")
+    if args.unfreeze + args.swap + args.settings > 1:
+        parser.error("--unfreeze, --swap and --settings grade different comparisons: give one")
     if not folder.is_dir():
         parser.error(f"{folder}: no such folder (the comparison's --out)")
     try:
         if args.swap:
             print(write_swap_verdict(folder))
+        elif args.settings:
+            print(write_settings_verdict(folder))
         else:
             print(write_unfreeze_verdict(folder) if args.unfreeze else write_verdict(folder))
     except (TableError, train_module.RunError) as error:
