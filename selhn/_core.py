@@ -68,6 +68,7 @@ from torch import Tensor
 
 from selhn import _selection as sel
 from selhn.rules import Anchors, SelectionRule, _checked_selection, _side_losses, is_sparse, square_losses
+from selhn.types import Direction
 
 logger = logging.getLogger(__name__)
 
@@ -363,7 +364,8 @@ def _lean_anchors(
             return None
         return sel.first_copies(candidates[1] if side == 0 else candidates[0])
 
-    return Anchors._deferred(scores.detach(), positives[side].detach(), opt.margin, negatives, count, copies)
+    direction: Direction = "i2t" if side == 0 else "t2i"
+    return Anchors._deferred(scores.detach(), positives[side].detach(), opt.margin, negatives, count, copies, direction)
 
 
 def _select(
@@ -848,8 +850,8 @@ def _plain_rectangles(
     img_all, txt_all = _Gathered.apply(img, txt, ranks)  # type: ignore[no-untyped-call]
     positives = torch.arange(ranks.offset, ranks.offset + img.shape[0], device=img.device)
     caption_copies, image_copies = candidate_copies(img_all, txt_all)
-    image_anchors = _side_losses(img @ txt_all.t(), positives, excluded, rule, margin, caption_copies)
-    caption_anchors = _side_losses(txt @ img_all.t(), positives, excluded, rule, margin, image_copies)
+    image_anchors = _side_losses(img @ txt_all.t(), positives, excluded, rule, margin, caption_copies, "i2t")
+    caption_anchors = _side_losses(txt @ img_all.t(), positives, excluded, rule, margin, image_copies, "t2i")
     return torch.stack([image_anchors, caption_anchors])
 
 

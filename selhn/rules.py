@@ -42,7 +42,7 @@ from torch import Tensor
 
 from selhn import _selection as sel
 from selhn._validation import Mode, as_fallback, as_mode, check_count, check_float_tensor, check_nonnegative
-from selhn.types import Fallback
+from selhn.types import Direction, Fallback
 
 __all__ = [
     "Anchors",
@@ -78,6 +78,8 @@ class Anchors:
             knows the embeddings; None (a score matrix, or no two equal) otherwise. Exact copies
             tie in exact arithmetic but not in rounded scores: with ``copies``, the hardest
             negative among them is the lowest-index copy that is a negative of the anchor.
+        direction: which anchors these are: ``"i2t"`` (image anchors against captions),
+            ``"t2i"`` (caption anchors against images), or None where the caller does not say.
 
     Example:
         >>> import torch
@@ -92,9 +94,15 @@ class Anchors:
     """
 
     def __init__(
-        self, scores: Tensor, positive: Tensor, negatives: Tensor, margin: float, copies: Tensor | None = None
+        self,
+        scores: Tensor,
+        positive: Tensor,
+        negatives: Tensor,
+        margin: float,
+        copies: Tensor | None = None,
+        direction: Direction | None = None,
     ) -> None:
-        self._scores, self._positive, self._margin = scores, positive, margin
+        self._scores, self._positive, self._margin, self._direction = scores, positive, margin, direction
         self._make_negatives: Callable[[], Tensor] = lambda: negatives
         self._make_copies: Callable[[], Tensor | None] = lambda: copies
         self._make_count: Callable[[], Tensor] | None = None
@@ -115,10 +123,11 @@ class Anchors:
         negatives: Callable[[], Tensor],
         count: Callable[[], Tensor],
         copies: Callable[[], Tensor | None],
+        direction: Direction | None = None,
     ) -> Anchors:
         """Anchors whose ``negatives``, ``count`` and ``copies`` are made only if a rule reads
         them (the lean core's: a rule that never asks for the (L, C) mask costs none)."""
-        anchors = cls(scores, positive, scores, margin)  # (the two callables are replaced below)
+        anchors = cls(scores, positive, scores, margin, direction=direction)  # (callables replaced below)
         anchors._make_negatives, anchors._make_copies, anchors._make_count = negatives, copies, count
         return anchors
 
@@ -136,6 +145,11 @@ class Anchors:
     def margin(self) -> float:
         """The triplet margin :math:`m`."""
         return self._margin
+
+    @property
+    def direction(self) -> Direction | None:
+        """``"i2t"`` (image anchors), ``"t2i"`` (caption anchors), or None where unknown."""
+        return self._direction
 
     @property
     def negatives(self) -> Tensor:
@@ -644,7 +658,12 @@ def _check_side(scores: Any, positive_column: Any, excluded: Any, copies: Any) -
 
 
 def _side_anchors(
-    scores: Tensor, positive_column: Tensor, excluded: Tensor | None, margin: float, copies: Tensor | None = None
+    scores: Tensor,
+    positive_column: Tensor,
+    excluded: Tensor | None,
+    margin: float,
+    copies: Tensor | None = None,
+    direction: Direction | None = None,
 ) -> Anchors:
     """One direction's :class:`Anchors` of (L, C) ``scores`` (read detached): anchor ``a``'s
     positive is column ``positive_column[a]``, ``excluded`` marks the other candidates that are
@@ -657,7 +676,7 @@ def _side_anchors(
     if excluded is not None:
         negatives &= ~excluded
     _check_scores_are_numbers(scores, positive, negatives)
-    return Anchors(scores.masked_fill(~negatives, -math.inf), positive, negatives, margin, copies)
+    return Anchors(scores.masked_fill(~negatives, -math.inf), positive, negatives, margin, copies, direction)
 
 
 def _square_anchors(scores: Tensor, mask: Tensor | None, margin: float) -> tuple[Anchors, Anchors]:
@@ -665,8 +684,8 @@ def _square_anchors(scores: Tensor, mask: Tensor | None, margin: float) -> tuple
     then the caption anchors (columns)."""
     diagonal = torch.arange(scores.shape[0], device=scores.device)
     return (
-        _side_anchors(scores, diagonal, mask, margin),
-        _side_anchors(scores.t(), diagonal, None if mask is None else mask.t(), margin),
+        _side_anchors(scores, diagonal, mask, margin, direction="i2t"),
+        _side_anchors(scores.t(), diagonal, None if mask is None else mask.t(), margin, direction="t2i"),
     )
 
 
@@ -677,9 +696,10 @@ def _side_losses(
     rule: SelectionRule,
     margin: float,
     copies: Tensor | None = None,
+    direction: Direction | None = None,
 ) -> Tensor:
     """:func:`side_losses` on checked arguments (the package's own calls)."""
-    anchors = _side_anchors(scores, positive_column, excluded, margin, copies)
+    anchors = _side_anchors(scores, positive_column, excluded, margin, copies, direction)
     weights = _checked_weights(rule, anchors)  # 0 wherever the candidate is no negative
     rows = torch.arange(scores.shape[0], device=scores.device)
     positive = scores[rows, positive_column]
@@ -758,7 +778,9 @@ def square_losses(
     diagonal = torch.arange(scores.shape[0], device=scores.device)
     return torch.stack(
         [
-            _side_losses(scores, diagonal, excluded, rule, margin, copies[0]),
-            _side_losses(scores.t(), diagonal, None if excluded is None else excluded.t(), rule, margin, copies[1]),
+            _side_losses(scores, diagonal, excluded, rule, margin, copies[0], "i2t"),
+            _side_losses(
+                scores.t(), diagonal, None if excluded is None else excluded.t(), rule, margin, copies[1], "t2i"
+            ),
         ]
     )

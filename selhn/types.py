@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["Fallback", "LossName", "Reduction"]
+__all__ = ["Direction", "Fallback", "LossName", "Reduction"]
 
 #: How per-anchor losses (2, B) are reduced: kept (``"none"``), averaged or added.
 Reduction = Literal["none", "mean", "sum"]
@@ -20,3 +20,6 @@ LossName = Literal["selhn", "hn", "sum"]
 #: SelHN's fallback for a vanishing anchor: its hinges over all its negatives, averaged (the
 #: authors' code) or added.
 Fallback = Literal["mean", "sum"]
+#: Which anchors a selection rule is scoring (:attr:`selhn.rules.Anchors.direction`): image
+#: anchors against the captions (image-to-text), or caption anchors against the images.
+Direction = Literal["i2t", "t2i"]

@@ -381,3 +381,25 @@ def test_the_per_anchor_check_fails_a_batch_statistic_rule_and_passes_the_others
     assert_per_anchor(Tempered(0.1), max_examples=20)
     with pytest.raises(AssertionError, match="a rule must choose each anchor's weights from its own row"):
         assert_per_anchor(AboveTheBatchMean(), max_examples=50)
+
+
+def test_a_rule_knows_which_direction_it_scores_on_every_path():
+    from selhn.rules import Selection
+
+    seen = []
+
+    class Sparse(SelectionRule):
+        def select(self, anchors):
+            seen.append(anchors.direction)
+            return Selection(anchors.hardest_index.unsqueeze(1), torch.ones(anchors.scores.shape[0], 1))
+
+    class Dense(SelectionRule):
+        def weights(self, anchors):
+            seen.append(anchors.direction)
+            return anchors.one_hot(anchors.hardest_index)
+
+    scores = torch.rand(4, 4)
+    for rule in (Sparse(), Dense()):
+        F.rule_loss(scores, rule)
+        selhn.RuleLoss(rule)(torch.eye(4), scores)
+    assert seen == ["i2t", "t2i"] * 4
