@@ -977,3 +977,61 @@ def test_the_settings_verdict_grades_each_factor_against_its_references(tmp_path
     assert "| calibrated-unfreeze, factor-0.01 | selhn eps=0.05 | warmup |" in (tmp_path / "verdict.md").read_text()
     with pytest.raises(SystemExit):
         confirm.main(["--settings", "--swap", str(tmp_path)])
+
+
+USER_RULES_MODULE = """
+from dataclasses import dataclass
+
+from selhn.rules import Anchors, Selection, SelectionRule
+
+
+@dataclass(frozen=True)
+class TopK(SelectionRule):
+    k: int
+
+    def select(self, anchors: Anchors) -> Selection:
+        index, chosen = anchors.top_k(self.k)
+        return Selection(index, chosen / chosen.sum(dim=1, keepdim=True).clamp(min=1))
+
+
+class NotARule:
+    pass
+"""
+
+
+def test_compare_trains_a_rule_of_your_own_given_as_module_class_arguments(data_root, tmp_path, monkeypatch):
+    from examples.selection_study import compare
+
+    (tmp_path / "my_rules_for_compare.py").write_text(USER_RULES_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = "my_rules_for_compare:TopK(k=2)"
+    common = ["--root", str(data_root), "--preset", "smoke", "--seeds", "0", "--epsilons", "--steps", "2"]
+    common += ["--eval-steps", "2", "--log-every", "1", "--out", str(tmp_path / "out")]
+    compare.main([*common, "--losses", "sum", spec])
+    rows = compare.read_runs_csv(tmp_path / "out" / "runs.csv")
+    assert [row["loss"] for row in rows] == ["sum", spec]
+    assert (tmp_path / "out" / "runs" / "my_rules_for_compare-TopK-k=2_seed0" / "results.json").is_file()
+    refused = {
+        "nonsense": "unknown 'nonsense': choose from",
+        "no_such_module_here:TopK(k=2)": "cannot import no_such_module_here",
+        "my_rules_for_compare:Missing": "my_rules_for_compare has no Missing",
+        "my_rules_for_compare:TopK(k=len)": "the arguments must be Python literals",
+        "my_rules_for_compare:TopK(q=2)": "unexpected keyword argument 'q'",
+        "my_rules_for_compare:NotARule": "must be a selhn.rules.SelectionRule",
+    }
+    for name, message in refused.items():
+        with pytest.raises(SystemExit):
+            compare.parse_args([*common, "--losses", name])
+        assert message in capture_error(compare.parse_args, [*common, "--losses", name])
+    assert "share one run folder" in capture_error(compare.parse_args, [*common, "--losses", spec, spec])
+
+
+def capture_error(parse, argv):
+    """What argparse printed to stderr when it refused ``argv``."""
+    import contextlib
+    import io
+
+    stream = io.StringIO()
+    with contextlib.redirect_stderr(stream), contextlib.suppress(SystemExit):
+        parse(argv)
+    return stream.getvalue()

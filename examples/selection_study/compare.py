@@ -57,6 +57,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import statistics
 import time
@@ -72,7 +73,7 @@ from examples.rvsepp import train as train_module
 from examples.rvsepp.evaluate import load_checkpoint
 from examples.selection_study.intervals import interval, paired_interval
 from examples.selection_study.presets import SCHEDULES, STUDY_PRESETS
-from examples.selection_study.rules import RULES, STUDY_CRITERIA
+from examples.selection_study.rules import RULES, criteria_with, is_user_rule, user_rule
 
 LOSSES = ("hn", "sum", "warmup", "selhn")
 SWEEP = (0.001, 0.05, 0.1)  # with the default 0.01 of the selhn run: 0.001, 0.01, 0.05, 0.1
@@ -179,8 +180,15 @@ def check_reusable(tasks: list[tuple[Path, list[str]]]) -> None:
 
 def parse_train(argv: list[str]) -> argparse.Namespace:
     """A training command line of the study: the pipeline's flags, with the calibrated presets
-    and the candidate rules as ``--preset`` and ``--loss`` choices."""
-    return train_module.parse_args(argv, STUDY_PRESETS, STUDY_CRITERIA)
+    and the candidate rules (and a user's rule given as ``--loss module:Class(arguments)``) as
+    ``--preset`` and ``--loss`` choices."""
+    return train_module.parse_args(argv, STUDY_PRESETS, criteria_of(argv))
+
+
+def criteria_of(argv: list[str]) -> dict[str, train_module.CriterionFactory]:
+    """The study's criteria, with the user's rule that ``argv``'s ``--loss`` names, if any."""
+    losses = [argv[i + 1] for i, token in enumerate(argv[:-1]) if token == "--loss"]
+    return criteria_with(losses)
 
 
 def train_if_needed(out: Path, argv: list[str]) -> None:
@@ -194,7 +202,7 @@ def train_if_needed(out: Path, argv: list[str]) -> None:
     if train_module.existing_run(out):  # an unfinished run: its records are partial, so start it again
         argv = [*argv, "--overwrite"]
     start = time.perf_counter()
-    train_module.train(parse_train(argv), STUDY_CRITERIA)
+    train_module.train(parse_train(argv), criteria_of(argv))
     print(f"  {out.name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -311,8 +319,10 @@ def label(loss: str, epsilon: float) -> str:
 
 
 def run_name(loss: str, epsilon: float, seed: int) -> str:
-    """A run's folder name under ``<out>/runs``."""
-    return f"{label(loss, epsilon).replace(' ', '_')}_seed{seed}"
+    """A run's folder name under ``<out>/runs`` (a user's rule ``module:Class(k=5)`` as
+    ``module-Class-k=5``)."""
+    name = re.sub(r"[^\w.=-]+", "-", label(loss, epsilon).replace(" ", "_")).strip("-")
+    return f"{name}_seed{seed}"
 
 
 def mean_vanishing(rows: list[dict[str, str]]) -> list[float]:
@@ -480,9 +490,15 @@ def write_per_seed_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     unfrozen = any(math.isfinite(float(row.get("unfreeze_step", math.nan))) for row in rows)
     columns = [(key, title) for key, title in PER_SEED if unfrozen or key not in UNFREEZE_COLUMNS]
 
-    order = {loss: i for i, loss in enumerate((*LOSSES, *SCHEDULES, *RULES))}
+    order = {loss: i for i, loss in enumerate((*LOSSES, *SCHEDULES, *RULES))}  # then users' rules, by name
     ordered = sorted(
-        rows, key=lambda r: (order[r["loss"]], float(r["epsilon"]) if r["loss"] == "selhn" else 0, r["seed"])
+        rows,
+        key=lambda r: (
+            order.get(r["loss"], len(order)),
+            r["loss"],
+            float(r["epsilon"]) if r["loss"] == "selhn" else 0,
+            r["seed"],
+        ),
     )
     with train_module.replacing(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -717,7 +733,8 @@ def plot(
         fig, axes = plt.subplots(3, 1, figsize=(8, 10.5), sharex=True)
         drawn: list[str] = []
         variants: list[tuple[str, float]] = []  # (loss, epsilon): SelHN once per epsilon drawn
-        for loss in (*LOSSES, *SCHEDULES, *RULES):
+        users = sorted({name for name, _, _ in runs if is_user_rule(name)})
+        for loss in (*LOSSES, *SCHEDULES, *RULES, *users):
             if loss == "selhn":
                 variants += [("selhn", epsilon) for epsilon in epsilons]
             else:
@@ -795,11 +812,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--losses",
         nargs="+",
-        choices=[*LOSSES, *SCHEDULES, *RULES],
         default=list(LOSSES),
+        metavar="LOSS",
         help="the variants: the losses hn (max violation), sum (sum of hinges), warmup (the sum of hinges for an "
         "epoch, then hn) and selhn (at 0.01 and each --epsilons); the schedules vse-infinity-full and selhn-staged; "
-        "and the rule study's candidate rules",
+        f"the rule study's candidate rules ({', '.join(RULES)}); and rules of your own, written "
+        "module:Class(arguments) with the module on PYTHONPATH and the arguments Python literals "
+        "(e.g. my_rules:TopK(k=5))",
     )
     parser.add_argument(
         "--epsilons", type=cli.number_at_least(0.0), nargs="*", default=list(SWEEP), help="extra SelHN epsilons"
@@ -846,6 +865,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.root is None:
         args.root = str(Path("data") / args.preset)
     check_train_args(parser, args)
+    check_losses(parser, args.losses)
     labels = [label("selhn", epsilon) for epsilon in args.epsilons]
     twins = sorted({name for name in labels if labels.count(name) > 1})
     if twins:
@@ -859,6 +879,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.from_runs is None:
         check_plotting(parser)
     return args
+
+
+def check_losses(parser: argparse.ArgumentParser, losses: list[str]) -> None:
+    """Every ``--losses`` entry names a loss, a schedule, a candidate rule or a user's rule that
+    imports and builds (``module:Class(arguments)``); a duplicate, or two user rules that share a
+    run folder, is refused."""
+    known = (*LOSSES, *SCHEDULES, *RULES)
+    for name in losses:
+        if name in known:
+            continue
+        if not is_user_rule(name):
+            parser.error(
+                f"--losses: unknown {name!r}: choose from {', '.join(known)}, or give a rule of your own as "
+                "module:Class(arguments)"
+            )
+        try:
+            user_rule(name)
+        except ValueError as error:
+            parser.error(f"--losses: {error}")
+    folders = [run_name(name, 0.01, 0) for name in losses]
+    twins = sorted({name for name, folder in zip(losses, folders, strict=True) if folders.count(folder) > 1})
+    if twins:
+        parser.error(f"--losses: {', '.join(twins)} would share one run folder (given twice, or alike once spelled)")
 
 
 #: The training flags the comparison sets for every run itself: after ``--`` they would override

@@ -28,14 +28,18 @@ rule API, they train through :func:`examples.rvsepp.train.train` like any loss, 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import math
+import re
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 import selhn
 from examples.rvsepp.train import CRITERIA, Criterion, CriterionFactory, reduction_of
-from selhn.rules import Anchors, SelectionRule, SelHN
+from selhn.rules import Anchors, SelectionRule, SelHN, check_rule
 
 
 class Share(SelectionRule):
@@ -110,3 +114,58 @@ def factory(name: str) -> CriterionFactory:
 
 #: What ``--loss`` names in the study: the pipeline's losses and the candidates.
 STUDY_CRITERIA: dict[str, CriterionFactory] = {**CRITERIA, **{name: factory(name) for name in RULES}}
+
+#: A rule of your own, as ``compare --losses`` and ``--loss`` take it: ``module:Class`` or
+#: ``module:Class(arguments)``, the module importable (on ``PYTHONPATH``), the arguments Python
+#: literals, e.g. ``my_rules:TopK(k=5)``.
+USER_RULE = re.compile(r"(?P<module>[A-Za-z_][\w.]*):(?P<name>[A-Za-z_]\w*)(?:\((?P<arguments>.*)\))?", re.DOTALL)
+
+
+def is_user_rule(name: str) -> bool:
+    """Whether a loss name is written as a user's rule (``module:Class(arguments)``)."""
+    return USER_RULE.fullmatch(name) is not None
+
+
+def user_rule(spec: str) -> SelectionRule:
+    """The rule ``module:Class(arguments)`` names: the class imported from the module and called
+    with the arguments (Python literals, positional or by keyword). Raises ``ValueError`` naming
+    what is wrong (the form, the import, the class, the arguments, or a class that makes no
+    :class:`~selhn.rules.SelectionRule`)."""
+    match = USER_RULE.fullmatch(spec)
+    if match is None:
+        raise ValueError(f"{spec!r}: a rule of your own is written module:Class or module:Class(arguments)")
+    try:
+        module = importlib.import_module(match["module"])
+    except ImportError as error:
+        raise ValueError(f"{spec!r}: cannot import {match['module']} ({error}); is its folder on PYTHONPATH?") from None
+    cls = getattr(module, match["name"], None)
+    if cls is None:
+        raise ValueError(f"{spec!r}: {match['module']} has no {match['name']}")
+    try:
+        call = ast.parse(f"f({match['arguments'] or ''})", mode="eval").body
+        assert isinstance(call, ast.Call)
+        positional = [ast.literal_eval(argument) for argument in call.args]
+        keywords = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords if keyword.arg}
+        if len(keywords) != len(call.keywords):
+            raise ValueError("**arguments are not literals")
+    except (SyntaxError, ValueError) as error:
+        raise ValueError(f"{spec!r}: the arguments must be Python literals ({error})") from None
+    try:
+        return check_rule(cls(*positional, **keywords), spec)
+    except TypeError as error:
+        raise ValueError(f"{spec!r}: {error}") from None
+
+
+def user_factory(spec: str) -> CriterionFactory:
+    """The criterion factory of a user's rule: its loss module, at the VSE++ scale."""
+    rule = user_rule(spec)
+
+    def make(args: argparse.Namespace) -> Criterion:
+        return selhn.RuleLoss(rule, args.margin, reduction=reduction_of(args, "sum"))
+
+    return make
+
+
+def criteria_with(losses: Iterable[str]) -> dict[str, CriterionFactory]:
+    """:data:`STUDY_CRITERIA` and the user rules among ``losses`` (``module:Class(arguments)``)."""
+    return {**STUDY_CRITERIA, **{name: user_factory(name) for name in losses if is_user_rule(name)}}
