@@ -260,39 +260,58 @@ def top_k(scores: Tensor, k: int, dim: int, below: Tensor | None = None) -> tupl
     length, group = scores.shape[dim], (TOP_K_ROW_GROUP if dim == 1 else TOP_K_COLUMN_GROUP)
     n_groups = -(-length // group)
     bests = _group_bests(scores, dim, below, group, n_groups)  # (lines, groups)
-    group_values, best_groups = _top_lowest_first(bests, min(k, n_groups))
+    group_values, best_groups = _top_lowest_first(bests, min(k, n_groups), overwrite=True)
+    del bests
     # a line's chosen groups in ascending order (position order is then index order), a group
     # chosen for a slot beyond the line's finite entries left out
     best_groups = best_groups.masked_fill(group_values == float("-inf"), n_groups).sort(dim=1).values
-    positions = (best_groups.unsqueeze(2) * group + torch.arange(group, device=scores.device)).flatten(1)
-    inside = positions < length
-    positions = positions.clamp(max=length - 1)
-    # (line l's candidates: scores[l, positions[l]] along the rows, scores[positions[l], l] along the columns)
-    candidates = scores.gather(1, positions) if dim == 1 else scores.gather(0, positions.t()).t()
-    keep = inside if below is None else inside & (candidates < below.unsqueeze(1))
-    candidates = candidates.masked_fill(~keep, float("-inf"))
-    values, picked = _top_lowest_first(candidates, k)
-    return values, positions.gather(1, picked)
+    values = scores.new_empty(best_groups.shape[0], k)
+    indices = torch.empty(best_groups.shape[0], k, dtype=torch.long, device=scores.device)
+    offsets = torch.arange(group, device=scores.device)
+    step = max(1, TOP_K_BLOCK // (best_groups.shape[1] * group))  # lines per block: small index buffers
+    for start in range(0, best_groups.shape[0], step):
+        lines = slice(start, start + step)
+        positions = (best_groups[lines].unsqueeze(2) * group + offsets).flatten(1)  # (lines, groups * group)
+        inside = positions < length
+        positions.clamp_(max=length - 1)
+        # line l's candidates: scores[l, positions[l]] along the rows, scores[positions[l], l] along the columns
+        along_rows = dim == 1
+        candidates = scores[lines].gather(1, positions) if along_rows else scores[:, lines].gather(0, positions.t()).t()
+        keep = inside if below is None else inside & (candidates < below[lines].unsqueeze(1))
+        candidates = candidates.masked_fill(~keep, float("-inf"))
+        values[lines], picked = _top_lowest_first(candidates, k, overwrite=True)
+        indices[lines] = positions.gather(1, picked)
+    return values, indices
 
 
 def _group_bests(scores: Tensor, dim: int, below: Tensor | None, group: int, n_groups: int) -> Tensor:
-    """(lines, groups) the maximum of each group of ``group`` adjacent entries along ``dim``
-    (entries at or above ``below`` left out), read in blocks whose buffers stay small."""
+    """(lines, groups) the maximum of each group of ``group`` adjacent entries along ``dim``,
+    entries at or above ``below`` left out. Along the columns the result is a transposed view of
+    a (groups, lines) matrix.
+
+    Eager, the groups' maxima are taken unmasked in one pass over views of the matrix, and only
+    the groups whose maximum reaches ``below`` are read again, masked (a hard negative above the
+    bound is the exception; masking every score costs several times the pass), unless they hold
+    more than ``REREAD_SHARE`` of the scores. Compiled, or then, every score is masked, in blocks
+    whose buffers stay small."""
+    if below is None or not torch.compiler.is_compiling():
+        bests = _unmasked_group_bests(scores, dim, group)
+        if below is None:
+            return bests
+        reaching = (bests >= below.unsqueeze(1)).nonzero()  # (n, 2): line, group
+        if reaching.shape[0] * group <= REREAD_SHARE * scores.numel():
+            _mask_reaching_groups(bests, scores, dim, below, group, reaching)
+            return bests
+    # compiled, or most groups reach the bound: every score masked
     length, n_lines = scores.shape[dim], scores.shape[1 - dim]
     pad = n_groups * group - length
-    if below is None and not pad:  # nothing to mask or pad: one pass over views of the matrix
-        if dim == 1:
-            return scores.view(n_lines, n_groups, group).amax(dim=2)
-        return scores.view(n_groups, group, n_lines).amax(dim=1).t().contiguous()
     if dim == 1:  # lines are rows: blocks of rows, groups of adjacent columns
         out = scores.new_empty(n_lines, n_groups)
         step = max(1, TOP_K_BLOCK // max(length, 1))
         for start in range(0, n_lines, step):
             rows = scores[start : start + step]
-            if below is not None:
-                rows = rows.masked_fill(rows >= below[start : start + step].unsqueeze(1), float("-inf"))
-            if pad:
-                rows = torch.nn.functional.pad(rows, (0, pad), value=float("-inf"))
+            rows = rows.masked_fill(rows >= below[start : start + step].unsqueeze(1), float("-inf"))
+            rows = torch.nn.functional.pad(rows, (0, pad), value=float("-inf"))
             out[start : start + step] = rows.reshape(rows.shape[0], n_groups, group).amax(dim=2)
         return out
     # lines are columns: blocks of whole groups of rows, groups of adjacent rows
@@ -300,13 +319,50 @@ def _group_bests(scores: Tensor, dim: int, below: Tensor | None, group: int, n_g
     step = group * max(1, TOP_K_BLOCK // max(group * n_lines, 1))
     for start in range(0, length, step):
         rows = scores[start : start + step]
-        if below is not None:
-            rows = rows.masked_fill(rows >= below.unsqueeze(0), float("-inf"))
-        short = -rows.shape[0] % group
-        if short:
-            rows = torch.nn.functional.pad(rows, (0, 0, 0, short), value=float("-inf"))
+        rows = rows.masked_fill(rows >= below.unsqueeze(0), float("-inf"))
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, -rows.shape[0] % group), value=float("-inf"))
         out[start // group : start // group + rows.shape[0] // group] = rows.reshape(-1, group, n_lines).amax(dim=1)
-    return out.t().contiguous()
+    return out.t()
+
+
+def _unmasked_group_bests(scores: Tensor, dim: int, group: int) -> Tensor:
+    """(lines, groups) each group's maximum, in one pass over views of the matrix (a last,
+    shorter group reduced on its own). A fresh tensor (along the columns, a transposed view of one)."""
+    length, n_lines = scores.shape[dim], scores.shape[1 - dim]
+    whole = length - length % group
+    if dim == 1:
+        parts = [scores[:, :whole].view(n_lines, whole // group, group).amax(dim=2)] if whole else []
+        if whole < length:
+            parts.append(scores[:, whole:].amax(dim=1, keepdim=True))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    parts = [scores[:whole].view(whole // group, group, n_lines).amax(dim=1)] if whole else []
+    if whole < length:
+        parts.append(scores[whole:].amax(dim=0, keepdim=True))
+    return (torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]).t()
+
+
+def _mask_reaching_groups(bests: Tensor, scores: Tensor, dim: int, below: Tensor, group: int, reaching: Tensor) -> None:
+    """In place: the maximum of each group in ``reaching`` ((n, 2): line, group; those whose
+    maximum reaches the line's bound), taken again over the entries below the bound (``-inf``
+    where none is)."""
+    length = scores.shape[dim]
+    offsets = torch.arange(group, device=scores.device)
+    step = max(1, TOP_K_BLOCK // group)
+    for start in range(0, reaching.shape[0], step):
+        line, chosen = reaching[start : start + step].unbind(1)
+        positions = chosen.unsqueeze(1) * group + offsets  # (n, group)
+        inside = positions < length
+        positions.clamp_(max=length - 1)
+        lines = line.unsqueeze(1)
+        values = scores[lines, positions] if dim == 1 else scores[positions, lines]
+        values = values.masked_fill(~inside | (values >= below[lines]), float("-inf"))
+        bests[line, chosen] = values.amax(dim=1)
+
+
+#: :func:`top_k` with a bound re-reads the groups that reach it one by one while they hold at
+#: most this share of the scores (a gather of their entries); beyond it, it masks every score
+#: in blocks (on a 2-core CPU the masking pass costs about 15 times the groups' maxima).
+REREAD_SHARE = 0.25
 
 
 #: Up to this ``k``, :func:`_top_lowest_first` takes ``k`` maxima one after the other (on a CPU
@@ -315,12 +371,13 @@ def _group_bests(scores: Tensor, dim: int, below: Tensor | None, group: int, n_g
 ITERATED_MAXIMA = 8
 
 
-def _top_lowest_first(rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _top_lowest_first(rows: Tensor, k: int, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """The ``k`` largest entries of each row and their positions, highest first, ties to the
     lowest position. Where a row has fewer than ``k`` entries above ``-inf``, its other slots
-    hold ``-inf`` (their positions are meaningless, and may repeat a position already taken)."""
+    hold ``-inf`` (their positions are meaningless, and may repeat a position already taken).
+    ``overwrite``: ``rows`` is the caller's scratch, and may be overwritten (no copy is made)."""
     if k <= ITERATED_MAXIMA:  # each maximum is the first of the remaining ones: ties by position
-        work = rows.clone()
+        work = rows if overwrite else rows.clone()
         values = rows.new_empty(rows.shape[0], k)
         found = torch.empty(rows.shape[0], k, dtype=torch.long, device=rows.device)
         for slot in range(k):

@@ -403,3 +403,23 @@ def test_a_rule_knows_which_direction_it_scores_on_every_path():
         F.rule_loss(scores, rule)
         selhn.RuleLoss(rule)(torch.eye(4), scores)
     assert seen == ["i2t", "t2i"] * 4
+
+
+@given(score_matrices(levels=4) | score_matrices(), st.booleans())
+def test_the_masked_group_maxima_agree_between_the_eager_and_the_compiled_way(scores, columns):
+    """Eager, top_k re-reads only the groups whose maximum reaches the bound (or masks every
+    score where most do); compiled, it masks every score: all give the same maxima (the
+    compiled way run here eagerly)."""
+    from unittest import mock
+
+    from selhn import _selection as sel
+
+    dim = 0 if columns else 1
+    below = scores.diagonal() + 0.2
+    group = 3
+    n_groups = -(-scores.shape[dim] // group)
+    with mock.patch.object(torch.compiler, "is_compiling", return_value=True):
+        compiled_way = sel._group_bests(scores, dim, below, group, n_groups)
+    for share in (0.0, 1.0):  # eager: every score masked, or only the groups reaching the bound re-read
+        with mock.patch.object(sel, "REREAD_SHARE", share):
+            torch.testing.assert_close(sel._group_bests(scores, dim, below, group, n_groups), compiled_way)
