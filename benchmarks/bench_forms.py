@@ -10,10 +10,10 @@ inactive hinges (low-rank form) or active hinges (sparse form) is set by the mar
 
 For each size and fraction the script prints the median time of the form divided by that of
 the dense form (both thresholds 0), measured in interleaved rounds: below 1 the form pays.
-``selhn._core.LOW_RANK_FRACTION`` and ``SPARSE_FRACTION`` (CPU) and ``GPU_LOW_RANK_FRACTION``
-and ``GPU_SPARSE_FRACTION`` (which count pairs of both directions against B**2, i.e. twice the
-fractions here) are set from these figures. Run: ``python benchmarks/bench_forms.py [--sizes
-512 2048] [--fractions 0.005 0.01 0.02 0.03 0.05] [--rounds 5] [--device cuda]``. On a GPU
+``selhn._forms.CPU_THRESHOLDS`` and ``GPU_THRESHOLDS`` (which count pairs of both directions
+against B**2, i.e. twice the fractions here) are set from these figures. Run:
+``python benchmarks/bench_forms.py [--sizes 512 2048] [--fractions 0.005 0.01 0.02 0.03 0.05]
+[--rounds 5] [--device cuda]``. On a GPU
 every timed run is synchronised.
 """
 
@@ -28,7 +28,7 @@ import torch
 from _timing import device_label, time_rounds
 
 import selhn
-from selhn import _core
+from selhn import _forms
 
 FORMS = {"dense": (0.0, 0.0), "low rank": (1.0, 0.0), "sparse": (0.0, 1.0)}
 
@@ -64,7 +64,7 @@ def margin_for(scores: torch.Tensor, fraction: float, active: bool) -> float:
 
 
 def run(img: torch.Tensor, txt: torch.Tensor, margin: float, form: str) -> None:
-    with _core.forced_pair_form_fractions(*FORMS[form]):
+    with _forms.forced_pair_form_fractions(*FORMS[form]):
         a, b = img.detach().requires_grad_(), txt.detach().requires_grad_()
         selhn.SumHingeLoss(margin=margin)(a, b).backward()
 

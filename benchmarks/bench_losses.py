@@ -44,7 +44,7 @@ import torch
 from _timing import cuda_peak_bytes, time_rounds
 
 import selhn
-from selhn import _core
+from selhn import _forms
 
 
 def literal_selhn(img: torch.Tensor, txt: torch.Tensor, margin: float = 0.2, epsilon: float = 0.01) -> torch.Tensor:
@@ -86,7 +86,7 @@ def dense_form(loss: Case) -> Case:
     taken when neither nearly all nor very few hinges are active, e.g. mid-training)."""
 
     def run(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        with _core.forced_pair_form_fractions(0.0, 0.0):  # decided in forward, followed in backward
+        with _forms.forced_pair_form_fractions(0.0, 0.0):  # decided in forward, followed in backward
             return loss(img, txt)
 
     return run

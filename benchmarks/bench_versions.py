@@ -20,6 +20,7 @@ this checkout itself at a tiny size as a smoke test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import random
 import re
@@ -56,12 +57,21 @@ def import_other(checkout: Path, folder: Path) -> ModuleType:
 def cases(package: ModuleType) -> dict[str, tuple[str, Case]]:
     """The timed cases of one version: (batch kind, loss)."""
 
-    # the core module is selhn._core (selhn._fast before it was renamed): either version runs
-    core = getattr(package, "_core", None) or importlib.import_module(f"{package.__name__}._fast")
+    # the forms' switch lives in selhn._forms (selhn._core before the core was split, selhn._fast
+    # before that was renamed): any version runs
+    forms = None
+    for name in ("_forms", "_core", "_fast"):
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(f"{package.__name__}.{name}")
+            if hasattr(module, "forced_pair_form_fractions"):
+                forms = module
+                break
+    if forms is None:
+        raise SystemExit(f"{package.__name__}: no forced_pair_form_fractions to time the dense form with")
 
     def dense(loss: Case) -> Case:
         def run(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-            with core.forced_pair_form_fractions(0.0, 0.0):
+            with forms.forced_pair_form_fractions(0.0, 0.0):
                 return loss(img, txt)
 
         return run

@@ -498,11 +498,11 @@ def _checked_selection(rule: SelectionRule, anchors: Anchors, selection: object)
         (in_range, f"{named}.select returned a candidate outside [0, {n_candidates})"),
         (finite, f"{named}.select returned a NaN or infinite weight: weights must be finite"),
     )
-    for holds, message in checks:
-        if torch.compiler.is_compiling():  # no Python branch on data in a graph: torch raises it (RuntimeError)
+    if torch.compiler.is_compiling():  # no Python branch on data in a graph: torch raises it (RuntimeError)
+        for holds, message in checks:
             torch._assert_async(holds, message)
-        elif not bool(holds):
-            raise ValueError(message)
+    elif not bool(in_range & finite):  # (one device read; which check failed is read only then)
+        raise ValueError(next(message for holds, message in checks if not bool(holds)))
     return Selection(index, weight, every)
 
 

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import selhn
-from selhn import _core, _selection
+from selhn import _backward, _core, _forms, _kernels, _selection
 from selhn import functional as F
 from selhn.rules import resolve_rule
 from selhn.testing import batch_sizes, embedding_pairs, score_matrices
@@ -68,14 +68,14 @@ def mixed_batch(size: int, n_duplicates: int) -> tuple[torch.Tensor, torch.Tenso
 def spy_forms(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record the form each side of each forward pass keeps for backward."""
     chosen: list[str] = []
-    original = _core._forward
+    original = _core.forward_pass
 
     def spy(*args):
         loss, state = original(*args)
         chosen.extend(state.forms)
         return loss, state
 
-    monkeypatch.setattr(_core, "_forward", spy)
+    monkeypatch.setattr(_core, "forward_pass", spy)
     return chosen
 
 
@@ -85,7 +85,7 @@ def test_mixed_batches_take_the_dense_path_only_where_needed(monkeypatch, n_dupl
     only their rows, one with more the full form."""
     chosen = spy_forms(monkeypatch)
     img, txt = mixed_batch(12, n_duplicates)
-    with _core.forced_pair_form_fractions(*FORMS["dense"]):
+    with _forms.forced_pair_form_fractions(*FORMS["dense"]):
         module_matches_reference("selhn", img, txt)
     n_fallback = [sum(side) for side in reference_fallback_flags(img @ txt.T, 0.05)]
     assert chosen == ["none" if n == 0 else "rows" if 2 * n <= 12 else "full" for n in n_fallback]
@@ -98,19 +98,19 @@ FORMS = {"low rank": (1.0, 0.0), "sparse": (0.0, 1.0), "dense": (0.0, 0.0)}
 
 
 def test_pair_form_thresholds_follow_the_device():
-    assert _core.pair_form_fractions(torch.device("cpu")) == (_core.LOW_RANK_FRACTION, _core.SPARSE_FRACTION)
-    gpu = (_core.GPU_LOW_RANK_FRACTION, _core.GPU_SPARSE_FRACTION)
-    assert _core.pair_form_fractions(torch.device("meta")) == gpu  # every device but the CPU
-    assert gpu < (_core.LOW_RANK_FRACTION, _core.SPARSE_FRACTION)  # a gather pays less on a GPU
+    assert _forms.pair_form_fractions(torch.device("cpu")) == _forms.CPU_THRESHOLDS
+    gpu = _forms.GPU_THRESHOLDS
+    assert _forms.pair_form_fractions(torch.device("meta")) == gpu  # every device but the CPU
+    assert gpu < _forms.CPU_THRESHOLDS  # a gather pays less on a GPU
     n_pairs = 512 * 512  # one side's: the thresholds count both sides, so a side holds half
-    assert _core._low_rank_or_sparse(n_pairs / 64, n_pairs, n_pairs, torch.device("cpu")) is True
-    assert _core._low_rank_or_sparse(n_pairs / 63, n_pairs, n_pairs, torch.device("cpu")) is None
-    assert _core._low_rank_or_sparse(n_pairs / 64, n_pairs, n_pairs, torch.device("meta")) is None
-    assert _core._low_rank_or_sparse(n_pairs, n_pairs / 64, n_pairs, torch.device("cpu")) is False
-    with _core.forced_pair_form_fractions(1.0, 0.0):
-        assert _core.pair_form_fractions(torch.device("meta")) == (1.0, 0.0)
-        assert _core.pair_form_fractions(torch.device("cpu")) == (1.0, 0.0)
-    assert _core.pair_form_fractions(torch.device("meta")) == gpu
+    assert _forms.low_rank_or_sparse(n_pairs / 64, n_pairs, n_pairs, torch.device("cpu")) is True
+    assert _forms.low_rank_or_sparse(n_pairs / 63, n_pairs, n_pairs, torch.device("cpu")) is None
+    assert _forms.low_rank_or_sparse(n_pairs / 64, n_pairs, n_pairs, torch.device("meta")) is None
+    assert _forms.low_rank_or_sparse(n_pairs, n_pairs / 64, n_pairs, torch.device("cpu")) is False
+    with _forms.forced_pair_form_fractions(1.0, 0.0):
+        assert _forms.pair_form_fractions(torch.device("meta")) == (1.0, 0.0)
+        assert _forms.pair_form_fractions(torch.device("cpu")) == (1.0, 0.0)
+    assert _forms.pair_form_fractions(torch.device("meta")) == gpu
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
@@ -120,7 +120,7 @@ def test_module_paths_match_reference(loss, form, pair, ids, data):
     img, txt = pair
     size = img.shape[0]
     id_tensor = data.draw(st.lists(st.integers(0, max(0, size // 2)), min_size=size, max_size=size)) if ids else None
-    with _core.forced_pair_form_fractions(*FORMS[form]):
+    with _forms.forced_pair_form_fractions(*FORMS[form]):
         module_matches_reference(loss, img, txt, None if id_tensor is None else torch.tensor(id_tensor))
 
 
@@ -135,7 +135,7 @@ def test_low_rank_form_is_chosen_when_nearly_every_hinge_is_active(monkeypatch, 
     txt[:3] = -txt[:3]  # three captions far from every image: some inactive hinges
     id_tensor = torch.arange(size) // 2 if ids else None  # two captions per image: excluded pairs
     # up to 400 inactive pairs per side: 3 per row here, + the positives, + ids
-    monkeypatch.setattr(_core, "LOW_RANK_FRACTION", 0.5)
+    monkeypatch.setattr(_forms, "CPU_THRESHOLDS", _forms.CPU_THRESHOLDS._replace(low_rank=0.5))
     chosen = spy_forms(monkeypatch)
     module_matches_reference(loss, img, txt, id_tensor)
     assert chosen == ["low_rank", "low_rank"]
@@ -157,7 +157,9 @@ def test_sparse_form_is_chosen_when_few_hinges_are_active(monkeypatch, loss, ids
     txt = base + 1e-3 * torch.randn(size, 32, generator=generator, dtype=torch.float64)
     img, txt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
     id_tensor = torch.arange(size) % (size // 2) if ids else None  # excludes pairs (i, i + 20), not twins
-    monkeypatch.setattr(_core, "SPARSE_FRACTION", 1 / 16)  # up to 50 active pairs per side; 40 here
+    monkeypatch.setattr(
+        _forms, "CPU_THRESHOLDS", _forms.CPU_THRESHOLDS._replace(sparse=1 / 16)
+    )  # up to 50 active pairs per side; 40 here
     chosen = spy_forms(monkeypatch)
     module_matches_reference(loss, img, txt, id_tensor)
     assert chosen == ["sparse", "sparse"]
@@ -170,7 +172,7 @@ def test_sparse_form_is_chosen_when_few_hinges_are_active(monkeypatch, loss, ids
 def test_hinges_exactly_at_the_kink_are_inactive_in_every_form(loss, form):
     """Scores that are exact binary fractions put hinges exactly at 0 (margin 0.25 between
     0.5 and 0.25): their subgradient is 0 in every backward form, as in the reference."""
-    with _core.forced_pair_form_fractions(*FORMS[form]):
+    with _forms.forced_pair_form_fractions(*FORMS[form]):
         x = torch.tensor([0.5, 0.25, 0.75, 0.5, 0.0, 0.25, 1.0, 0.5], dtype=torch.float64)
         img = torch.tensor([[1.0, 0.0]], dtype=torch.float64).repeat(8, 1)
         txt = torch.stack([x, torch.zeros_like(x)], dim=1)  # s_ij = x_j: anchor i's hinge on j is x_j - x_i + 0.25
@@ -195,7 +197,7 @@ def test_hinges_exactly_at_the_kink_are_inactive_in_every_form(loss, form):
 @pytest.mark.parametrize("loss", sorted(MODULES))
 def test_non_contiguous_embeddings(loss, form):
     """Transposed and strided views (a sliced projection output, say) take every path too."""
-    with _core.forced_pair_form_fractions(*FORMS[form]):
+    with _forms.forced_pair_form_fractions(*FORMS[form]):
         generator = torch.Generator().manual_seed(3)
         img_base = torch.randn(5, 9, generator=generator, dtype=torch.float64)
         txt_base = torch.randn(9, 10, generator=generator, dtype=torch.float64)
@@ -226,7 +228,7 @@ def test_sparse_rows_is_the_sparse_times_dense_product(data):
     matrix = torch.zeros(size, size, dtype=torch.float64)
     for i, j, w in zip(out_rows, in_rows, weights, strict=True):  # the literal definition
         matrix[i, j] += w
-    got = _core._sparse_rows(
+    got = _backward._sparse_rows(
         torch.tensor(out_rows, dtype=torch.long),
         torch.tensor(in_rows, dtype=torch.long),
         torch.tensor(weights, dtype=torch.float64),
@@ -286,7 +288,7 @@ def compiled_kernels() -> Iterator[None]:
     """The compiled dense kernels at every batch size, for the body of one test (a fixture
     would have to be module-scoped under hypothesis, and would leak into the later tests)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_core, "COMPILE_MIN_BATCH", 1)
+        patch.setattr(_kernels, "COMPILE_MIN_BATCH", 1)
         patch.delenv("SELHN_COMPILE", raising=False)
         yield
 
@@ -306,11 +308,11 @@ def test_compiled_dense_kernels_match_reference(loss, scores):
         (got * weights).sum().backward()
         (expected * weights).sum().backward()
     torch.testing.assert_close(got_in.grad, ref_in.grad)
-    assert _core._compiled and not _core._compile_failed  # the compiled kernels really ran
+    assert _kernels._compiled and not _kernels._compile_failed  # the compiled kernels really ran
 
 
 def test_the_compiled_kernels_setting_ends_with_its_test():
-    assert _core.COMPILE_MIN_BATCH == 256
+    assert _kernels.COMPILE_MIN_BATCH == 256
 
 
 @pytest.mark.parametrize("loss", sorted(MODULES))
@@ -325,9 +327,9 @@ def test_double_backward_with_the_compiled_kernels_on(loss):
         "sum": selhn.SumHingeLoss(0.2, reduction="none"),
     }[loss]
     u.requires_grad_(), w.requires_grad_()
-    with compiled_kernels(), _core.forced_pair_form_fractions(*FORMS["dense"]):
+    with compiled_kernels(), _forms.forced_pair_form_fractions(*FORMS["dense"]):
         module(unit(u, dim=1), unit(w, dim=1), ids=ids).sum().backward()  # first order: compiled
-        assert loss == "hn" or _core._compiled
+        assert loss == "hn" or _kernels._compiled
         assert torch.autograd.gradgradcheck(lambda a, b: module(unit(a, dim=1), unit(b, dim=1), ids=ids), (u, w))
 
 
@@ -338,16 +340,16 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
 
         return fail
 
-    monkeypatch.setattr(_core, "COMPILE_MIN_BATCH", 1)
-    monkeypatch.setattr(_core, "_compiled", {})
-    monkeypatch.setattr(_core, "_compile_failed", set())
+    monkeypatch.setattr(_kernels, "COMPILE_MIN_BATCH", 1)
+    monkeypatch.setattr(_kernels, "_compiled", {})
+    monkeypatch.setattr(_kernels, "_compile_failed", set())
     monkeypatch.setattr(torch, "compile", broken)
     scores = torch.rand(5, 5, dtype=torch.float64)
     with caplog.at_level("WARNING", logger="selhn._core"):
         got = F.sum_hinge_loss(scores, reduction="none")
     torch.testing.assert_close(got, reference_loss(scores, "sum", "none"))
     assert "compiled loss kernel 'hinge_sums' unavailable" in caplog.text
-    assert _core._compile_failed == {"hinge_sums"}  # that kernel only
+    assert _kernels._compile_failed == {"hinge_sums"}  # that kernel only
 
 
 def test_an_out_of_memory_error_is_not_taken_for_a_compile_failure(monkeypatch):
@@ -357,25 +359,25 @@ def test_an_out_of_memory_error_is_not_taken_for_a_compile_failure(monkeypatch):
 
         return fail
 
-    monkeypatch.setattr(_core, "COMPILE_MIN_BATCH", 1)
-    monkeypatch.setattr(_core, "_compiled", {})
-    monkeypatch.setattr(_core, "_compile_failed", set())
+    monkeypatch.setattr(_kernels, "COMPILE_MIN_BATCH", 1)
+    monkeypatch.setattr(_kernels, "_compiled", {})
+    monkeypatch.setattr(_kernels, "_compile_failed", set())
     monkeypatch.setattr(torch, "compile", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         F.sum_hinge_loss(torch.rand(5, 5), reduction="none")
-    assert not _core._compile_failed  # the compiled kernels stay on for the next call
+    assert not _kernels._compile_failed  # the compiled kernels stay on for the next call
 
 
 def test_forced_pair_forms_stay_in_their_thread():
     import threading
 
     seen = []
-    with _core.forced_pair_form_fractions(1.0, 0.0):
-        thread = threading.Thread(target=lambda: seen.append(_core.pair_form_fractions(torch.device("cpu"))))
+    with _forms.forced_pair_form_fractions(1.0, 0.0):
+        thread = threading.Thread(target=lambda: seen.append(_forms.pair_form_fractions(torch.device("cpu"))))
         thread.start()
         thread.join()
-        assert _core.pair_form_fractions(torch.device("cpu")) == (1.0, 0.0)
-    assert seen == [(_core.LOW_RANK_FRACTION, _core.SPARSE_FRACTION)]
+        assert _forms.pair_form_fractions(torch.device("cpu")) == (1.0, 0.0)
+    assert seen == [_forms.CPU_THRESHOLDS]
 
 
 def saved_sizes(fn) -> list[int]:
@@ -407,7 +409,7 @@ def test_low_rank_form_is_as_accurate_as_the_dense_form_in_float32(monkeypatch, 
     img, txt = mixed_batch(256, 256)  # near-collapsed, float64
 
     def grads(dtype, fraction):
-        monkeypatch.setattr(_core, "LOW_RANK_FRACTION", fraction)
+        monkeypatch.setattr(_forms, "CPU_THRESHOLDS", _forms.CPU_THRESHOLDS._replace(low_rank=fraction))
         a = img.detach().to(dtype).clone().requires_grad_()
         b = txt.detach().to(dtype).clone().requires_grad_()
         MODULES[loss]()(a, b).backward()
@@ -429,7 +431,7 @@ def test_dense_losses_save_one_square_buffer_at_most():
     centre = torch.nn.functional.normalize(torch.ones(1, dim), dim=1)
     cold = (centre + 1e-4 * torch.randn(size, dim, generator=generator)).requires_grad_()
     spread = torch.nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1).requires_grad_()
-    with _core.forced_pair_form_fractions(*FORMS["dense"]):
+    with _forms.forced_pair_form_fractions(*FORMS["dense"]):
         for module, (img, txt) in (
             (selhn.SelHNLoss(), (cold, cold)),
             (selhn.SumHingeLoss(margin=0.01), (spread, spread)),
@@ -488,7 +490,7 @@ def test_rank_rectangles_match_reference(loss, epsilon, form, pair, data):
         if data.draw(st.booleans(), label="ids")
         else None
     )
-    with _core.forced_pair_form_fractions(*FORMS[form]):
+    with _forms.forced_pair_form_fractions(*FORMS[form]):
         rank_rectangles_match_reference(
             loss, img, txt, offset, local, ids, epsilon, data.draw(st.booleans(), label="mean")
         )
@@ -508,7 +510,7 @@ def test_exact_copies_of_a_caption_pick_the_lowest_copy_on_every_path(loss, form
         txt[8] = txt[2]
         square, rectangle = (img @ txt.T)[0], (img[:1] @ txt.T)[0]
         flipped += bool((square[2] - square[8]) * (rectangle[2] - rectangle[8]) < 0 or (square[2] < square[8]))
-        with _core.forced_pair_form_fractions(*FORMS[form]):
+        with _forms.forced_pair_form_fractions(*FORMS[form]):
             for offset, local in ((0, 1), (2, 4), (0, 9)):
                 rank_rectangles_match_reference(loss, img, txt, offset, local, None, 0.05, mean=False)
             module_matches_reference(loss, img, txt)
@@ -639,7 +641,7 @@ def test_modules_are_twice_differentiable(loss, form):
         return module(unit(a, dim=1), unit(b, dim=1), ids=ids)
 
     inputs = (u.requires_grad_(), w.requires_grad_())
-    with _core.forced_pair_form_fractions(*FORMS[form]):
+    with _forms.forced_pair_form_fractions(*FORMS[form]):
         if loss == "selhn":  # the batch holds both kinds of anchor
             flags = reference_fallback_flags(unit(u, dim=1) @ unit(w, dim=1).T, 0.3, ids[:, None] == ids[None, :])
             assert any(any(d) for d in flags) and not all(all(d) for d in flags)
@@ -687,7 +689,7 @@ def test_rank_rectangles_pass_gradcheck(loss, form):
         rule = resolve_rule(loss, 0.3, "mean")
         return _core.embedding_losses(unit(a, dim=1), unit(b, dim=1), excluded, 0.2, rule, ranks)
 
-    with _core.forced_pair_form_fractions(*FORMS[form]):
+    with _forms.forced_pair_form_fractions(*FORMS[form]):
         assert torch.autograd.gradcheck(rows, (u[1:4].clone().requires_grad_(), w[1:4].clone().requires_grad_()))
 
 
@@ -704,7 +706,7 @@ def test_functional_forms_are_twice_differentiable(loss, form):
         "hn": lambda s: F.max_violation_loss(s, 0.2, mask=mask, reduction="none"),
         "sum": lambda s: F.sum_hinge_loss(s, 0.2, mask=mask, reduction="none"),
     }[loss]
-    with _core.forced_pair_form_fractions(*FORMS[form]):
+    with _forms.forced_pair_form_fractions(*FORMS[form]):
         assert torch.autograd.gradgradcheck(function, (scores,))
 
 
@@ -719,7 +721,7 @@ def test_a_minus_inf_positive_gives_inf_not_nan(loss, form):
     expected = reference_loss(scores, loss, "none", **kwargs)
     assert math.isinf(expected[0, 1]) and not expected.isnan().any()
     function = {"selhn": F.selhn_loss, "hn": F.max_violation_loss, "sum": F.sum_hinge_loss}[loss]
-    with _core.forced_pair_form_fractions(*FORMS[form]):
+    with _forms.forced_pair_form_fractions(*FORMS[form]):
         torch.testing.assert_close(function(scores, reduction="none", **kwargs), expected)
 
 

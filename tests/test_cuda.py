@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 
 import selhn
-from selhn import _core, _selection
+from selhn import _forms, _selection
 from selhn import functional as F
 from selhn.testing import batch_sizes, embedding_pairs, half_dtypes, score_matrices
 from tests.profiles import examples
@@ -44,7 +44,7 @@ def test_modules_on_cuda_match_cpu(loss, fractions, pair):
     results = []
     for device in ("cpu", "cuda"):
         img, txt = (x.detach().clone().to(device).requires_grad_() for x in pair)
-        with _core.forced_pair_form_fractions(*fractions):
+        with _forms.forced_pair_form_fractions(*fractions):
             value = MODULES[loss](reduction="sum")(img, txt, ids=torch.arange(img.shape[0]) // 2)
         value.backward()
         results.append((value.cpu(), img.grad.cpu(), txt.grad.cpu()))
@@ -120,7 +120,7 @@ def test_rank_rectangles_on_cuda_match_cpu(loss, fractions, pair):
     results = []
     for device in ("cpu", "cuda"):
         a, b = img.clone().to(device).requires_grad_(), txt.clone().to(device).requires_grad_()
-        with _core.forced_pair_form_fractions(*fractions):  # epsilon 10: every SelHN anchor falls back
+        with _forms.forced_pair_form_fractions(*fractions):  # epsilon 10: every SelHN anchor falls back
             value, rank = rank_losses(a, b, 1, local, excluded.to(device), 10.0, loss, "mean")
         (value * torch.arange(2 * local, device=device).view(2, local)).sum().backward()
         results.append((value.cpu(), a.grad.cpu(), b.grad.cpu(), *(g.cpu() for g in rank.grads)))

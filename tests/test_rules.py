@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import selhn
-from selhn import _core
+from selhn import _forms
 from selhn import functional as F
 from selhn.rules import Anchors, MaxViolation, SelectionRule, SelHN, SumOfHinges, side_losses
 from selhn.testing import assert_finite_gradients, assert_no_vanishing, duplicate_ids, embedding_pairs, score_matrices
@@ -109,7 +109,7 @@ def test_every_lean_form_equals_the_plain_path(name, form, pair, data):
     results = []
     for rule in (BUILT_IN[name], Plain(BUILT_IN[name])):
         leaves = [img.clone().requires_grad_(), txt.clone().requires_grad_()]
-        with _core.forced_pair_form_fractions(*FORMS[form]):
+        with _forms.forced_pair_form_fractions(*FORMS[form]):
             value = selhn.RuleLoss(rule, reduction="none")(*leaves, ids=ids)
         torch.autograd.backward(value.sum())
         results.append((value, leaves[0].grad, leaves[1].grad))
