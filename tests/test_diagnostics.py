@@ -498,7 +498,7 @@ def test_monitor_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(D.csv, "writer", disk_full)
+    monkeypatch.setattr(csv, "writer", disk_full)  # (the monitor's module writes with it)
     with pytest.raises(OSError, match="No space left"):
         monitor.to_csv(path)
     assert path.read_text() == before

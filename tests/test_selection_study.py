@@ -1035,3 +1035,30 @@ def capture_error(parse, argv):
     with contextlib.redirect_stderr(stream), contextlib.suppress(SystemExit):
         parse(argv)
     return stream.getvalue()
+
+
+def test_compare_reuses_runs_trained_on_a_byte_identical_copy_of_the_data(data_root, tmp_path):
+    """Two streams that each generated the same data into a folder of their own: their runs
+    are reused with --data-copies (checked byte for byte), and refused without it or when a
+    copy differs."""
+    import shutil
+
+    from examples.selection_study import compare
+
+    root, copy = tmp_path / "data", tmp_path / "copy"
+    shutil.copytree(data_root, root)
+    compare.prepare_data(["--preset", "smoke", "--root", str(root)])  # (the vocabulary too)
+    shutil.copytree(root, copy)
+    common = ["--preset", "smoke", "--seeds", "0", "--losses", "sum", "--epsilons", "--steps", "2"]
+    common += ["--eval-steps", "2", "--log-every", "1", "--out", str(tmp_path / "out")]
+    compare.main([*common, "--root", str(copy)])
+    results = tmp_path / "out" / "runs" / "sum_seed0" / "results.json"
+    before = results.read_bytes(), results.stat().st_mtime_ns
+    with pytest.raises(SystemExit, match="trained with other arguments"):
+        compare.main([*common, "--root", str(root)])
+    compare.main([*common, "--root", str(root), "--data-copies", str(copy)])
+    assert (results.read_bytes(), results.stat().st_mtime_ns) == before  # reused, not trained again
+    assert "sum" in (tmp_path / "out" / "runs.csv").read_text()
+    (copy / "synthetic_precomp" / "train_caps.txt").write_text("another caption\n")
+    with pytest.raises(SystemExit, match=r"does not hold --root .* byte for byte \(synthetic_precomp/train_caps.txt\)"):
+        compare.main([*common, "--root", str(root), "--data-copies", str(copy)])

@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import multiprocessing
@@ -141,9 +142,11 @@ MACHINE_ONLY = ("out", "resume", "overwrite", "tensorboard", "workers", "device"
 PATH_ARGUMENTS = ("root",)
 
 
-def reuse_mismatch(out: Path, argv: list[str]) -> str:
+def reuse_mismatch(out: Path, argv: list[str], data_copies: tuple[str, ...] = ()) -> str:
     """Why the finished run in ``out`` is not the run ``argv`` asks for ('' when it is): its
-    checkpoint's arguments are compared, flag by flag, with ``argv``'s."""
+    checkpoint's arguments are compared, flag by flag, with ``argv``'s. A run trained on one of
+    ``data_copies`` (folders checked to hold --root's data byte for byte) counts as trained on
+    --root."""
     wanted = vars(parse_train(argv))
     try:
         stored = train_module.stored_arguments(load_checkpoint(out / "last.pth")["args"])
@@ -153,6 +156,8 @@ def reuse_mismatch(out: Path, argv: list[str]) -> str:
         for values in (stored, wanted):
             if isinstance(values.get(key), str):
                 values[key] = os.path.normpath(values[key])
+    if stored.get("root") in {os.path.normpath(copy) for copy in data_copies}:
+        stored["root"] = wanted["root"]
     differ = [
         f"--{key.replace('_', '-')} {stored.get(key)!r} (asked: {value!r})"
         for key, value in wanted.items()
@@ -161,13 +166,13 @@ def reuse_mismatch(out: Path, argv: list[str]) -> str:
     return ", ".join(differ)
 
 
-def check_reusable(tasks: list[tuple[Path, list[str]]]) -> None:
+def check_reusable(tasks: list[tuple[Path, list[str]]], data_copies: tuple[str, ...] = ()) -> None:
     """Refuse to report finished runs trained with other arguments than this comparison's
     (another margin, preset, data...): their numbers would be reported as this command's."""
     problems = []
     for out, argv in tasks:
         if (out / "results.json").is_file():
-            mismatch = reuse_mismatch(out, argv)
+            mismatch = reuse_mismatch(out, argv, data_copies)
             if mismatch:
                 problems.append(f"  {out}: {mismatch}")
     if problems:
@@ -176,6 +181,31 @@ def check_reusable(tasks: list[tuple[Path, list[str]]]) -> None:
             + "\n".join(problems)
             + "\nchoose another --out (or delete those runs) to train them with these arguments"
         )
+
+
+def check_data_copies(root: Path, copies: list[str]) -> tuple[str, ...]:
+    """The ``--data-copies`` folders, each checked to hold exactly the files of ``root``, byte
+    for byte (two streams that generated the same data each into a folder of its own); a
+    folder that differs is refused, naming the first file that does."""
+
+    def files(folder: Path) -> dict[str, str]:
+        return {
+            str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+        }
+
+    if not copies:
+        return ()
+    if not root.is_dir():
+        raise SystemExit(f"--data-copies: --root {root} holds no data to compare them with")
+    ours = files(root)
+    for copy in copies:
+        theirs = files(Path(copy)) if Path(copy).is_dir() else {}
+        differ = sorted(set(ours) ^ set(theirs)) or sorted(name for name in ours if ours[name] != theirs[name])
+        if differ:
+            raise SystemExit(f"--data-copies: {copy} does not hold --root {root}'s data byte for byte ({differ[0]})")
+    return tuple(copies)
 
 
 def parse_train(argv: list[str]) -> argparse.Namespace:
@@ -234,14 +264,16 @@ def _init_worker(threads: int, stopping: Any) -> None:
     _stopping = stopping
 
 
-def train_all(tasks: list[tuple[Path, list[str]]], jobs: int = 1, threads: int = 1) -> list[str]:
+def train_all(
+    tasks: list[tuple[Path, list[str]]], jobs: int = 1, threads: int = 1, data_copies: tuple[str, ...] = ()
+) -> list[str]:
     """Train every (out, argv) task not yet finished, ``jobs`` at a time, in the given order.
 
     With ``jobs`` > 1 the runs go to that many worker processes (``spawn``: safe with CUDA),
     each with ``threads`` intra-op threads. The synthetic data must exist beforehand (see
     :func:`prepare_data`), so that no two workers generate it at once. Returns one message
     per failed run (empty if all finished)."""
-    check_reusable(tasks)
+    check_reusable(tasks, data_copies)
     todo = [(str(out), argv) for out, argv in tasks if not (out / "results.json").is_file()]
     if jobs <= 1:
         return [message for message in map(_train_task, todo) if message]
@@ -860,6 +892,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="write facts.md, facts.csv and paired.csv into --out from this runs.csv, training nothing",
     )
+    parser.add_argument(
+        "--data-copies",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="other folders holding --root's data byte for byte (checked): finished runs trained on them are "
+        "reused as if trained on --root (two streams that each generated the same data)",
+    )
     parser.add_argument("train_args", nargs="*", help="after --: arguments for every training run")
     args = parser.parse_args(argv)
     if args.root is None:
@@ -1051,10 +1091,11 @@ def run_comparison(args: argparse.Namespace) -> None:
         return
     folders = plan(args)
     tasks = [(folder, train_argv(folder, loss, seed, eps, args)) for (loss, eps, seed), folder in folders.items()]
-    check_reusable(tasks)  # before the data: a refused command changes nothing on disk
+    copies = check_data_copies(Path(args.root), args.data_copies)
+    check_reusable(tasks, copies)  # before the data: a refused command changes nothing on disk
     if tasks:  # once, before any worker starts (and for the tables, if every run was trained elsewhere)
         prepare_data(tasks[0][1])
-    failed = train_all(tasks, args.jobs, args.threads)
+    failed = train_all(tasks, args.jobs, args.threads, copies)
     if failed:
         raise SystemExit("runs that failed:\n" + "\n".join(failed))
     runs = {key: read_run(folder) for key, folder in folders.items()}
