@@ -10,7 +10,8 @@
 # in $OUT/<part>.seed<seed>.log. SMOKE=1 runs the same plan at toy sizes.
 set -eu
 OUT=${OUT:-runs/unfreeze_settings}
-DATA=${DATA:-data/unfreeze_settings}/stream-$$
+DATA_BASE=${DATA:-data/unfreeze_settings}
+DATA=$DATA_BASE/stream-$$
 THREADS=${THREADS:-1}
 PY=${PY:-python3}
 mkdir -p "$OUT/claims"
@@ -41,13 +42,13 @@ losses() {  # the part's variants
     *) echo warmup vse-infinity-full selhn ;;
   esac
 }
-compare() {  # part, seeds...
+compare() {  # part, seeds... (COPIES: the other streams' data folders, for the tables)
   local part=$1
   shift
   # shellcheck disable=SC2046
   "$PY" -m examples.selection_study.compare --preset calibrated-unfreeze --root "$DATA" --out "$OUT/$part" \
-    --losses $(losses "$part") --epsilons 0.05 --no-default-epsilon --threads "$THREADS" "${STEPS[@]}" --seeds "$@" \
-    -- $(flags "$part") "${SMALL[@]}"
+    --losses $(losses "$part") --epsilons 0.05 --no-default-epsilon --threads "$THREADS" "${STEPS[@]}" \
+    ${COPIES:+--data-copies $COPIES} --seeds "$@" -- $(flags "$part") "${SMALL[@]}"
 }
 
 units=()
@@ -61,7 +62,9 @@ for unit in "${units[@]}"; do
   touch "$OUT/claims/$part-$seed/done"
   echo "$(date -u +%H:%M:%S) $part seed $seed done"
 done
-# the tables of each part whose every seed has finished (the other stream may still be training one)
+# the tables of each part whose every seed has finished (the other stream may still be training one);
+# the other stream's runs were trained on its own copy of the same data, checked byte for byte
+COPIES=$(find "$DATA_BASE" -mindepth 1 -maxdepth 1 -type d -name 'stream-*' ! -path "$DATA" | tr '\n' ' ')
 for part in factor-0.01 factor-10 factor-1; do
   seeds=("${PART13_SEEDS[@]}")
   [ "$part" = factor-10 ] && seeds=("${PART3_SEEDS[@]}")
