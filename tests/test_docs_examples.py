@@ -290,3 +290,25 @@ def test_the_swap_configurations_verdict_is_quoted_as_recorded():
         for row in rows:
             interval = f"[{float(row['low']):+.2f}, {float(row['high']):+.2f}]"
             assert f"{float(row['mean']):+.2f}" in text and interval in text, (name, row)
+
+
+def test_the_stability_quoted_beside_each_verdict_comes_from_the_committed_runs():
+    """Each verdict the decision page and the README quote carries its leave-one-seed-out
+    stability and the seeds "beats" would need, computed here from the committed runs.csv."""
+    from examples.selection_study.compare import r1_by_label, read_runs_csv
+    from examples.selection_study.confirm import grade
+    from examples.selection_study.intervals import leave_one_out, paired_interval, seeds_to_exclude_zero
+
+    pages = {name: " ".join((ROOT / name).read_text().split()) for name in ("README.md", "docs/choose.rst")}
+    results = ROOT / "docs" / "_results"
+    verdicts = [  # (runs.csv, SelHN, reference, the grade the pages quote)
+        (results / "confirmation" / "calibrated_runs.csv", "selhn eps=0.05", "warmup", "not worse"),
+        (results / "confirmation" / "calibrated-stall_runs.csv", "selhn eps=0.05", "warmup", "not worse"),
+    ]
+    for path, selhn, reference, quoted_grade in verdicts:
+        values = r1_by_label(read_runs_csv(path))
+        grades = [grade(rest) for rest in leave_one_out(values[selhn], values[reference]).values()]
+        needed = seeds_to_exclude_zero(paired_interval(values[selhn], values[reference]))
+        for name, text in pages.items():
+            assert f"{grades.count(quoted_grade)} of {len(grades)}" in text, (name, path, grades)
+            assert f"about {needed}" in text or f"and {needed} seeds" in text, (name, path, needed)
