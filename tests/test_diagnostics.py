@@ -638,7 +638,8 @@ def test_a_monitor_for_a_loss_measures_and_advises_for_that_loss():
         monitor.step(torch.full((8, 8), 0.3), torch.tensor(0.2))  # the plateau: the alarm fires
     message = str(caught[0].message)
     assert "This run trains with SelHN (epsilon 0.05)" in message and "Fix: train with" not in message
-    assert "after a backbone was unfrozen, use VSE-infinity's whole schedule" in message
+    assert "after a backbone was unfrozen, check the backbone's learning rate first" in message
+    assert "or use VSE-infinity's whole schedule" in message
     switchable = selhn.ContrastiveLoss(max_violation=False)
     follower = D.TrainingMonitor.for_loss(switchable, encoder, encoder, log_every=1)
     follower.step(scores, torch.tensor(0.2))

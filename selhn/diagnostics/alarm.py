@@ -187,16 +187,18 @@ def advice(rule: SelectionRule | None) -> str:
                 f"at this epsilon it leaves the plateau late. Pass epsilon={ADVISED_EPSILON:g} (scaled with the scores "
                 "if they are not cosine similarities): on the docs' benchmark, from a cold start, it ended not worse "
                 "than a sum-of-hinges warm-up (though it reached useful recall later), and after a backbone was "
-                "unfrozen it recovered without a schedule. Or, from a cold start, warm up with the sum of hinges for "
+                "unfrozen at ten times the learning rate it recovered without a schedule. Or, from a cold start, warm "
+                "up with the sum of hinges for "
                 f"one epoch (selhn.ContrastiveLoss with max_violation_off(), then max_violation_on()); see {_WHERE}."
             )
         return text + (
             "on the docs' benchmark it left the plateau within a few hundred steps, at a cold start and after a "
-            "backbone was unfrozen. If it does not: at a cold start, warm up with the sum of hinges for one epoch "
-            "(selhn.ContrastiveLoss with max_violation_off(), then max_violation_on()); after a backbone was "
-            "unfrozen, use VSE-infinity's whole schedule (the backbone unfrozen block by block, the loss ramped), "
-            "not the warm-up alone, which went back to the plateau there. Check the learning rate in both cases; "
-            f"see {_WHERE}."
+            "backbone was unfrozen at ten times the learning rate. If it does not: at a cold start, warm up with "
+            "the sum of hinges for one epoch (selhn.ContrastiveLoss with max_violation_off(), then "
+            "max_violation_on()); after a backbone was unfrozen, check the backbone's learning rate first (the "
+            "benchmark's stall came at ten times the learning rate, none at VSE-infinity's 0.01), or use "
+            "VSE-infinity's whole schedule (the backbone unfrozen block by block, the loss ramped), not the warm-up "
+            f"alone, which went back to the plateau at ten times the rate; see {_WHERE}."
         )
     if isinstance(rule, SumOfHinges):
         return (
@@ -206,9 +208,9 @@ def advice(rule: SelectionRule | None) -> str:
     return (
         f"Fix: train with selhn.SelHNLoss(epsilon={ADVISED_EPSILON:g}) (it falls back to all negatives for exactly "
         "these anchors), or warm up with the sum of hinges for one epoch (selhn.ContrastiveLoss with "
-        "max_violation_off(), then max_violation_on()). If it started when a backbone was unfrozen, the same "
-        f"selhn.SelHNLoss(epsilon={ADVISED_EPSILON:g}) recovered from that without a schedule on the docs' benchmark; "
-        "or unfreeze the backbone block by block with the loss ramped, as VSE-infinity's whole schedule does (the "
-        "docs measured both with the backbone at ten times the learning rate; see "
-        f"{_WHERE})."
+        "max_violation_off(), then max_violation_on()). If it started when a backbone was unfrozen: on the docs' "
+        "benchmark that happened with the backbone at ten times the learning rate and not at VSE-infinity's 0.01, "
+        "so check the backbone's learning rate first; at ten times it, the same "
+        f"selhn.SelHNLoss(epsilon={ADVISED_EPSILON:g}) recovered without a schedule, and so did unfreezing the "
+        f"backbone block by block with the loss ramped, as VSE-infinity's whole schedule does; see {_WHERE}."
     )
