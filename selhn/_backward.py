@@ -12,25 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selhn._forms import Form, FullData, PairsData, RowsData, SideData, State
+from selhn._forms import FullData, PairsData, RowsData, SideData, State
 from selhn._forward import SQUARE, Layout
 from selhn._kernels import coefficient_blocks, kernel
 
 
 def _entries(grad: Tensor, coef: Tensor | None, state: State, anchor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The sparse entries (i, j, w) of the gradient over the global (image, caption) pairs.
+    r"""The sparse entries (i, j, w) of the gradient over the global (image, caption) pairs.
 
     In order: each anchor's positive (pair ``(anchor[a], anchor[a])``, weight :math:`-g_a c_a`
-    summed over both sides, minus the low-rank sides' :math:`g_a k_a`, whose rank-one products
-    count the positive as if it were an active hinge); both sides' hard terms
-    (:math:`+g_a` at the hardest negative); each side's low-rank pairs (:math:`-g_a k_a`: the
-    inactive hinges the rank-one products counted) and sparse pairs (:math:`+g_a k_a`).
-    ``coef`` is :math:`g \\cdot k` (grad times dense_coef). Side 0 is the image anchors.
+    summed over both sides, corrected for the low-rank sides, :class:`LowRankSides`); both
+    sides' chosen negatives (:math:`+g_a w_{aj}` where the hinge is active); each side's sparse
+    pairs (:math:`+g_a k_a`) and the low-rank sides' corrections. ``coef`` is :math:`g \cdot k`
+    (grad times dense_coef). Side 0 is the image anchors.
     """
+    low_rank = LowRankSides(state, coef)
     positive = (grad * state.positive_coef).sum(dim=0).neg_()
-    for s, form in enumerate(state.forms):
-        if form == "low_rank" and coef is not None:
-            positive = positive - coef[s]
+    for counted in low_rank.counted_at_the_positive():
+        positive = positive - counted
     rows, cols, weights = [anchor], [anchor], [positive]
     if state.hard_index is not None and state.hard_coef is not None:
         width = state.hard_index.shape[2]
@@ -39,13 +38,81 @@ def _entries(grad: Tensor, coef: Tensor | None, state: State, anchor: Tensor) ->
         cols += [state.hard_index[0].reshape(-1), repeated]
         weights.append((grad.unsqueeze(2) * state.hard_coef).reshape(-1))  # side 0's, then side 1's
     for s, (form, data) in enumerate(zip(state.forms, state.data, strict=True)):
-        if form in ("low_rank", "sparse") and coef is not None and isinstance(data, PairsData):
-            on_pair = coef[s].index_select(0, data.pairs[0])
-            anchors = anchor.index_select(0, data.pairs[0])
-            rows.append(anchors if s == 0 else data.pairs[1])
-            cols.append(data.pairs[1] if s == 0 else anchors)
-            weights.append(on_pair.neg() if form == "low_rank" else on_pair)
+        if form == "sparse" and coef is not None and isinstance(data, PairsData):  # the active pairs alone
+            i, j, w = _pair_entries(s, data, coef[s], anchor)
+            rows.append(i)
+            cols.append(j)
+            weights.append(w)
+    for i, j, w in low_rank.counted_at_inactive_pairs(anchor):
+        rows.append(i)
+        cols.append(j)
+        weights.append(w)
     return torch.cat(rows), torch.cat(cols), torch.cat(weights)
+
+
+def _pair_entries(side: int, data: PairsData, coef: Tensor, anchor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One side's kept pairs as (image, caption, weight) entries, weight ``coef[a]`` for anchor ``a``."""
+    on_pair = coef.index_select(0, data.pairs[0])
+    anchors = anchor.index_select(0, data.pairs[0])
+    if side == 0:
+        return anchors, data.pairs[1], on_pair
+    return data.pairs[1], anchors, on_pair
+
+
+class LowRankSides:
+    """The low-rank form's invariant, in one place: its sides count every pair of their
+    fallback anchors as an active hinge, in rank-one products (:meth:`add_products`), and take
+    back as sparse entries what those counted wrongly: each anchor's positive, which is no hinge
+    (:meth:`counted_at_the_positive`), and the inactive pairs the forward pass kept
+    (:meth:`counted_at_inactive_pairs`; excluded pairs are among them)."""
+
+    def __init__(self, state: State, coef: Tensor | None) -> None:
+        self.coef = coef
+        self.sides = [] if coef is None else [s for s, form in enumerate(state.forms) if form == "low_rank"]
+        self.data = state.data
+
+    def counted_at_the_positive(self) -> list[Tensor]:
+        """Per side, (L,) what the products counted at each anchor's positive: :math:`g_a k_a`."""
+        return [self.coef[s] for s in self.sides] if self.coef is not None else []
+
+    def counted_at_inactive_pairs(self, anchor: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per side, the entries that take back the products' terms at its inactive pairs: :math:`-g_a k_a`."""
+        out = []
+        for s in self.sides:
+            data = self.data[s]
+            assert isinstance(data, PairsData) and self.coef is not None
+            i, j, w = _pair_entries(s, data, self.coef[s], anchor)
+            out.append((i, j, w.neg()))
+        return out
+
+    def add_products(self, batch: Batch, d_img: Tensor, d_txt: Tensor) -> None:
+        """The products, every pair counted as an active hinge, added to the embeddings' gradients.
+
+        For a low-rank side of image anchors with weights :math:`k_a` (this rank's rows, zero
+        elsewhere): image :math:`a` gets :math:`k_a \\sum_c t_c` and caption :math:`c` gets
+        :math:`\\sum_a k_a v_a`; likewise for caption anchors with :math:`k'`. So each set gets one
+        ``addmm`` of (its own weights, ones) against (ones, the other side's weights) times the
+        other set: a (G, 2) x (2, D) product.
+        """
+        if not self.sides:
+            return
+        assert self.coef is not None
+        img, _, img_all, txt_all, offset = batch
+        size = img_all.shape[0]
+        pad = (offset, size - offset - img.shape[0])  # this rank's rows within the global batch
+        ones = img_all.new_ones(size)
+        weights: list[Tensor | None] = [None, None]  # per side, k over the global rows (None: not low rank)
+        for s in self.sides:
+            weights[s] = F.pad(self.coef[s], pad) if any(pad) else self.coef[s]
+        for s, (d, other) in enumerate(((d_img, txt_all), (d_txt, img_all))):
+            terms: list[tuple[Tensor, Tensor]] = []  # (column over set s, row over the other set)
+            own, opposite = weights[s], weights[1 - s]
+            if own is not None:  # set s's own anchors: k_a times the sum of the other set
+                terms.append((own, ones))
+            if opposite is not None:  # the other side's anchors: sum_c k'_c other_c, to every row of set s
+                terms.append((ones, opposite))
+            if terms:
+                d.addmm_(torch.stack([c for c, _ in terms], dim=1), torch.stack([r for _, r in terms]) @ other)
 
 
 def _full_blocks(
@@ -95,7 +162,7 @@ def embedding_grads(
 
     With :math:`G = \\partial L / \\partial S`, :math:`\\partial L/\\partial V = G T` and
     :math:`\\partial L/\\partial T = G^\\top V`. A square batch with a ``full`` side forms
-    :math:`G` and multiplies (:func:`_score_grad`); otherwise the sparse entries become one
+    :math:`G` and multiplies (:func:`score_grad`); otherwise the sparse entries become one
     weighted gather of rows per set, then each form adds its part: the rectangles' ``full``
     blocks, the ``rows`` blocks, and the low-rank sides' rank-one products.
     """
@@ -125,40 +192,8 @@ def embedding_grads(
             block = torch.where(data.active, coef[s].index_select(0, data.subset).unsqueeze(1), 0.0)
             d_own.index_add_(0, data.subset + offset if offset else data.subset, block @ other)
             d_other.addmm_(block.t(), own.index_select(0, data.subset))
-    if "low_rank" in state.forms:
-        _add_rank_one_terms(coef, state.forms, batch, d_img, d_txt)
+    LowRankSides(state, coef).add_products(batch, d_img, d_txt)
     return d_img, d_txt
-
-
-def _add_rank_one_terms(coef: Tensor, forms: Sequence[Form], batch: Batch, d_img: Tensor, d_txt: Tensor) -> None:
-    """The low-rank sides' products, every pair counted as an active hinge (the inactive pairs
-    and the positive are subtracted as sparse entries, :func:`_entries`).
-
-    For a low-rank side of image anchors with weights :math:`k_a` (this rank's rows, zero
-    elsewhere): image :math:`a` gets :math:`k_a \\sum_c t_c` and caption :math:`c` gets
-    :math:`\\sum_a k_a v_a`; likewise for caption anchors with :math:`k'`. So each set gets one
-    ``addmm`` of (its own weights, ones) against (ones, the other side's weights) times the
-    other set: a (G, 2) x (2, D) product.
-    """
-    img, _, img_all, txt_all, offset = batch
-    size = img_all.shape[0]
-    pad = (offset, size - offset - img.shape[0])  # this rank's rows within the global batch
-    ones = img_all.new_ones(size)
-    weights: list[Tensor | None] = []  # per side, k over the global rows (None: not low rank)
-    for s, form in enumerate(forms):
-        if form != "low_rank":
-            weights.append(None)
-        else:
-            weights.append(F.pad(coef[s], pad) if any(pad) else coef[s])
-    for s, (d, other) in enumerate(((d_img, txt_all), (d_txt, img_all))):
-        terms: list[tuple[Tensor, Tensor]] = []  # (column over set s, row over the other set)
-        own, opposite = weights[s], weights[1 - s]
-        if own is not None:  # set s's own anchors: k_a times the sum of the other set
-            terms.append((own, ones))
-        if opposite is not None:  # the other side's anchors: sum_c k'_c other_c, to every row of set s
-            terms.append((ones, opposite))
-        if terms:
-            d.addmm_(torch.stack([c for c, _ in terms], dim=1), torch.stack([r for _, r in terms]) @ other)
 
 
 def score_grad(grad: Tensor, coef: Tensor | None, state: State, scores: Tensor | None, lean: bool) -> Tensor:
