@@ -463,47 +463,64 @@ class SelHN(SelectionRule):
 def _checked_selection(rule: SelectionRule, anchors: Anchors, selection: object) -> Selection:
     """A rule's :class:`Selection`, checked (types, shapes, device, integer candidates in range,
     finite weights), detached and in the scores' dtype."""
-    # (a dataclass's repr cannot be traced by torch.compile: there the class name stands for it)
-    named = type(rule).__name__ if torch.compiler.is_compiling() else repr(rule)
     if not isinstance(selection, Selection):
-        raise TypeError(f"{named}.select must return a selhn.rules.Selection, got {type(selection).__name__}")
+        raise TypeError(f"{_named(rule)}.select must return a selhn.rules.Selection, got {type(selection).__name__}")
     n_anchors, n_candidates = anchors.scores.shape
     index, weight, every = selection
     for name, value in (("candidate", index), ("weight", weight), ("every", every)):
         if name == "every" and value is None:
             continue
         if not isinstance(value, Tensor):
-            raise TypeError(f"{named}.select's {name} must be a torch.Tensor, got {type(value).__name__}")
+            raise TypeError(f"{_named(rule)}.select's {name} must be a torch.Tensor, got {type(value).__name__}")
         if value.device != anchors.scores.device:
-            raise ValueError(f"{named}.select's {name} is on {value.device}, the scores on {anchors.scores.device}")
+            raise ValueError(
+                f"{_named(rule)}.select's {name} is on {value.device}, the scores on {anchors.scores.device}"
+            )
     if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
-        raise TypeError(f"{named}.select's candidate must hold integer candidates, got dtype {index.dtype}")
+        raise TypeError(f"{_named(rule)}.select's candidate must hold integer candidates, got dtype {index.dtype}")
     if index.ndim != 2 or index.shape[0] != n_anchors or tuple(weight.shape) != tuple(index.shape):
         raise ValueError(
-            f"{named}.select must return candidate and weight of shape ({n_anchors}, k), one row per anchor, "
+            f"{_named(rule)}.select must return candidate and weight of shape ({n_anchors}, k), one row per anchor, "
             f"got {tuple(index.shape)} and {tuple(weight.shape)}"
         )
     if every is not None and tuple(every.shape) != (n_anchors,):
-        raise ValueError(f"{named}.select's every must have shape ({n_anchors},), got {tuple(every.shape)}")
+        raise ValueError(f"{_named(rule)}.select's every must have shape ({n_anchors},), got {tuple(every.shape)}")
     for name, value in (("weight", weight), ("every", every)):
         if value is not None and not (value.is_floating_point() or value.dtype in _INTEGER_WEIGHTS):
-            raise TypeError(f"{named}.select's {name} must be real (floating-point), got dtype {value.dtype}")
+            raise TypeError(f"{_named(rule)}.select's {name} must be real (floating-point), got dtype {value.dtype}")
     dtype = anchors.scores.dtype
     weight = weight.detach().to(dtype)
     every = None if every is None else every.detach().to(dtype)
     index = index.long()
+    if _selects_as_built_in(rule):  # (the package's own select: its values are tested, not read each call)
+        return Selection(index, weight, every)
     in_range = ((index >= 0) & (index < n_candidates)).all()
     finite = torch.isfinite(weight).all() & (True if every is None else torch.isfinite(every).all())
-    checks = (
-        (in_range, f"{named}.select returned a candidate outside [0, {n_candidates})"),
-        (finite, f"{named}.select returned a NaN or infinite weight: weights must be finite"),
-    )
-    if torch.compiler.is_compiling():  # no Python branch on data in a graph: torch raises it (RuntimeError)
-        for holds, message in checks:
-            torch._assert_async(holds, message)
-    elif not bool(in_range & finite):  # (one device read; which check failed is read only then)
-        raise ValueError(next(message for holds, message in checks if not bool(holds)))
+    if torch.compiler.is_compiling() or not bool(in_range & finite):  # (one device read when eager)
+        checks = (
+            (in_range, f"{_named(rule)}.select returned a candidate outside [0, {n_candidates})"),
+            (finite, f"{_named(rule)}.select returned a NaN or infinite weight: weights must be finite"),
+        )
+        if torch.compiler.is_compiling():  # no Python branch on data in a graph: torch raises it (RuntimeError)
+            for holds, message in checks:
+                torch._assert_async(holds, message)
+        else:
+            raise ValueError(next(message for holds, message in checks if not bool(holds)))
     return Selection(index, weight, every)
+
+
+def _named(rule: SelectionRule) -> str:
+    """The rule as its error messages name it: its repr (under torch.compile, which cannot trace
+    a dataclass's repr, its class name)."""
+    return type(rule).__name__ if torch.compiler.is_compiling() else repr(rule)
+
+
+def _selects_as_built_in(rule: SelectionRule) -> bool:
+    """Whether the rule's ``select`` is a built-in rule's own code (a subclass that overrides it
+    is not): its candidates are in range and its weights finite by construction, as the tests
+    hold, so they are not read back on every call."""
+    owner = next(cls for cls in type(rule).__mro__ if "select" in cls.__dict__)
+    return owner in (MaxViolation, SumOfHinges, SelHN)
 
 
 #: The rules of the loss names (``"selhn"``, ``"hn"``, ``"sum"``), SelHN's at its defaults.
