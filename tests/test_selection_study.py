@@ -980,18 +980,7 @@ def test_the_settings_verdict_grades_each_factor_against_its_references(tmp_path
 
 
 USER_RULES_MODULE = """
-from dataclasses import dataclass
-
-from selhn.rules import Anchors, Selection, SelectionRule
-
-
-@dataclass(frozen=True)
-class TopK(SelectionRule):
-    k: int
-
-    def select(self, anchors: Anchors) -> Selection:
-        index, chosen = anchors.top_k(self.k)
-        return Selection(index, chosen / chosen.sum(dim=1, keepdim=True).clamp(min=1))
+from tests.user_rules import TopKAveraged as TopK  # the rules page's top-k rule
 
 
 class NotARule:
