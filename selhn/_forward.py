@@ -113,10 +113,9 @@ def _lean_anchors(
     n_anchors, n_candidates = scores.shape
     side_excluded = None if excluded is None else (excluded if along == 1 else excluded.t())
 
-    def negatives() -> Tensor:
-        mask = torch.ones(n_anchors, n_candidates, dtype=torch.bool, device=scores.device)
-        mask.diagonal(offset).fill_(False)
-        return mask if side_excluded is None else mask.logical_and_(~side_excluded)
+    def negatives() -> Tensor:  # anchor a's positive is candidate offset + a
+        positive_column = torch.arange(offset, offset + n_anchors, device=scores.device)
+        return sel.negatives_mask((n_anchors, n_candidates), positive_column, side_excluded)
 
     def count() -> Tensor:  # the candidates but the positive and the excluded pairs
         if side_excluded is None:

@@ -145,6 +145,22 @@ def _two_level_max(scores: Tensor, dim: int, group: int) -> tuple[Tensor, Tensor
     return values, indices
 
 
+def negatives_mask(shape: tuple[int, int], positive_column: Tensor, excluded: Tensor | None) -> Tensor:
+    """(L, C) boolean, ``True`` where candidate ``c`` is a negative of anchor ``a``: every
+    candidate but the anchor's positive (column ``positive_column[a]``) and the pairs
+    ``excluded`` marks (shared ids). The one definition of "a negative" over anchors x candidates.
+
+    Example:
+        >>> import torch
+        >>> negatives_mask((2, 3), torch.tensor([1, 2]), torch.tensor([[True, False, False], [False] * 3]))
+        tensor([[False, False,  True],
+                [ True,  True, False]])
+    """
+    negatives = torch.ones(shape, dtype=torch.bool, device=positive_column.device)
+    negatives[torch.arange(shape[0], device=positive_column.device), positive_column] = False
+    return negatives if excluded is None else negatives.logical_and_(~excluded)
+
+
 def fill_excluded_(scores: Tensor, mask: Tensor | None) -> Tensor:
     """In place: set every pair that is not a negative (diagonal, ``mask``) to ``-inf``.
 

@@ -688,10 +688,7 @@ def _side_anchors(
     rows = torch.arange(scores.shape[0], device=scores.device)
     scores = scores.detach()
     positive = scores[rows, positive_column]
-    negatives = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    negatives[rows, positive_column] = False
-    if excluded is not None:
-        negatives &= ~excluded
+    negatives = sel.negatives_mask((scores.shape[0], scores.shape[1]), positive_column, excluded)
     _check_scores_are_numbers(scores, positive, negatives)
     return Anchors(scores.masked_fill(~negatives, -math.inf), positive, negatives, margin, copies, direction)
 

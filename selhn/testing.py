@@ -33,6 +33,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("selhn.testing needs hypothesis: pip install hypothesis (selhn's 'testing' extra)") from error
 
 from selhn import functional as F
+from selhn._selection import negatives_mask
 from selhn._validation import check_nonnegative, check_positive_int
 from selhn.diagnostics import gradient_norms
 from selhn.losses import RuleLoss
@@ -726,7 +727,7 @@ def assert_per_anchor(rule: SelectionRule, *, margin: float = 0.2, max_examples:
         size = scores.shape[0]
         order = data.draw(st.permutations(range(size)))
         kept = order[: data.draw(st.integers(min_value=1, max_value=size))]
-        negatives = ~torch.eye(size, dtype=torch.bool)
+        negatives = negatives_mask((size, size), torch.arange(size), None)
         rows = scores.masked_fill(~negatives, float("-inf"))
 
         def weights(anchors: list[int]) -> Tensor:
