@@ -301,14 +301,52 @@ def test_the_stability_quoted_beside_each_verdict_comes_from_the_committed_runs(
 
     pages = {name: " ".join((ROOT / name).read_text().split()) for name in ("README.md", "docs/choose.rst")}
     results = ROOT / "docs" / "_results"
-    verdicts = [  # (runs.csv, SelHN, reference, the grade the pages quote)
-        (results / "confirmation" / "calibrated_runs.csv", "selhn eps=0.05", "warmup", "not worse"),
-        (results / "confirmation" / "calibrated-stall_runs.csv", "selhn eps=0.05", "warmup", "not worse"),
+    verdicts = [  # (runs.csv, SelHN, reference, the grades the pages count, whether they give the seeds needed)
+        (results / "confirmation" / "calibrated_runs.csv", "selhn eps=0.05", "warmup", ("not worse",), True),
+        (results / "confirmation" / "calibrated-stall_runs.csv", "selhn eps=0.05", "warmup", ("not worse",), True),
+        (results / "unfreeze" / "runs.csv", "selhn eps=0.05", "vse-infinity-full", ("beats", "not worse"), False),
+        (
+            results / "unfreeze_settings" / "factor-10_runs.csv",
+            "selhn eps=0.05",
+            "vse-infinity-full",
+            ("beats", "not worse"),
+            False,
+        ),
     ]
-    for path, selhn, reference, quoted_grade in verdicts:
+    for path, selhn, reference, counted, with_needed in verdicts:
         values = r1_by_label(read_runs_csv(path))
         grades = [grade(rest) for rest in leave_one_out(values[selhn], values[reference]).values()]
         needed = seeds_to_exclude_zero(paired_interval(values[selhn], values[reference]))
+        held = sum(grades.count(name) for name in counted)
         for name, text in pages.items():
-            assert f"{grades.count(quoted_grade)} of {len(grades)}" in text, (name, path, grades)
-            assert f"about {needed}" in text or f"and {needed} seeds" in text, (name, path, needed)
+            assert f"{held} of {len(grades)}" in text, (name, path, grades)
+            if with_needed:
+                assert f"about {needed}" in text or f"and {needed} seeds" in text, (name, path, needed)
+
+
+def test_the_settings_verdicts_are_quoted_as_the_committed_runs_give_them():
+    """Results, the decision page and the README quote each graded part of the unfreeze at the
+    settings users run (docs/_results/unfreeze_settings) with its interval and its grade, as
+    confirm --settings computes them from the committed runs.csv; the parts' collapse counts too."""
+    from examples.selection_study import confirm
+    from examples.selection_study.compare import read_runs_csv
+
+    folder = ROOT / "docs" / "_results" / "unfreeze_settings"
+    paths = {part: folder / f"{part}_runs.csv" for part in confirm.SETTINGS_PARTS}
+    rows = {part: read_runs_csv(path) for part, path in paths.items() if path.is_file()}
+    sentences, table = confirm.settings_verdict(rows)
+    pages = {name: " ".join((ROOT / name).read_text().split()) for name in ("README.md", "docs/choose.rst")}
+    pages["docs/results.rst"] = " ".join((ROOT / "docs" / "results.rst").read_text().split())
+    graded = [line for line in table if line["grade"] != "no verdict"]
+    assert graded, "no part of the settings comparison has all its seeds"
+    for line in graded:
+        d = line["difference"]
+        quoted = (f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]", f"{d.mean:+.2f} R@1 [{d.low:+.2f}, {d.high:+.2f}]")
+        for name, text in pages.items():
+            if line["reference"] == "vse-infinity-full" or name == "docs/results.rst":
+                assert any(form in text for form in quoted), (name, line)
+                assert line["grade"] in text, (name, line["grade"])
+    for sentence in sentences:
+        if "went back to the plateau" in sentence:  # "on N of M seeds"
+            counted = sentence.split(" on ", 1)[1].split(" seeds")[0]
+            assert f"on {counted} seeds" in pages["docs/results.rst"], sentence
