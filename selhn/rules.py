@@ -368,14 +368,21 @@ def is_sparse(rule: SelectionRule) -> bool:
     """Whether a rule takes the lean path: its class (or the nearest base that defines either)
     defines :meth:`~SelectionRule.select` rather than :meth:`~SelectionRule.weights`. A
     subclass of a built-in rule that overrides ``weights`` alone is dense: its weights win."""
+    owner = _form_owner(rule)
+    return owner is not None and owner[0] == "select"
+
+
+def _form_owner(rule: SelectionRule) -> tuple[str, type] | None:
+    """The rule's form and the class that defines it: the nearest class above SelectionRule in
+    the rule's MRO that defines ``select`` (``"select"``, checked first) or ``weights``; None
+    where none does."""
     for cls in type(rule).__mro__:
         if cls is SelectionRule:
-            break
-        if "select" in cls.__dict__:
-            return True
-        if "weights" in cls.__dict__:
-            return False
-    return False
+            return None
+        for method in ("select", "weights"):
+            if method in cls.__dict__:
+                return method, cls
+    return None
 
 
 @dataclass(frozen=True)
@@ -519,8 +526,8 @@ def _selects_as_built_in(rule: SelectionRule) -> bool:
     """Whether the rule's ``select`` is a built-in rule's own code (a subclass that overrides it
     is not): its candidates are in range and its weights finite by construction, as the tests
     hold, so they are not read back on every call."""
-    owner = next(cls for cls in type(rule).__mro__ if "select" in cls.__dict__)
-    return owner in (MaxViolation, SumOfHinges, SelHN)
+    owner = _form_owner(rule)
+    return owner is not None and owner[0] == "select" and owner[1] in (MaxViolation, SumOfHinges, SelHN)
 
 
 #: The rules of the loss names (``"selhn"``, ``"hn"``, ``"sum"``), SelHN's at its defaults.
@@ -582,8 +589,7 @@ def check_rule(value: object, name: str = "rule") -> SelectionRule:
         )
     if not isinstance(value, SelectionRule):
         raise TypeError(f"{name} must be a selhn.rules.SelectionRule (subclass it), got {type(value).__name__}")
-    dense = any("weights" in cls.__dict__ for cls in type(value).__mro__ if cls is not SelectionRule)
-    if not is_sparse(value) and not dense:
+    if _form_owner(value) is None:
         raise TypeError(
             f"{name}: {type(value).__name__} defines neither select() (a sparse choice) nor weights() (dense "
             "weights): define one"
