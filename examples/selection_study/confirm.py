@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -344,12 +345,7 @@ def settings_verdict(rows_by_part: dict[str, list[dict[str, Any]]]) -> tuple[lis
 def write_settings_verdict(folder: Path) -> str:
     """verdict.md and verdict.csv in ``folder``, from ``folder/<part>/runs.csv`` (or
     ``<part>_runs.csv``) of each part of the unfreeze at the settings users run."""
-    rows = {}
-    for part in SETTINGS_PARTS:
-        for path in (folder / part / "runs.csv", folder / f"{part}_runs.csv"):
-            if path.is_file():
-                rows[part] = read_runs_csv(path)
-                break
+    rows = runs_by_name(folder, SETTINGS_PARTS)
     if not rows:
         raise TableError(f"{folder}: no <part>/runs.csv for any of {', '.join(SETTINGS_PARTS)}")
     sentences, table = settings_verdict(rows)
@@ -357,13 +353,19 @@ def write_settings_verdict(folder: Path) -> str:
 
 
 def preset_runs(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """Each preset's rows, from ``<folder>/<preset>/runs.csv`` (what the run scripts write) or
-    ``<folder>/<preset>_runs.csv`` (the layout committed under docs/_results)."""
+    """Each preset's rows (:func:`runs_by_name`)."""
+    return runs_by_name(folder, PRESETS)
+
+
+def runs_by_name(folder: Path, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of each of ``names`` (presets, or parts) found in ``folder``, from
+    ``<folder>/<name>/runs.csv`` (what the run scripts write) or ``<folder>/<name>_runs.csv``
+    (the layout committed under docs/_results); a name with neither is left out."""
     rows = {}
-    for preset in PRESETS:
-        for path in (folder / preset / "runs.csv", folder / f"{preset}_runs.csv"):
+    for name in names:
+        for path in (folder / name / "runs.csv", folder / f"{name}_runs.csv"):
             if path.is_file():
-                rows[preset] = read_runs_csv(path)
+                rows[name] = read_runs_csv(path)
                 break
     return rows
 
