@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 try:
-    from hypothesis import given, settings
+    from hypothesis import example, given, settings
     from hypothesis import strategies as st
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("selhn.testing needs hypothesis: pip install hypothesis (selhn's 'testing' extra)") from error
@@ -574,7 +574,8 @@ def assert_rule_matches(
     matrix, row 0 the image anchors (rows), row 1 the caption anchors (columns), differentiable
     with respect to ``scores``; ``mask`` is None or a boolean (B, B), ``True`` where a pair is no
     negative (shared ids). The helper compares it, on score matrices with ties, masks of shared
-    ids, and B = 1 (no negatives), in float64, with every path that computes the rule's loss:
+    ids (a fully tied batch always among them), and B = 1 (no negatives), in float64, with
+    every path that computes the rule's loss:
     :func:`selhn.functional.rule_loss` ``(scores, rule, margin, mask=mask, reduction="none")``,
     :class:`selhn.RuleLoss` over embeddings whose product is that matrix (with the ids), and,
     for a rule with a sparse form (:meth:`~selhn.rules.SelectionRule.select`), the plain autograd
@@ -623,6 +624,7 @@ def assert_rule_matches(
 
     @settings(max_examples=max_examples, deadline=None)
     @given(batches())
+    @example((torch.full((3, 3), 0.5, dtype=torch.float64), None))  # every negative tied: always tried
     def check(batch: tuple[Tensor, Tensor | None]) -> None:
         scores, ids = batch
         size = scores.shape[0]
