@@ -23,8 +23,9 @@ the image anchors, row 1 the caption anchors.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -61,7 +62,7 @@ Copies = tuple[Tensor | None, Tensor | None]
 
 def candidate_copies(img: Tensor, txt: Tensor) -> Copies:
     """The exact copies among each side's candidates: the captions', then the images'."""
-    return sel.first_copies(txt), sel.first_copies(img)
+    return sel.first_copies_of_pair(txt, img)
 
 
 class Chosen(NamedTuple):
@@ -103,11 +104,11 @@ def _lean_anchors(
     positives: Tensor,
     excluded: Tensor | None,
     opt: Options,
-    candidates: tuple[Tensor, Tensor] | None,
+    copies: Callable[[], Tensor | None],
 ) -> Anchors:
     """Side ``side``'s anchors as its rule sees them: its scores as rows (a view: no copy), and
-    the negatives' mask, their count and the candidates' exact copies made only if the rule
-    asks for them."""
+    the negatives' mask, their count and the candidates' exact copies (``copies``) made only if
+    the rule asks for them."""
     k, along = layout[side]
     scores = matrices[k] if along == 1 else matrices[k].t()
     n_anchors, n_candidates = scores.shape
@@ -123,13 +124,9 @@ def _lean_anchors(
         n_excluded = side_excluded.sum(1) - side_excluded.diagonal(offset).long()
         return n_candidates - 1 - n_excluded
 
-    def copies() -> Tensor | None:  # the captions' for the image anchors, the images' for the caption anchors
-        if candidates is None or not opt.lean:
-            return None
-        return sel.first_copies(candidates[1] if side == 0 else candidates[0])
-
     direction: Direction = "i2t" if side == 0 else "t2i"
-    return Anchors._deferred(scores.detach(), positives[side].detach(), opt.margin, negatives, count, copies, direction)
+    # (scores computed inside an autograd Function's forward: no graph, nothing to detach)
+    return Anchors._deferred(scores, positives[side], opt.margin, negatives, count, copies, direction)
 
 
 def _select(
@@ -145,9 +142,19 @@ def _select(
     negatives' hinges are weighted and summed. A slot whose candidate is no negative (``-inf``
     on the matrix) counts 0."""
     n_anchors = positives.shape[1]
+    found: list[Copies] = []  # both sides' candidates' exact copies, found together on first use
+
+    def side_copies(side: int) -> Tensor | None:  # the captions' for the image anchors, the images' for the others
+        if candidates is None or not opt.lean:
+            return None
+        if not found:
+            found.append(candidate_copies(*candidates))
+        return found[0][side]
+
     choices = []
     for side in range(len(layout)):
-        anchors = _lean_anchors(matrices, layout, side, offset, positives, excluded, opt, candidates)
+        copies = functools.partial(side_copies, side)
+        anchors = _lean_anchors(matrices, layout, side, offset, positives, excluded, opt, copies)
         choices.append(_checked_selection(opt.rule, anchors, opt.rule.select(anchors)))
     every = None
     if any(choice.every is not None for choice in choices):
@@ -164,9 +171,11 @@ def _select(
     chosen = torch.stack(
         [(matrices[k] if along == 1 else matrices[k].t()).gather(1, index[s]) for s, (k, along) in enumerate(layout)]
     )
-    weight = torch.where(chosen != -math.inf, weight, 0.0)  # (a NaN score stays, and propagates)
     hinges = sel.hinge(positives.unsqueeze(2), chosen, opt.margin)
-    hard_loss = torch.where(weight != 0, weight * hinges, 0.0).sum(dim=2)
+    # a slot counts where it has a weight and a negative (a NaN score stays, and propagates); its
+    # gradient coefficient where its hinge is also active (never at a -inf candidate: h > 0 fails)
+    counts = (weight != 0) & (chosen != -math.inf)
+    hard_loss = torch.where(counts, weight * hinges, 0.0).sum(dim=2)
     return Chosen(hard_loss, index, weight * (hinges > 0), every)
 
 
@@ -255,7 +264,7 @@ def forward_pass(
     # eager, one device read; compiled, every anchor may
     n_falling = [0, 0] if falls_back is None else [n_anchors] * 2
     if opt.lean and falls_back is not None:
-        any_hard = hard_coef.ne(0).any().view(1) if hard_coef is not None else falls_back.new_zeros(1)
+        any_hard = hard_coef.any().view(1) if hard_coef is not None else falls_back.new_zeros(1)
         *n_falling, hard_used = torch.cat([falls_back.sum(1), any_hard]).tolist()
         if not hard_used:  # (a cold start: no chosen hinge is active, or none was chosen)
             hard_index = hard_coef = None

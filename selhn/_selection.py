@@ -177,14 +177,17 @@ def fill_excluded_(scores: Tensor, mask: Tensor | None) -> Tensor:
 _SAME_WIDTH_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _row_keys(rows: Tensor) -> Tensor:
-    """(C,) an integer key of each row that equal rows share: the bit patterns of its first,
-    middle and last coordinates XOR-ed (no pass over the rows; distinct rows rarely share one)."""
-    width = rows.shape[1]
-    as_integers = _SAME_WIDTH_INTEGER[rows.element_size()]
-    key = rows[:, 0].view(as_integers)
-    for column in sorted({width // 2, width - 1} - {0}):
-        key = key.bitwise_xor(rows[:, column].view(as_integers))
+def _row_keys(*matrices: Tensor) -> Tensor:
+    """(n, C) an integer key of each row of n (C, D) matrices that equal rows share: the bit
+    patterns of its first, middle and last coordinates XOR-ed (no pass over the rows; distinct
+    rows rarely share one)."""
+    width = matrices[0].shape[1]
+    as_integers = _SAME_WIDTH_INTEGER[matrices[0].element_size()]
+    columns = sorted({0, width // 2, width - 1})
+    coordinates = torch.stack([rows[:, columns] for rows in matrices]).view(as_integers)  # (n, C, 1 to 3)
+    key = coordinates[..., 0]
+    for column in range(1, len(columns)):
+        key = key.bitwise_xor(coordinates[..., column])
     return key
 
 
@@ -207,10 +210,36 @@ def first_copies(rows: Tensor) -> Tensor | None:
     if size < 2 or width == 0 or torch.compiler.is_compiling():
         return None
     rows = rows.detach()
-    keys = _row_keys(rows)
+    keys = _row_keys(rows)[0]
     ordered = keys.sort().values
     if not bool((ordered[1:] == ordered[:-1]).any()):
         return None
+    return _copies_sharing_keys(rows, keys)
+
+
+def first_copies_of_pair(first: Tensor, second: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`first_copies` of two sets of rows (a batch's captions and images), with one sort
+    and one device read for both where their shapes and dtypes agree (the common case: no copies)."""
+    if first.shape != second.shape or first.dtype != second.dtype or first.device != second.device:
+        return first_copies(first), first_copies(second)
+    size, width = first.shape
+    if size < 2 or width == 0 or torch.compiler.is_compiling():
+        return None, None
+    both = (first.detach(), second.detach())
+    keys = _row_keys(*both)
+    ordered = keys.sort(dim=1).values
+    shared = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1).tolist()
+    found = [
+        _copies_sharing_keys(rows, side_keys) if any_shared else None
+        for rows, side_keys, any_shared in zip(both, keys, shared, strict=True)
+    ]
+    return found[0], found[1]
+
+
+def _copies_sharing_keys(rows: Tensor, keys: Tensor) -> Tensor | None:
+    """:func:`first_copies` of ``rows`` (C, D) where some of their keys (C,) are shared: the rows
+    that share one are compared whole."""
+    size = rows.shape[0]
     _, key_group, key_counts = torch.unique(keys, return_inverse=True, return_counts=True)
     suspects = (key_counts.index_select(0, key_group) > 1).nonzero().squeeze(1)
     _, group = torch.unique(rows.index_select(0, suspects), dim=0, return_inverse=True)

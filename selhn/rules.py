@@ -32,6 +32,7 @@ both paths to the literal loop references.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,10 +103,21 @@ class Anchors:
         copies: Tensor | None = None,
         direction: Direction | None = None,
     ) -> None:
+        self._set(scores, positive, margin, direction, lambda: negatives, None, lambda: copies)
+
+    def _set(
+        self,
+        scores: Tensor,
+        positive: Tensor,
+        margin: float,
+        direction: Direction | None,
+        negatives: Callable[[], Tensor],
+        count: Callable[[], Tensor] | None,
+        copies: Callable[[], Tensor | None],
+    ) -> None:
+        """The given fields, and how to make the derived ones (``count``: None to sum ``negatives``)."""
         self._scores, self._positive, self._margin, self._direction = scores, positive, margin, direction
-        self._make_negatives: Callable[[], Tensor] = lambda: negatives
-        self._make_copies: Callable[[], Tensor | None] = lambda: copies
-        self._make_count: Callable[[], Tensor] | None = None
+        self._make_negatives, self._make_count, self._make_copies = negatives, count, copies
         self._made: dict[str, Any] = {}  # what has been derived, by name (torch.compile traces a dict)
 
     def _once(self, name: str, make: Callable[[], Any]) -> Any:
@@ -127,8 +139,8 @@ class Anchors:
     ) -> Anchors:
         """Anchors whose ``negatives``, ``count`` and ``copies`` are made only if a rule reads
         them (the lean core's: a rule that never asks for the (L, C) mask costs none)."""
-        anchors = cls(scores, positive, scores, margin, direction=direction)  # (callables replaced below)
-        anchors._make_negatives, anchors._make_copies, anchors._make_count = negatives, copies, count
+        anchors = cls.__new__(cls)
+        anchors._set(scores, positive, margin, direction, negatives, count, copies)
         return anchors
 
     @property
@@ -375,8 +387,14 @@ def is_sparse(rule: SelectionRule) -> bool:
 def _form_owner(rule: SelectionRule) -> tuple[str, type] | None:
     """The rule's form and the class that defines it: the nearest class above SelectionRule in
     the rule's MRO that defines ``select`` (``"select"``, checked first) or ``weights``; None
-    where none does."""
-    for cls in type(rule).__mro__:
+    where none does. (Read once per class: every loss call asks.)"""
+    rule_class: Any = type(rule)  # (a class is hashable; mypy reads SelectionRule's __hash__ as None)
+    return _form_owner_of_class(rule_class)
+
+
+@functools.cache
+def _form_owner_of_class(rule_class: type) -> tuple[str, type] | None:
+    for cls in rule_class.__mro__:
         if cls is SelectionRule:
             return None
         for method in ("select", "weights"):
@@ -458,18 +476,19 @@ class SelHN(SelectionRule):
         return sel.vanishing(anchors.gap, self.epsilon)
 
     def select(self, anchors: Anchors) -> Selection:
-        vanishing = self.falls_back(anchors)
-        dtype = anchors.scores.dtype
-        hard = (~vanishing).to(dtype).unsqueeze(1)  # the hardest negative, where the gap is wide enough
-        every = vanishing.to(dtype)  # all the hinges, where it is not
+        vanishing = self.falls_back(anchors).to(anchors.scores.dtype)  # 1 where the gap is below epsilon
+        hard = (1 - vanishing).unsqueeze(1)  # the hardest negative, where the gap is wide enough
+        every = vanishing  # all the hinges (their sum, or their mean) where it is not
         if self.fallback == "mean":
-            every = every / anchors.count.clamp(min=1).to(dtype)
+            every = vanishing / anchors.count.clamp(min=1)
         return Selection(anchors.hardest_index.unsqueeze(1), hard, every)
 
 
 def _checked_selection(rule: SelectionRule, anchors: Anchors, selection: object) -> Selection:
     """A rule's :class:`Selection`, checked (types, shapes, device, integer candidates in range,
     finite weights), detached and in the scores' dtype."""
+    if isinstance(selection, Selection) and _selects_as_built_in(rule):  # (the package's own: tested, not checked)
+        return selection
     if not isinstance(selection, Selection):
         raise TypeError(f"{_named(rule)}.select must return a selhn.rules.Selection, got {type(selection).__name__}")
     n_anchors, n_candidates = anchors.scores.shape
@@ -499,8 +518,6 @@ def _checked_selection(rule: SelectionRule, anchors: Anchors, selection: object)
     weight = weight.detach().to(dtype)
     every = None if every is None else every.detach().to(dtype)
     index = index.long()
-    if _selects_as_built_in(rule):  # (the package's own select: its values are tested, not read each call)
-        return Selection(index, weight, every)
     in_range = ((index >= 0) & (index < n_candidates)).all()
     finite = torch.isfinite(weight).all() & (True if every is None else torch.isfinite(every).all())
     if torch.compiler.is_compiling() or not bool(in_range & finite):  # (one device read when eager)
@@ -523,12 +540,15 @@ def _named(rule: SelectionRule) -> str:
 
 
 def _selects_as_built_in(rule: SelectionRule) -> bool:
-    """Whether the rule's ``select`` is a built-in rule's own code (a subclass that overrides it
-    is not): its candidates are in range and its weights finite by construction, as the tests
-    hold, so they are not read back on every call."""
-    owner = _form_owner(rule)
-    return owner is not None and owner[0] == "select" and owner[1] in (MaxViolation, SumOfHinges, SelHN)
+    """Whether the rule is one of the built-in rules themselves (not a subclass, which may
+    override ``select`` or ``falls_back``): its selection has the right types, shapes, device and
+    dtype, candidates in range and finite weights by construction, as the tests hold, so it is
+    not checked on every call."""
+    return type(rule) in _BUILT_IN_RULES
 
+
+#: The built-in rules, whose selections are not checked on every call (:func:`_selects_as_built_in`).
+_BUILT_IN_RULES = (MaxViolation, SumOfHinges, SelHN)
 
 #: The rules of the loss names (``"selhn"``, ``"hn"``, ``"sum"``), SelHN's at its defaults.
 _BY_NAME: dict[Mode, Callable[[float, Fallback], SelectionRule]] = {

@@ -7,6 +7,7 @@ the lean core, and both are judged by the literal loop references of tests/refer
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -284,6 +285,18 @@ def test_a_built_in_rules_subclass_that_overrides_the_weights_is_dense():
     scores = torch.rand(5, 5, dtype=torch.float64)
     assert not selhn.rules.is_sparse(Doubled())
     torch.testing.assert_close(F.rule_loss(scores, Doubled()), 2 * F.max_violation_loss(scores, reduction="mean"))
+
+
+def test_a_built_in_rules_subclass_is_checked_like_any_rule():
+    # the built-in rules' own selections are not checked on every call; a subclass's are
+    @dataclass(frozen=True)
+    class Soft(SelHN):
+        def falls_back(self, anchors):
+            return (anchors.gap.abs() < self.epsilon).unsqueeze(1)  # (L, 1): one column too many
+
+    scores = torch.rand(5, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"Soft\(epsilon=0.05, fallback='mean'\).select must return candidate"):
+        F.rule_loss(scores, Soft(0.05))
 
 
 def test_a_rule_with_neither_form_is_refused_by_name():
