@@ -519,6 +519,34 @@ def test_exact_copies_of_a_caption_pick_the_lowest_copy_on_every_path(loss, form
 
 def test_rank_rectangles_with_a_few_fallbacks_form_only_their_rows():
     """A few vanishing anchors: only their rows are formed, and saved as a boolean mask."""
+
+
+def literal_first_copies(rows):
+    """For each row, the lowest index of an equal row (None where no two rows are equal)."""
+    found = [min(j for j in range(len(rows)) if torch.equal(rows[j], rows[i])) for i in range(len(rows))]
+    return None if found == list(range(len(rows))) else torch.tensor(found)
+
+
+@given(data=st.data())
+def test_both_sides_copies_found_together_equal_each_found_alone(data):
+    """The captions' and images' exact copies, found with one sort of both sets of keys, are
+    each side's literal lowest equal row, at every width (keys read 1 to 3 coordinates),
+    including rows that share the coordinates a key reads but differ elsewhere."""
+    size, width = data.draw(st.integers(1, 7), label="size"), data.draw(st.integers(1, 6), label="width")
+    sides = []
+    for _ in range(2):
+        rows = torch.randn(size, width, dtype=torch.float64)
+        for _ in range(data.draw(st.integers(0, 3))):
+            source, target = data.draw(st.integers(0, size - 1)), data.draw(st.integers(0, size - 1))
+            rows[target] = rows[source]
+            if data.draw(st.booleans()) and width > 1 and target != source:  # the same key, another row
+                rows[target, 1] += 1.0
+        sides.append(rows)
+    together = _selection.first_copies_of_pair(*sides)
+    for rows, found in zip(sides, together, strict=True):
+        expected = literal_first_copies(rows)
+        assert (found is None) == (expected is None) and (found is None or torch.equal(found, expected))
+
     img, txt = mixed_batch(12, 3)  # a few image anchors among 0-3 fall back
     n_fallback = sum(reference_fallback_flags(img @ txt.T, 0.05)[0][1:8])
     assert 0 < n_fallback <= 3
