@@ -312,6 +312,13 @@ def test_the_stability_quoted_beside_each_verdict_comes_from_the_committed_runs(
             ("beats", "not worse"),
             False,
         ),
+        (
+            results / "unfreeze_settings" / "factor-1_runs.csv",
+            "selhn eps=0.05",
+            "vse-infinity-full",
+            ("beats", "not worse"),
+            False,
+        ),
     ]
     for path, selhn, reference, counted, with_needed in verdicts:
         values = r1_by_label(read_runs_csv(path))

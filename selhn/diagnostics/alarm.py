@@ -196,7 +196,7 @@ def advice(rule: SelectionRule | None) -> str:
             "backbone was unfrozen at ten times the learning rate. If it does not: at a cold start, warm up with "
             "the sum of hinges for one epoch (selhn.ContrastiveLoss with max_violation_off(), then "
             "max_violation_on()); after a backbone was unfrozen, check the backbone's learning rate first (the "
-            "benchmark's stall came at ten times the learning rate, none at VSE-infinity's 0.01), or use "
+            "benchmark's stall came at ten times the learning rate, none at VSE-infinity's 0.01 or VSE++'s 1), or use "
             "VSE-infinity's whole schedule (the backbone unfrozen block by block, the loss ramped), not the warm-up "
             f"alone, which went back to the plateau at ten times the rate; see {_WHERE}."
         )
@@ -209,7 +209,8 @@ def advice(rule: SelectionRule | None) -> str:
         f"Fix: train with selhn.SelHNLoss(epsilon={ADVISED_EPSILON:g}) (it falls back to all negatives for exactly "
         "these anchors), or warm up with the sum of hinges for one epoch (selhn.ContrastiveLoss with "
         "max_violation_off(), then max_violation_on()). If it started when a backbone was unfrozen: on the docs' "
-        "benchmark that happened with the backbone at ten times the learning rate and not at VSE-infinity's 0.01, "
+        "benchmark that happened with the backbone at ten times the learning rate, not at VSE-infinity's 0.01 "
+        "or VSE++'s 1 (the rate of the rest), "
         "so check the backbone's learning rate first; at ten times it, the same "
         f"selhn.SelHNLoss(epsilon={ADVISED_EPSILON:g}) recovered without a schedule, and so did unfreezing the "
         f"backbone block by block with the loss ramped, as VSE-infinity's whole schedule does; see {_WHERE}."
