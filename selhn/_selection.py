@@ -30,6 +30,8 @@ Conventions (see the "Losses" docs page):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -174,20 +176,29 @@ def fill_excluded_(scores: Tensor, mask: Tensor | None) -> Tensor:
     return scores
 
 
-_SAME_WIDTH_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def _row_keys(*matrices: Tensor) -> Tensor:
-    """(n, C) an integer key of each row of n (C, D) matrices that equal rows share: the bit
-    patterns of its coordinates 0, D // 2 and 2 (D // 2) (those that exist) XOR-ed (no pass over
-    the rows; distinct rows rarely share one)."""
-    step = max(matrices[0].shape[1] // 2, 1)
-    as_integers = _SAME_WIDTH_INTEGER[matrices[0].element_size()]
-    coordinates = torch.stack([rows[:, ::step] for rows in matrices]).view(as_integers)  # (n, C, 1 to 3)
-    key = coordinates[..., 0]
-    for column in range(1, coordinates.shape[2]):
-        key = key.bitwise_xor(coordinates[..., column])
-    return key
+    """(n, C) an integer key of each row of n (C, D) matrices that equal rows share.
+
+    The key reads each row's first four coordinates (one cache line: no pass over the rows) as
+    32-bit integers (16-bit for half precision; two each for double) and sums them with weights
+    1, ..., 2^30 spread evenly, in 64-bit integers (no overflow: below 2^62). Rows of a nearly
+    collapsed batch, which differ only in their coordinates' low bits, still get distinct keys:
+    the weights move each coordinate's low bits to other positions of the key.
+    """
+    coordinates = torch.stack([rows[:, :KEY_COORDINATES] for rows in matrices])  # (n, C, 1 to 4)
+    bits = coordinates.view(torch.int16 if coordinates.element_size() == 2 else torch.int32)  # (n, C, 1 to 8)
+    return (bits.long() * _key_weights(bits.shape[2], bits.device)).sum(dim=2)
+
+
+#: How many leading coordinates of a row :func:`_row_keys` reads.
+KEY_COORDINATES = 4
+
+
+@functools.cache
+def _key_weights(n_values: int, device: torch.device) -> Tensor:
+    """The weights 2^0 ... 2^30 of :func:`_row_keys`' ``n_values`` integers, evenly spread."""
+    exponents = [30 * i // max(n_values - 1, 1) for i in range(n_values)]
+    return torch.tensor([2**exponent for exponent in exponents], dtype=torch.long, device=device)
 
 
 def first_copies(rows: Tensor) -> Tensor | None:
