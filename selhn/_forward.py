@@ -172,11 +172,16 @@ def _select(
         [(matrices[k] if along == 1 else matrices[k].t()).gather(1, index[s]) for s, (k, along) in enumerate(layout)]
     )
     hinges = sel.hinge(positives.unsqueeze(2), chosen, opt.margin)
-    # a slot counts where it has a weight and a negative (a NaN score stays, and propagates); its
-    # gradient coefficient where its hinge is also active (never at a -inf candidate: h > 0 fails)
-    counts = (weight != 0) & (chosen != -math.inf)
-    hard_loss = torch.where(counts, weight * hinges, 0.0).sum(dim=2)
+    weight = weight * (chosen != -math.inf)  # a slot counts only at a negative
+    # (where a weight is 0 its hinge may be inf or NaN, with a -inf positive: it counts 0; a NaN
+    # score under a weight stays, and propagates)
+    hard_loss = _slot_sum(torch.where(weight != 0, weight * hinges, 0.0))
     return Chosen(hard_loss, index, weight * (hinges > 0), every)
+
+
+def _slot_sum(per_slot: Tensor) -> Tensor:
+    """(2, L, k) -> (2, L), summed over the chosen slots (one slot, the usual case: a view)."""
+    return per_slot.squeeze(2) if per_slot.shape[2] == 1 else per_slot.sum(dim=2)
 
 
 class FallbackTerms(NamedTuple):
@@ -268,7 +273,7 @@ def forward_pass(
         *n_falling, hard_used = torch.cat([falls_back.sum(1), any_hard]).tolist()
         if not hard_used:  # (a cold start: no chosen hinge is active, or none was chosen)
             hard_index = hard_coef = None
-    hard_positive = None if hard_coef is None else hard_coef.sum(dim=2)  # the chosen hinges' weight on s_p
+    hard_positive = None if hard_coef is None else _slot_sum(hard_coef)  # the chosen hinges' weight on s_p
     no_forms: tuple[Form, ...] = ("none", "none")
     if falls_back is None or not any(n_falling):
         positive_coef = torch.zeros_like(hard_loss) if hard_positive is None else hard_positive
