@@ -476,11 +476,11 @@ class SelHN(SelectionRule):
         return sel.vanishing(anchors.gap, self.epsilon)
 
     def select(self, anchors: Anchors) -> Selection:
-        vanishing = self.falls_back(anchors).to(anchors.scores.dtype)  # 1 where the gap is below epsilon
-        hard = (1 - vanishing).unsqueeze(1)  # the hardest negative, where the gap is wide enough
-        every = vanishing  # all the hinges (their sum, or their mean) where it is not
+        vanishing = self.falls_back(anchors).to(anchors.scores.dtype)  # 1 where the gap is below epsilon, else 0
+        hard = (1 - vanishing).unsqueeze(1)  # the hardest negative's hinge, where the gap is wide enough
+        every = vanishing  # where it is not: the sum of all the hinges,
         if self.fallback == "mean":
-            every = vanishing / anchors.count.clamp(min=1)
+            every = vanishing / anchors.count.clamp(min=1)  # or their mean
         return Selection(anchors.hardest_index.unsqueeze(1), hard, every)
 
 
