@@ -123,12 +123,16 @@ def main() -> None:
             rounds = max(3, args.rounds * min(args.sizes) ** 2 // size**2)
             times, _ = time_rounds(todo, "cpu", random.Random(0), rounds)
             median = {name: statistics.median(values) for name, values in times.items()}
-            print(f"B = {size} (median of {rounds} rounds; x bare per version, then this / other)")
+            print(
+                f"B = {size} (median of {rounds} rounds; x bare per version, then this / other, and the "
+                "difference per call, which a fixed cost keeps the same at every B)"
+            )
             for name in cases(selhn):
                 this, that = median[f"{name} this"], median[f"{name} other"]
                 print(
                     f"  {name:18s} this {this / median['bare this']:.3f}x  other "
-                    f"{that / median['bare other']:.3f}x  this/other {this / that:.3f}"
+                    f"{that / median['bare other']:.3f}x  this/other {this / that:.3f}  "
+                    f"this - other {(this - that) * 1e6:+.0f} us"
                 )
 
 
