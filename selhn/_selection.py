@@ -205,7 +205,7 @@ def first_copies(rows: Tensor) -> Tensor | None:
     """For each row of ``rows`` (C, D), the lowest index of a row equal to it; None when no
     two rows are equal, or under ``torch.compile`` (whose graphs cannot hold the search).
 
-    Rows are keyed by three of their coordinates first (:func:`_row_keys`); only when two rows
+    Rows are keyed by their first four coordinates (:func:`_row_keys`); only when two rows
     share a key are the rows that share one compared whole, so a batch of distinct embeddings
     costs a sort of C keys. Rows holding a NaN equal no row.
 
@@ -216,15 +216,7 @@ def first_copies(rows: Tensor) -> Tensor | None:
         >>> first_copies(torch.eye(3)) is None
         True
     """
-    size, width = rows.shape
-    if size < 2 or width == 0 or torch.compiler.is_compiling():
-        return None
-    rows = rows.detach()
-    keys = _row_keys(rows)[0]
-    ordered = keys.sort().values
-    if not bool((ordered[1:] == ordered[:-1]).any()):
-        return None
-    return _copies_sharing_keys(rows, keys)
+    return _first_copies_of(rows)[0]
 
 
 def first_copies_of_pair(first: Tensor, second: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -232,18 +224,24 @@ def first_copies_of_pair(first: Tensor, second: Tensor) -> tuple[Tensor | None, 
     and one device read for both where their shapes and dtypes agree (the common case: no copies)."""
     if first.shape != second.shape or first.dtype != second.dtype or first.device != second.device:
         return first_copies(first), first_copies(second)
-    size, width = first.shape
+    found = _first_copies_of(first, second)
+    return found[0], found[1]
+
+
+def _first_copies_of(*matrices: Tensor) -> list[Tensor | None]:
+    """:func:`first_copies` of n (C, D) matrices of one shape, dtype and device: their keys
+    sorted together, one device read for which of them share a key."""
+    size, width = matrices[0].shape
     if size < 2 or width == 0 or torch.compiler.is_compiling():
-        return None, None
-    both = (first.detach(), second.detach())
-    keys = _row_keys(*both)
+        return [None] * len(matrices)
+    rows = [matrix.detach() for matrix in matrices]
+    keys = _row_keys(*rows)
     ordered = keys.sort(dim=1).values
     shared = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1).tolist()
-    found = [
-        _copies_sharing_keys(rows, side_keys) if any_shared else None
-        for rows, side_keys, any_shared in zip(both, keys, shared, strict=True)
+    return [
+        _copies_sharing_keys(one, its_keys) if any_shared else None
+        for one, its_keys, any_shared in zip(rows, keys, shared, strict=True)
     ]
-    return found[0], found[1]
 
 
 def _copies_sharing_keys(rows: Tensor, keys: Tensor) -> Tensor | None:
