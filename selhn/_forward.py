@@ -151,10 +151,11 @@ def _select(
             found.append(candidate_copies(*candidates))
         return found[0][side]
 
-    choices = []
+    sides, choices = [], []
     for side in range(len(layout)):
         copies = functools.partial(side_copies, side)
         anchors = _lean_anchors(matrices, layout, side, offset, positives, excluded, opt, copies)
+        sides.append(anchors.scores)  # (anchors as rows)
         choices.append(_checked_selection(opt.rule, anchors, opt.rule.select(anchors)))
     every = None
     if any(choice.every is not None for choice in choices):
@@ -168,9 +169,7 @@ def _select(
     else:
         index = torch.stack([F.pad(c.candidate, (0, width - c.candidate.shape[1])) for c in choices])
         weight = torch.stack([F.pad(c.weight, (0, width - c.weight.shape[1])) for c in choices])
-    chosen = torch.stack(
-        [(matrices[k] if along == 1 else matrices[k].t()).gather(1, index[s]) for s, (k, along) in enumerate(layout)]
-    )
+    chosen = torch.stack([scores.gather(1, index[s]) for s, scores in enumerate(sides)])
     hinges = sel.hinge(positives.unsqueeze(2), chosen, opt.margin)
     weight = weight * (chosen != -math.inf)  # a slot counts only at a negative
     # (where a weight is 0 its hinge may be inf or NaN, with a -inf positive: it counts 0; a NaN
