@@ -182,17 +182,18 @@ class Anchors:
         count: Tensor = self._once("count", make)
         return count
 
+    def _in_memory_order(self) -> tuple[Tensor, int]:
+        """The scores as they lie in memory and the dimension along which each anchor's
+        candidates run: 0 where the anchors are the columns of a contiguous matrix (the lean
+        core's caption anchors: read in place, no transposed copy), else 1 (contiguous rows)."""
+        if not self._scores.is_contiguous() and self._scores.t().is_contiguous():
+            return self._scores.t(), 0
+        return self._scores.contiguous(), 1
+
     @property
     def _maximum(self) -> tuple[Tensor, Tensor]:
-        """The row maxima and their first index, read in the scores' own memory order (the lean
-        core's caption anchors are the columns of a contiguous matrix: no transposed copy)."""
-
-        def maximum() -> tuple[Tensor, Tensor]:
-            if not self._scores.is_contiguous() and self._scores.t().is_contiguous():
-                return sel.max_along(self._scores.t(), 0)
-            return sel.max_along(self._scores, 1)
-
-        found: tuple[Tensor, Tensor] = self._once("maximum", maximum)
+        """The row maxima and their first index, read in the scores' own memory order."""
+        found: tuple[Tensor, Tensor] = self._once("maximum", lambda: sel.max_along(*self._in_memory_order()))
         return found
 
     @property
@@ -266,10 +267,8 @@ class Anchors:
         chosen = torch.zeros(n_anchors, k, dtype=torch.bool, device=self._scores.device)
         if width == 0 or n_anchors == 0:
             return index, chosen
-        if not self._scores.is_contiguous() and self._scores.t().is_contiguous():  # (columns of a matrix)
-            values, found = sel.top_k(self._scores.t(), width, 0, below)
-        else:
-            values, found = sel.top_k(self._scores.contiguous(), width, 1, below)
+        scores, dim = self._in_memory_order()
+        values, found = sel.top_k(scores, width, dim, below)
         index[:, :width], chosen[:, :width] = found, values > -math.inf
         if k == 1:  # the hardest qualifying negative: among exact copies, the lowest-index one
             index[:, 0] = sel.lowest_copy(self._scores, index[:, 0], self.copies)
