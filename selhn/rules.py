@@ -486,10 +486,10 @@ class SelHN(SelectionRule):
 def _checked_selection(rule: SelectionRule, anchors: Anchors, selection: object) -> Selection:
     """A rule's :class:`Selection`, checked (types, shapes, device, integer candidates in range,
     finite weights), detached and in the scores' dtype."""
-    if isinstance(selection, Selection) and _selects_as_built_in(rule):  # (the package's own: tested, not checked)
-        return selection
     if not isinstance(selection, Selection):
         raise TypeError(f"{_named(rule)}.select must return a selhn.rules.Selection, got {type(selection).__name__}")
+    if _selects_as_built_in(rule):  # (the package's own selection: tested, not checked each call)
+        return selection
     n_anchors, n_candidates = anchors.scores.shape
     index, weight, every = selection
     for name, value in (("candidate", index), ("weight", weight), ("every", every)):
