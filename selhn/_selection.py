@@ -35,11 +35,12 @@ import functools
 import torch
 from torch import Tensor
 
-#: Smallest score matrix (in entries) whose maxima are taken in two levels on a CPU. Measured
-#: on a 2-core CPU against ``max`` for both directions: 1.8x of its time at B = 256, 0.8x -
-#: 1.1x at B = 512 - 1000, 0.22x at B = 1024 and 0.11x - 0.27x at B = 1536 - 4096
-#: (``max(dim=0)`` slows down sharply once a row no longer fits in cache beside its neighbours).
-TWO_LEVEL_MIN_SIZE = 1024 * 1024
+#: Smallest score matrix (in entries) whose maxima are taken in two levels on a CPU: B = 320.
+#: ``benchmarks/bench_maxima.py`` on a 2-core CPU, torch 2.13, both directions, as a share of
+#: ``max``'s time: 1.84x at B = 192, 1.22x at 256, 0.95x at 320, 0.78x at 384, 0.54x at 512,
+#: 0.18x at 1024 on two threads; on one thread 0.58x at 320 and 0.35x at 512 (``max(dim=0)``
+#: slows down sharply once a row no longer fits in cache beside its neighbours).
+TWO_LEVEL_MIN_SIZE = 320 * 320
 #: Group widths of the two-level maxima: a row is reduced in groups of ``ROW_GROUP`` adjacent
 #: entries, a column in groups of ``COL_GROUP`` adjacent rows.
 ROW_GROUP = 64
@@ -51,6 +52,9 @@ COL_GROUP = 16
 #: (0.10 ms against 0.08 ms at B = 4096, 0.37 ms against 0.35 ms at B = 16384; groups of 16
 #: rows still staged 576 MiB at B = 16384). Row maxima need no scratch there.
 GPU_COL_GROUP = 64
+#: Smallest score matrix (in entries) whose column maxima take two levels on a GPU: B = 1024
+#: (the scratch buffer above is what they save; measured from there).
+GPU_TWO_LEVEL_MIN_SIZE = 1024 * 1024
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -92,15 +96,16 @@ def hardest_negatives(scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def max_along(scores: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """``scores.max(dim=dim)`` of a matrix as (values, indices); ties go to the lowest index.
 
-    Large matrices (``TWO_LEVEL_MIN_SIZE`` entries and more) are reduced in two levels
-    (:func:`_two_level_max`): on a CPU in both directions, because there a maximum that tracks
-    its index runs several times slower than one that does not (``amax``), and a column
-    maximum much slower still; on a GPU the column maxima, because there ``max(dim=0)`` needs
-    a scratch buffer of several B x B matrices (``GPU_COL_GROUP``). Otherwise, and under
-    ``torch.compile``, ``max`` is called directly.
+    Large matrices are reduced in two levels (:func:`_two_level_max`): on a CPU in both
+    directions from ``TWO_LEVEL_MIN_SIZE`` entries, because there a maximum that tracks its
+    index runs several times slower than one that does not (``amax``), and a column maximum
+    much slower still; on a GPU the column maxima from ``GPU_TWO_LEVEL_MIN_SIZE`` entries,
+    because there ``max(dim=0)`` needs a scratch buffer of several B x B matrices
+    (``GPU_COL_GROUP``). Otherwise, and under ``torch.compile``, ``max`` is called directly.
     """
     on_cpu = scores.device.type == "cpu"
-    if scores.numel() < TWO_LEVEL_MIN_SIZE or (not on_cpu and dim == 1) or torch.compiler.is_compiling():
+    smallest = TWO_LEVEL_MIN_SIZE if on_cpu else GPU_TWO_LEVEL_MIN_SIZE
+    if scores.numel() < smallest or (not on_cpu and dim == 1) or torch.compiler.is_compiling():
         values, indices = scores.max(dim=dim)
         return values, indices
     group = (ROW_GROUP if dim == 1 else COL_GROUP) if on_cpu else GPU_COL_GROUP
