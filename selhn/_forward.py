@@ -136,25 +136,17 @@ def _select(
     positives: Tensor,
     excluded: Tensor | None,
     opt: Options,
-    candidates: tuple[Tensor, Tensor] | None,
+    copies: Callable[[int], Tensor | None],
 ) -> Chosen:
     """Step 2: each side's rule chooses (:meth:`selhn.rules.SelectionRule.select`); the chosen
     negatives' hinges are weighted and summed. A slot whose candidate is no negative (``-inf``
-    on the matrix) counts 0."""
+    on the matrix) counts 0. ``copies(side)``: that side's candidates' exact copies, asked for
+    only if its rule reads them."""
     n_anchors = positives.shape[1]
-    found: list[Copies] = []  # both sides' candidates' exact copies, found together on first use
-
-    def side_copies(side: int) -> Tensor | None:  # the captions' for the image anchors, the images' for the others
-        if candidates is None or not opt.lean:
-            return None
-        if not found:
-            found.append(candidate_copies(*candidates))
-        return found[0][side]
-
     sides, choices = [], []
     for side in range(len(layout)):
-        copies = functools.partial(side_copies, side)
-        anchors = _lean_anchors(matrices, layout, side, offset, positives, excluded, opt, copies)
+        side_copies = functools.partial(copies, side)
+        anchors = _lean_anchors(matrices, layout, side, offset, positives, excluded, opt, side_copies)
         sides.append(anchors.scores)  # (anchors as rows)
         choices.append(_checked_selection(opt.rule, anchors, opt.rule.select(anchors)))
     every = None
@@ -248,6 +240,62 @@ def _rows_terms(
     return sums, counts, RowsData(subset, active)
 
 
+class CandidateCopies:
+    """Both sides' candidates' exact copies (:func:`candidate_copies`), searched only where they
+    can change the loss: the search reads a line of every embedding, which costs about as much as
+    a pass over the score matrix (its rows lie a page apart). The rules first choose seeing none
+    (:meth:`unsearched`, what a batch of distinct candidates gives); only if a rule asked
+    (:attr:`asked`) and a chosen hinge counts does the search run (:meth:`search`), and where it
+    finds copies the rules choose again, seeing them (:meth:`searched`). A cold start, whose
+    anchors all take all their hinges, never searches."""
+
+    def __init__(self, candidates: tuple[Tensor, Tensor] | None) -> None:
+        self.candidates = candidates  # (images, captions); None: unknown (a score matrix)
+        self.asked = False
+        self.found: Copies = (None, None)
+
+    def unsearched(self, side: int) -> Tensor | None:
+        """Before the search: none (and whether a rule asked is remembered)."""
+        self.asked = self.asked or self.candidates is not None
+        return None
+
+    def search(self) -> bool:
+        """Search both sides' candidates; whether any two are exact copies."""
+        assert self.candidates is not None
+        self.found = candidate_copies(*self.candidates)
+        return self.found != (None, None)
+
+    def searched(self, side: int) -> Tensor | None:
+        """After the search: side ``side``'s copies (the captions' for the image anchors)."""
+        return self.found[side]
+
+
+def _choose(
+    matrices: list[Tensor],
+    layout: Layout,
+    offset: int,
+    positives: Tensor,
+    excluded: Tensor | None,
+    opt: Options,
+    copies: Callable[[int], Tensor | None],
+) -> tuple[Chosen, list[int]]:
+    """Step 2 (:func:`_select`), and how many anchors take all their hinges per side; a cold
+    start's chosen negatives (no chosen hinge counts) dropped. Eager, one device read for both;
+    compiled, every anchor may take all its hinges."""
+    chosen = _select(matrices, layout, offset, positives, excluded, opt, copies)
+    n_anchors = positives.shape[1]
+    if chosen.every is None:
+        return chosen, [0, 0]
+    if not opt.lean:
+        return chosen, [n_anchors] * 2
+    falls_back = chosen.every != 0
+    any_hard = chosen.hard_coef.any().view(1) if chosen.hard_coef is not None else falls_back.new_zeros(1)
+    *n_falling, hard_used = torch.cat([falls_back.sum(1), any_hard]).tolist()
+    if not hard_used:  # (a cold start: no chosen hinge is active, or none was chosen)
+        chosen = chosen._replace(hard_index=None, hard_coef=None)
+    return chosen, n_falling
+
+
 def forward_pass(
     matrices: list[Tensor],
     layout: Layout,
@@ -261,17 +309,14 @@ def forward_pass(
     (images, captions) the scores came from, whose exact copies tie
     (:attr:`selhn.rules.Anchors.copies`); None for a score matrix."""
     positives = _take_positives(matrices, layout, offset, excluded, opt.lean)
-    hard_loss, hard_index, hard_coef, every = _select(matrices, layout, offset, positives, excluded, opt, candidates)
-    n_anchors = positives.shape[1]
+    copies = CandidateCopies(candidates if opt.lean else None)
+    chosen, n_falling = _choose(matrices, layout, offset, positives, excluded, opt, copies.unsearched)
+    if copies.asked and chosen.hard_index is not None and copies.search():
+        # a rule read the copies, a chosen hinge counts, and some candidates are exact copies:
+        # the rules choose again, seeing them
+        chosen, n_falling = _choose(matrices, layout, offset, positives, excluded, opt, copies.searched)
+    hard_loss, hard_index, hard_coef, every = chosen
     falls_back = None if every is None else every != 0
-    # how many anchors take all their hinges, per side, and whether any chosen hinge is active:
-    # eager, one device read; compiled, every anchor may
-    n_falling = [0, 0] if falls_back is None else [n_anchors] * 2
-    if opt.lean and falls_back is not None:
-        any_hard = hard_coef.any().view(1) if hard_coef is not None else falls_back.new_zeros(1)
-        *n_falling, hard_used = torch.cat([falls_back.sum(1), any_hard]).tolist()
-        if not hard_used:  # (a cold start: no chosen hinge is active, or none was chosen)
-            hard_index = hard_coef = None
     hard_positive = None if hard_coef is None else _slot_sum(hard_coef)  # the chosen hinges' weight on s_p
     no_forms: tuple[Form, ...] = ("none", "none")
     if falls_back is None or not any(n_falling):

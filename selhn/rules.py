@@ -78,7 +78,10 @@ class Anchors:
             embedding equals its own (:func:`selhn._selection.first_copies`), where the loss
             knows the embeddings; None (a score matrix, or no two equal) otherwise. Exact copies
             tie in exact arithmetic but not in rounded scores: with ``copies``, the hardest
-            negative among them is the lowest-index copy that is a negative of the anchor.
+            negative among them is the lowest-index copy that is a negative of the anchor. A
+            rule may use them only to choose which of several copies a slot names, never to
+            set a weight: the lean core looks them up only where a chosen hinge counts
+            (:class:`SelectionRule`).
         direction: which anchors these are: ``"i2t"`` (image anchors against captions),
             ``"t2i"`` (caption anchors against images), or None where the caller does not say.
 
@@ -330,7 +333,13 @@ class SelectionRule:
     finite, and count only at negatives (whatever a rule returns elsewhere is ignored). A rule
     must choose each anchor's weights from that anchor's row alone (no statistic over the
     batch of anchors), or the distributed loss is not the one-process loss
-    (:func:`selhn.testing.assert_per_anchor` checks it). Keep the rule's settings as
+    (:func:`selhn.testing.assert_per_anchor` checks it). Exact copies among the candidates
+    (:attr:`Anchors.copies`, and through them :attr:`Anchors.hardest_index` and
+    ``top_k(1)``) may decide which copy a slot names, never a weight or ``every``: looking them
+    up reads a line of every embedding, so the lean core first lets the rule choose without
+    them, looks them up only if a chosen hinge counts, and lets the rule choose again only
+    where some exist (a cold start, where SelHN takes every anchor's hinges, never looks).
+    Keep the rule's settings as
     attributes (a frozen dataclass is simplest): the distributed loss compares rules across
     ranks by class and attributes (:func:`rule_settings`). A readable ``repr`` helps too: the
     modules print it.

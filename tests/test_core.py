@@ -517,6 +517,26 @@ def test_exact_copies_of_a_caption_pick_the_lowest_copy_on_every_path(loss, form
     assert flipped, "no seed gives the copies differently rounded scores: the test would not see the defect"
 
 
+@pytest.mark.parametrize("loss", ["selhn", "hn"])
+def test_the_copy_search_runs_only_where_a_chosen_negative_counts(monkeypatch, loss):
+    """The search for exact copies reads a line of every embedding. A cold start (every anchor of
+    SelHN takes all its hinges) never runs it: which copy is the hardest cannot change its loss.
+    A batch whose hardest negatives count runs it once, and with a copy among the captions both
+    still match the literal reference (the rules choose again, seeing the copies)."""
+    searches = []
+    search = _selection.first_copies_of_pair
+    monkeypatch.setattr(_selection, "first_copies_of_pair", lambda *pair: searches.append(1) or search(*pair))
+    for n_duplicates, falls_back_everywhere in ((9, True), (3, False), (0, False)):
+        img, txt = mixed_batch(9, n_duplicates)
+        txt[7] = txt[4]  # an exact copy among the captions
+        fallbacks = reference_fallback_flags(img @ txt.T, 0.05)
+        assert all(all(side) for side in fallbacks) == falls_back_everywhere
+        searches.clear()
+        module_matches_reference(loss, img, txt)
+        skipped = loss == "selhn" and falls_back_everywhere
+        assert len(searches) == (0 if skipped else 1), (n_duplicates, searches)
+
+
 def test_rank_rectangles_with_a_few_fallbacks_form_only_their_rows():
     """A few vanishing anchors: only their rows are formed, and saved as a boolean mask."""
     img, txt = mixed_batch(12, 3)  # a few image anchors among 0-3 fall back
