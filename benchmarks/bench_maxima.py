@@ -3,73 +3,135 @@
 Each hardest negative is a maximum with its index: image anchors take a row's, caption anchors
 a column's. On a CPU ``Tensor.max(dim)``, which tracks the index, runs several times slower
 than ``amax``, which does not; :func:`selhn._selection._two_level_max` takes each group's
-``amax`` first and reads indices only inside the winning group. This script times both ways
-interleaved in one process (each round calls every case once, in a fresh order) and prints,
-per B, the two-level time as a ratio of ``max``'s for rows, for columns and for both together:
-``selhn._selection.TWO_LEVEL_MIN_SIZE`` is set where that ratio stays below 1.
+``amax`` first and reads indices only inside the winning group.
 
-Run: ``python benchmarks/bench_maxima.py [--sizes 192 256 320 384 512 1024] [--threads 2]``.
+The two ways are timed as a training step meets them: before each timing a pass over a buffer
+larger than the caches stands for the rest of the step (the encoders, the optimizer), then the
+score matrix is formed afresh (``img @ txt.T``, the diagonal set to ``-inf``, as the loss forms
+it), then both directions' maxima are taken once. Both ways alternate in one process, each round
+in a fresh order, and the script prints per B the median time of both directions together, the
+two-level time as a ratio of ``max``'s, and their paired difference per call with its 95%
+interval. ``selhn._selection.TWO_LEVEL_MIN_SIZE`` is set where that difference turns negative
+on the default threads. With ``--tight-loop`` the maxima are instead called over and over on
+one hot matrix, the way that reads two levels as faster from much smaller B (the caches then
+hold everything, which a training step's never do).
+
+Run: ``python benchmarks/bench_maxima.py [--sizes 256 512 640 768 1024] [--threads 2]``.
 CI runs it at tiny sizes as a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import math
 import random
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
-from _timing import device_label, time_rounds
+from _timing import device_label
 
 from selhn import _selection
 
-two_level = _selection._two_level_max
+#: The buffer passed over before each timing (MiB): larger than a CPU's last-level cache.
+CLEAR_MIB = 64
 
 
-def repeated(reduce: Callable[[], object], calls: int) -> Callable[[], None]:
-    """``reduce()`` called ``calls`` times (one timing: a small matrix's maximum takes microseconds)."""
+def both_max(scores: torch.Tensor) -> None:
+    """Both directions' maxima with ``max``."""
+    scores.max(dim=1)
+    scores.max(dim=0)
 
-    def run() -> None:
-        for _ in range(calls):
-            reduce()
 
-    return run
+def both_two_level(scores: torch.Tensor) -> None:
+    """Both directions' maxima in two levels."""
+    _selection._two_level_max(scores, 1, _selection.ROW_GROUP)
+    _selection._two_level_max(scores, 0, _selection.COL_GROUP)
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float, float]:
+    """The median of paired differences and its 95% interval (order statistics, sign test)."""
+    ordered = sorted(differences)
+    n = len(ordered)
+    half_width = 1.96 * math.sqrt(n) / 2
+    low = ordered[max(0, math.floor(n / 2 - half_width))]
+    high = ordered[min(n - 1, math.ceil(n / 2 + half_width))]
+    return statistics.median(ordered), low, high
+
+
+def time_as_in_a_step(size: int, dim: int, rounds: int, shuffler: random.Random) -> dict[str, list[float]]:
+    """Seconds per call of each way, each on a fresh score matrix after a pass over a buffer
+    larger than the caches."""
+    generator = torch.Generator().manual_seed(size)
+    unit = torch.nn.functional.normalize
+    img = unit(torch.randn(size, dim, generator=generator), dim=1)
+    txt = unit(torch.randn(size, dim, generator=generator), dim=1)
+    clear = torch.zeros(CLEAR_MIB * 2**20 // 4)
+    ways: dict[str, Callable[[torch.Tensor], None]] = {"max": both_max, "two-level": both_two_level}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    order = list(ways)
+    for _ in range(rounds):
+        shuffler.shuffle(order)
+        for name in order:
+            clear.add_(1.0)
+            scores = img @ txt.t()
+            scores.diagonal().fill_(-math.inf)
+            start = time.perf_counter()
+            ways[name](scores)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def time_in_a_tight_loop(size: int, calls: int, rounds: int, shuffler: random.Random) -> dict[str, list[float]]:
+    """Seconds per call of each way, called ``calls`` times in a row on one hot matrix."""
+    scores = torch.randn(size, size, generator=torch.Generator().manual_seed(size))
+    ways: dict[str, Callable[[torch.Tensor], None]] = {"max": both_max, "two-level": both_two_level}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    order = list(ways)
+    for _ in range(rounds):
+        shuffler.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            for _ in range(calls):
+                ways[name](scores)
+            times[name].append((time.perf_counter() - start) / calls)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[192, 256, 320, 384, 448, 512, 768, 1024])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 320, 512, 640, 768, 896, 1024, 2048])
+    parser.add_argument("--dim", type=int, default=1024, help="embedding width of the fresh score matrices")
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's own)")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--calls", type=int, default=20000, help="about this many entries' worth of calls per timing")
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--tight-loop", action="store_true", help="call the maxima over and over on one hot matrix")
+    parser.add_argument(
+        "--calls", type=int, default=20000, help="with --tight-loop: about this many entries' worth of calls per timing"
+    )
     args = parser.parse_args()
-    if min(args.sizes) < 2 or args.rounds < 1 or args.calls < 1:
-        parser.error("every size must be >= 2, --rounds and --calls >= 1")
+    if min(args.sizes) < 2 or args.rounds < 1 or args.calls < 1 or args.dim < 1:
+        parser.error("every size must be >= 2, --rounds, --calls and --dim >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    setting = "as in a training step (fresh matrix, cold caches)"
+    if args.tight_loop:
+        setting = "in a tight loop on one hot matrix"
     print(
-        f"torch {torch.__version__}, {device_label('cpu')}, float32; groups: rows {_selection.ROW_GROUP}, "
+        f"torch {torch.__version__}, {device_label('cpu')}, float32, {setting}; groups: rows {_selection.ROW_GROUP}, "
         f"columns {_selection.COL_GROUP}; the losses take two levels from {_selection.TWO_LEVEL_MIN_SIZE} entries"
     )
+    shuffler = random.Random(0)
     for size in args.sizes:
-        scores = torch.randn(size, size, generator=torch.Generator().manual_seed(size))
-        calls = max(3, args.calls // size)
-
-        cases = {
-            "rows max": repeated(functools.partial(scores.max, dim=1), calls),
-            "rows two-level": repeated(functools.partial(two_level, scores, 1, _selection.ROW_GROUP), calls),
-            "columns max": repeated(functools.partial(scores.max, dim=0), calls),
-            "columns two-level": repeated(functools.partial(two_level, scores, 0, _selection.COL_GROUP), calls),
-        }
-        times, _ = time_rounds(cases, "cpu", random.Random(0), args.rounds)
-        us = {name: statistics.median(values) / calls * 1e6 for name, values in times.items()}
-        rows, columns = us["rows two-level"] / us["rows max"], us["columns two-level"] / us["columns max"]
-        both = (us["rows two-level"] + us["columns two-level"]) / (us["rows max"] + us["columns max"])
+        if args.tight_loop:
+            times = time_in_a_tight_loop(size, max(3, args.calls // size), args.rounds, shuffler)
+        else:
+            times = time_as_in_a_step(size, args.dim, args.rounds, shuffler)
+        plain, two = statistics.median(times["max"]), statistics.median(times["two-level"])
+        difference, low, high = paired_interval([a - b for a, b in zip(times["two-level"], times["max"], strict=True)])
         print(
-            f"B = {size:5d}: rows {us['rows max']:8.1f} us max, {us['rows two-level']:8.1f} two-level ({rows:.2f}x); "
-            f"columns {us['columns max']:8.1f} / {us['columns two-level']:8.1f} ({columns:.2f}x); both {both:.2f}x"
+            f"B = {size:5d}: both directions {plain * 1e6:8.1f} us max, {two * 1e6:8.1f} two-level "
+            f"({two / plain:.2f}x); two-level - max {difference * 1e6:+.0f} us [{low * 1e6:+.0f}, {high * 1e6:+.0f}]"
         )
 
 

@@ -35,12 +35,14 @@ import functools
 import torch
 from torch import Tensor
 
-#: Smallest score matrix (in entries) whose maxima are taken in two levels on a CPU: B = 320.
-#: ``benchmarks/bench_maxima.py`` on a 2-core CPU, torch 2.13, both directions, as a share of
-#: ``max``'s time: 1.84x at B = 192, 1.22x at 256, 0.95x at 320, 0.78x at 384, 0.54x at 512,
-#: 0.18x at 1024 on two threads; on one thread 0.58x at 320 and 0.35x at 512 (``max(dim=0)``
-#: slows down sharply once a row no longer fits in cache beside its neighbours).
-TWO_LEVEL_MIN_SIZE = 320 * 320
+#: Smallest score matrix (in entries) whose maxima are taken in two levels on a CPU: B = 768.
+#: ``benchmarks/bench_maxima.py`` on a 2-core CPU, torch 2.13, both directions on a fresh score
+#: matrix after a pass over a buffer larger than the caches (as a training step meets it), as a
+#: share of ``max``'s time: 2.79x at B = 256, 1.26x at 512, 1.05x at 640, 0.77x at 768, 0.35x at
+#: 1024, 0.16x at 2048 on two threads; 0.94x at 512 and 0.64x at 768 on one (``max(dim=0)``
+#: slows down sharply once a row no longer fits in cache beside its neighbours). Called over and
+#: over on one hot matrix, two levels read faster from B = 256 on: a tight loop misleads here.
+TWO_LEVEL_MIN_SIZE = 768 * 768
 #: Group widths of the two-level maxima: a row is reduced in groups of ``ROW_GROUP`` adjacent
 #: entries, a column in groups of ``COL_GROUP`` adjacent rows.
 ROW_GROUP = 64

@@ -265,7 +265,7 @@ def test_two_level_maxima_equal_max(groups, scores, data):
     assert all(_same(a, b) for a, b in zip(got_t, expected[2:] + expected[:2], strict=True))
 
 
-@pytest.mark.parametrize("size", [320, 330, 1024, 1030])  # groups divide B / leave a remainder
+@pytest.mark.parametrize("size", [768, 770, 1024, 1030])  # groups divide B / leave a remainder
 def test_two_level_maxima_at_default_sizes(size):
     generator = torch.Generator().manual_seed(size)
     scores = torch.randint(0, 50, (size, size), generator=generator).float()  # many ties
@@ -796,12 +796,16 @@ def test_versions_benchmark_script_smoke():
 
 
 def test_maxima_benchmark_script_smoke():
-    """The two-level maxima against ``max``, side by side, at tiny sizes (one with a remainder)."""
+    """The two-level maxima against ``max``, side by side, at tiny sizes (one with a remainder),
+    as in a training step and in a tight loop."""
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, str(root / "benchmarks" / "bench_maxima.py"), "--sizes", "16", "70"]
-    command += ["--rounds", "2", "--calls", "100"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
-    for size in (16, 70):
-        assert re.search(
-            rf"B = +{size}: rows +[0-9.]+ us max, +[0-9.]+ two-level \([0-9.]+x\);.* both [0-9.]+x", result.stdout
-        )
+    command += ["--rounds", "3", "--dim", "8"]
+    for extra in ([], ["--tight-loop", "--calls", "100"]):
+        result = subprocess.run(command + extra, capture_output=True, text=True, timeout=300, check=True)
+        for size in (16, 70):
+            assert re.search(
+                rf"B = +{size}: both directions +[0-9.]+ us max, +[0-9.]+ two-level \([0-9.]+x\); "
+                r"two-level - max [+-][0-9]+ us \[[+-][0-9]+, [+-][0-9]+\]",
+                result.stdout,
+            ), result.stdout
