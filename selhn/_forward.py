@@ -68,12 +68,13 @@ def candidate_copies(img: Tensor, txt: Tensor) -> Copies:
 class Chosen(NamedTuple):
     """Step 2 of the forward pass, both sides: the chosen negatives' weighted hinges (2, L),
     their candidates and gradient coefficients (2, L, k; None where no side chose any), and each
-    anchor's coefficient on all of its hinges (2, L; None where the rule gives none)."""
+    anchor's coefficient on all of its hinges (2, L; a number where it is every anchor's, on
+    both sides; None where the rule gives none)."""
 
     hard_loss: Tensor
     hard_index: Tensor | None
     hard_coef: Tensor | None  # the slot's weight where its hinge is active, else 0
-    every: Tensor | None
+    every: Tensor | float | None
 
 
 def _take_positives(matrices: list[Tensor], layout: Layout, offset: int, excluded: Tensor | None, lean: bool) -> Tensor:
@@ -149,25 +150,59 @@ def _select(
         anchors = _lean_anchors(matrices, layout, side, offset, positives, excluded, opt, side_copies)
         sides.append(anchors.scores)  # (anchors as rows)
         choices.append(_checked_selection(opt.rule, anchors, opt.rule.select(anchors)))
-    every = None
-    if any(choice.every is not None for choice in choices):
-        every = torch.stack([positives.new_zeros(n_anchors) if c.every is None else c.every for c in choices])
-    width = max(choice.candidate.shape[1] for choice in choices)
+    every = _both_sides_every([choice.every for choice in choices], positives)
+    widths = [0 if choice.candidate is None else choice.candidate.shape[1] for choice in choices]
+    width = max(widths)
     if width == 0:
         return Chosen(positives.new_zeros(2, n_anchors), None, None, every)
     # (a side that chose fewer slots is padded with unused ones: candidate 0, weight 0)
-    if all(c.candidate.shape[1] == width for c in choices):
-        index, weight = torch.stack([c.candidate for c in choices]), torch.stack([c.weight for c in choices])
-    else:
-        index = torch.stack([F.pad(c.candidate, (0, width - c.candidate.shape[1])) for c in choices])
-        weight = torch.stack([F.pad(c.weight, (0, width - c.weight.shape[1])) for c in choices])
+    index = torch.stack([_padded_candidates(c.candidate, width, positives) for c in choices])
+    weight = None  # 1 on every slot of both sides, where neither side gave weights
+    if any(c.weight is not None for c in choices) or min(widths) < width:
+        weight = torch.stack(
+            [_padded_weights(c.weight, k, width, positives) for c, k in zip(choices, widths, strict=True)]
+        )
     chosen = torch.stack([scores.gather(1, index[s]) for s, scores in enumerate(sides)])
     hinges = sel.hinge(positives.unsqueeze(2), chosen, opt.margin)
-    weight = weight * (chosen != -math.inf)  # a slot counts only at a negative
-    # (where a weight is 0 its hinge may be inf or NaN, with a -inf positive: it counts 0; a NaN
-    # score under a weight stays, and propagates)
+    # A slot counts only at a negative: where the candidate is -inf on the matrix, its hinge is 0,
+    # or NaN with a -inf positive; either way it counts 0. An active hinge (> 0) is always at a
+    # negative. Where a weight is 0 its hinge may be inf or NaN: it counts 0. A NaN score under a
+    # weight stays, and propagates.
+    if weight is None:
+        hard_loss = _slot_sum(torch.where(chosen != -math.inf, hinges, 0.0))
+        return Chosen(hard_loss, index, (hinges > 0).to(hinges.dtype), every)
+    weight = weight * (chosen != -math.inf)
     hard_loss = _slot_sum(torch.where(weight != 0, weight * hinges, 0.0))
     return Chosen(hard_loss, index, weight * (hinges > 0), every)
+
+
+def _padded_candidates(candidate: Tensor | None, width: int, positives: Tensor) -> Tensor:
+    """One side's (L, k) chosen candidates padded to ``width`` slots with candidate 0 (None: none)."""
+    if candidate is None:
+        return positives.new_zeros(positives.shape[1], width, dtype=torch.long)
+    return candidate if candidate.shape[1] == width else F.pad(candidate, (0, width - candidate.shape[1]))
+
+
+def _padded_weights(weight: Tensor | None, k: int, width: int, positives: Tensor) -> Tensor:
+    """One side's (L, k) slot weights (None: 1 on each of its ``k`` slots) padded to ``width``
+    slots with weight 0 (unused)."""
+    if weight is None:
+        weight = positives.new_ones(positives.shape[1], k)
+    return weight if k == width else F.pad(weight, (0, width - k))
+
+
+def _both_sides_every(values: list[Tensor | float | None], positives: Tensor) -> Tensor | float | None:
+    """The sides' coefficients on all of their anchors' hinges: None where neither side gives
+    any (or both give 0), one number where both give the same, else (2, L)."""
+    if all(value is None for value in values):
+        return None
+    first = values[0]
+    if not isinstance(first, Tensor) and first is not None and all(value == first for value in values):
+        return None if first == 0 else first
+    n_anchors = positives.shape[1]
+    return torch.stack(
+        [value if isinstance(value, Tensor) else positives.new_full((n_anchors,), value or 0.0) for value in values]
+    )
 
 
 def _slot_sum(per_slot: Tensor) -> Tensor:
@@ -278,22 +313,25 @@ def _choose(
     excluded: Tensor | None,
     opt: Options,
     copies: Callable[[int], Tensor | None],
-) -> tuple[Chosen, list[int]]:
-    """Step 2 (:func:`_select`), and how many anchors take all their hinges per side; a cold
-    start's chosen negatives (no chosen hinge counts) dropped. Eager, one device read for both;
-    compiled, every anchor may take all its hinges."""
+) -> tuple[Chosen, Tensor | None, list[int]]:
+    """Step 2 (:func:`_select`), then which anchors take all their hinges (2, L; None where none
+    does or every anchor does, at one coefficient) and how many per side; a cold start's chosen
+    negatives (no chosen hinge counts) dropped. Eager, one device read for both where the
+    coefficients differ by anchor; compiled, every anchor may take all its hinges."""
     chosen = _select(matrices, layout, offset, positives, excluded, opt, copies)
     n_anchors = positives.shape[1]
     if chosen.every is None:
-        return chosen, [0, 0]
-    if not opt.lean:
-        return chosen, [n_anchors] * 2
-    falls_back = chosen.every != 0
-    any_hard = chosen.hard_coef.any().view(1) if chosen.hard_coef is not None else falls_back.new_zeros(1)
-    *n_falling, hard_used = torch.cat([falls_back.sum(1), any_hard]).tolist()
+        return chosen, None, [0, 0]
+    falls_back = chosen.every != 0 if isinstance(chosen.every, Tensor) else None  # None: every anchor, alike
+    if falls_back is None or not opt.lean:
+        hard_used = not opt.lean or chosen.hard_coef is None or bool(chosen.hard_coef.any())
+        n_falling = [n_anchors] * 2
+    else:
+        any_hard = chosen.hard_coef.any().view(1) if chosen.hard_coef is not None else falls_back.new_zeros(1)
+        *n_falling, hard_used = torch.cat([falls_back.sum(1), any_hard]).tolist()
     if not hard_used:  # (a cold start: no chosen hinge is active, or none was chosen)
         chosen = chosen._replace(hard_index=None, hard_coef=None)
-    return chosen, n_falling
+    return chosen, falls_back, n_falling
 
 
 def forward_pass(
@@ -310,19 +348,21 @@ def forward_pass(
     (:attr:`selhn.rules.Anchors.copies`); None for a score matrix."""
     positives = _take_positives(matrices, layout, offset, excluded, opt.lean)
     copies = CandidateCopies(candidates if opt.lean else None)
-    chosen, n_falling = _choose(matrices, layout, offset, positives, excluded, opt, copies.unsearched)
+    chosen, falls_back, n_falling = _choose(matrices, layout, offset, positives, excluded, opt, copies.unsearched)
     if copies.asked and chosen.hard_index is not None and copies.search():
         # a rule read the copies, a chosen hinge counts, and some candidates are exact copies:
         # the rules choose again, seeing them
-        chosen, n_falling = _choose(matrices, layout, offset, positives, excluded, opt, copies.searched)
+        chosen, falls_back, n_falling = _choose(matrices, layout, offset, positives, excluded, opt, copies.searched)
     hard_loss, hard_index, hard_coef, every = chosen
-    falls_back = None if every is None else every != 0
     hard_positive = None if hard_coef is None else _slot_sum(hard_coef)  # the chosen hinges' weight on s_p
     no_forms: tuple[Form, ...] = ("none", "none")
-    if falls_back is None or not any(n_falling):
+    if every is None or not any(n_falling):
         positive_coef = torch.zeros_like(hard_loss) if hard_positive is None else hard_positive
         return hard_loss, State(hard_index, hard_coef, None, positive_coef, no_forms, (None, None))
-    assert every is not None
+    if not isinstance(every, Tensor):  # every anchor takes all its hinges, at one coefficient
+        falls_back = torch.ones_like(positives, dtype=torch.bool)
+        every = torch.full_like(positives, every)
+    assert falls_back is not None
 
     threshold = positives - opt.margin  # each hinge is relu(s - threshold)
     terms = _fallback_terms(matrices, layout, threshold.unbind(), falls_back, n_falling, opt)

@@ -279,11 +279,18 @@ class Anchors:
 
     def dense(self, selection: Selection) -> Tensor:
         """(L, C) the dense weights of a sparse :class:`Selection`: each chosen negative's weight
-        (added where a candidate is chosen twice), plus ``every[a]`` on every candidate. (The
-        loss keeps them at the negatives only.)"""
-        weights = torch.zeros_like(self._scores).scatter_add_(1, selection.candidate, selection.weight)
-        if selection.every is not None:
-            weights += selection.every.unsqueeze(1)
+        (added where a candidate is chosen twice), plus ``every`` (the anchor's, or the one for
+        all) on every candidate. (The loss keeps them at the negatives only.)"""
+        weights = torch.zeros_like(self._scores)
+        candidate, weight, every = selection
+        if candidate is not None:
+            if weight is None:  # 1 on each chosen negative
+                weight = torch.ones_like(candidate, dtype=weights.dtype)
+            weights.scatter_add_(1, candidate, weight)
+        if isinstance(every, Tensor):
+            weights += every.unsqueeze(1)
+        elif every is not None:
+            weights += every
         return weights
 
 
@@ -299,6 +306,11 @@ class Selection(NamedTuple):
     taken as a constant (no gradient flows through the choice) and must be finite. A slot
     whose candidate is no negative of its anchor counts 0, whatever its weight.
 
+    The common cases need no tensor of constants: leave ``weight`` out for weight 1 on every
+    chosen negative (max violation: ``Selection(anchors.hardest_index.unsqueeze(1))``), leave
+    ``candidate`` out where no negative is chosen, and give ``every`` as a number where every
+    anchor takes its hinges alike (the sum of hinges: ``Selection(every=1.0)``).
+
     Example:
         >>> import torch
         >>> from selhn.rules import Selection
@@ -307,14 +319,17 @@ class Selection(NamedTuple):
         Selection(candidate=tensor([[2],
                 [0]]), weight=tensor([[1.],
                 [1.]]), every=tensor([0.0000, 0.5000]))
+        >>> Selection(every=1.0)
+        Selection(candidate=None, weight=None, every=1.0)
     """
 
-    #: (L, k) the chosen candidates (integer indices).
-    candidate: Tensor
-    #: (L, k) the weight of each chosen candidate's hinge (0: the slot is unused).
-    weight: Tensor
-    #: optional (L,) the coefficient :math:`e_a` on all of the anchor's hinges (None: 0).
-    every: Tensor | None = None
+    #: (L, k) the chosen candidates (integer indices); None: none chosen (k = 0).
+    candidate: Tensor | None = None
+    #: (L, k) the weight of each chosen candidate's hinge (0: the slot is unused); None: 1 for each.
+    weight: Tensor | None = None
+    #: (L,) the coefficient :math:`e_a` on all of each anchor's hinges, or a number for every
+    #: anchor alike; None: 0.
+    every: Tensor | float | None = None
 
 
 class SelectionRule:
@@ -425,8 +440,7 @@ class MaxViolation(SelectionRule):
     """
 
     def select(self, anchors: Anchors) -> Selection:
-        hardest = anchors.hardest_index.unsqueeze(1)
-        return Selection(hardest, torch.ones_like(hardest, dtype=anchors.scores.dtype))
+        return Selection(anchors.hardest_index.unsqueeze(1))  # weight 1
 
 
 @dataclass(frozen=True)
@@ -443,8 +457,7 @@ class SumOfHinges(SelectionRule):
     """
 
     def select(self, anchors: Anchors) -> Selection:
-        nothing = anchors.positive.new_zeros(anchors.positive.shape[0], 0)
-        return Selection(nothing.long(), nothing, every=torch.ones_like(anchors.positive))
+        return Selection(every=1.0)  # no chosen negative; every hinge at weight 1
 
 
 @dataclass(frozen=True)
@@ -494,49 +507,64 @@ class SelHN(SelectionRule):
 
 def _checked_selection(rule: SelectionRule, anchors: Anchors, selection: object) -> Selection:
     """A rule's :class:`Selection`, checked (types, shapes, device, integer candidates in range,
-    finite weights), detached and in the scores' dtype."""
+    finite weights), detached and in the scores' dtype (a number for ``every`` as a float)."""
     if not isinstance(selection, Selection):
         raise TypeError(f"{_named(rule)}.select must return a selhn.rules.Selection, got {type(selection).__name__}")
     if _selects_as_built_in(rule):  # (the package's own selection: tested, not checked each call)
         return selection
     n_anchors, n_candidates = anchors.scores.shape
     index, weight, every = selection
+    numeric_every = isinstance(every, (int, float)) and not isinstance(every, bool)
     for name, value in (("candidate", index), ("weight", weight), ("every", every)):
-        if name == "every" and value is None:
+        if value is None or (name == "every" and numeric_every):
             continue
         if not isinstance(value, Tensor):
-            raise TypeError(f"{_named(rule)}.select's {name} must be a torch.Tensor, got {type(value).__name__}")
+            kinds = "a torch.Tensor or a number" if name == "every" else "a torch.Tensor"
+            raise TypeError(f"{_named(rule)}.select's {name} must be {kinds}, got {type(value).__name__}")
         if value.device != anchors.scores.device:
             raise ValueError(
                 f"{_named(rule)}.select's {name} is on {value.device}, the scores on {anchors.scores.device}"
             )
-    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
-        raise TypeError(f"{_named(rule)}.select's candidate must hold integer candidates, got dtype {index.dtype}")
-    if index.ndim != 2 or index.shape[0] != n_anchors or tuple(weight.shape) != tuple(index.shape):
-        raise ValueError(
-            f"{_named(rule)}.select must return candidate and weight of shape ({n_anchors}, k), one row per anchor, "
-            f"got {tuple(index.shape)} and {tuple(weight.shape)}"
-        )
-    if every is not None and tuple(every.shape) != (n_anchors,):
+    if index is None:
+        if weight is not None:
+            raise ValueError(f"{_named(rule)}.select gave a weight but no candidate: give the chosen candidates too")
+    else:
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise TypeError(f"{_named(rule)}.select's candidate must hold integer candidates, got dtype {index.dtype}")
+        if index.ndim != 2 or index.shape[0] != n_anchors or (weight is not None and weight.shape != index.shape):
+            got = tuple(index.shape) if weight is None else f"{tuple(index.shape)} and {tuple(weight.shape)}"
+            raise ValueError(
+                f"{_named(rule)}.select must return candidate and weight of shape ({n_anchors}, k), one row per "
+                f"anchor, got {got}"
+            )
+    if isinstance(every, Tensor) and tuple(every.shape) != (n_anchors,):
         raise ValueError(f"{_named(rule)}.select's every must have shape ({n_anchors},), got {tuple(every.shape)}")
     for name, value in (("weight", weight), ("every", every)):
-        if value is not None and not (value.is_floating_point() or value.dtype in _INTEGER_WEIGHTS):
+        if isinstance(value, Tensor) and not (value.is_floating_point() or value.dtype in _INTEGER_WEIGHTS):
             raise TypeError(f"{_named(rule)}.select's {name} must be real (floating-point), got dtype {value.dtype}")
     dtype = anchors.scores.dtype
-    weight = weight.detach().to(dtype)
-    every = None if every is None else every.detach().to(dtype)
-    index = index.long()
-    in_range = ((index >= 0) & (index < n_candidates)).all()
-    finite = torch.isfinite(weight).all() & (True if every is None else torch.isfinite(every).all())
-    if torch.compiler.is_compiling() or not bool(in_range & finite):  # (one device read when eager)
-        checks = (
-            (in_range, f"{_named(rule)}.select returned a candidate outside [0, {n_candidates})"),
-            (finite, f"{_named(rule)}.select returned a NaN or infinite weight: weights must be finite"),
-        )
+    weight = None if weight is None else weight.detach().to(dtype)
+    if isinstance(every, Tensor):
+        every = every.detach().to(dtype)
+    elif every is not None:  # a number, for every anchor alike
+        every = float(every)
+        if not math.isfinite(every):
+            raise ValueError(f"{_named(rule)}.select returned every={every!r}: weights must be finite")
+    index = None if index is None else index.long()
+    checks = []  # (holds, message): one device read for all of them, when eager
+    if index is not None:
+        in_range = ((index >= 0) & (index < n_candidates)).all()
+        checks.append((in_range, f"{_named(rule)}.select returned a candidate outside [0, {n_candidates})"))
+    finite = [torch.isfinite(value).all() for value in (weight, every) if isinstance(value, Tensor)]
+    if finite:
+        all_finite = finite[0] if len(finite) == 1 else finite[0] & finite[1]
+        checks.append((all_finite, f"{_named(rule)}.select returned a NaN or infinite weight: weights must be finite"))
+    if checks:
+        every_check = checks[0][0] if len(checks) == 1 else checks[0][0] & checks[1][0]
         if torch.compiler.is_compiling():  # no Python branch on data in a graph: torch raises it (RuntimeError)
             for holds, message in checks:
                 torch._assert_async(holds, message)
-        else:
+        elif not bool(every_check):
             raise ValueError(next(message for holds, message in checks if not bool(holds)))
     return Selection(index, weight, every)
 

@@ -17,10 +17,18 @@ from hypothesis import strategies as st
 import selhn
 from selhn import _forms
 from selhn import functional as F
-from selhn.rules import Anchors, MaxViolation, SelectionRule, SelHN, SumOfHinges, side_losses
+from selhn.rules import Anchors, MaxViolation, Selection, SelectionRule, SelHN, SumOfHinges, side_losses
 from selhn.testing import assert_finite_gradients, assert_no_vanishing, duplicate_ids, embedding_pairs, score_matrices
 from tests.reference import reference_loss
-from tests.user_rules import HardestBelow, TopKAveraged, hardest_below, k_hardest, literal
+from tests.user_rules import (
+    HardestAndHalfOfAll,
+    HardestBelow,
+    TopKAveraged,
+    hardest_and_half_of_all,
+    hardest_below,
+    k_hardest,
+    literal,
+)
 
 BUILT_IN = {"selhn": SelHN(0.05), "selhn-sum": SelHN(0.05, "sum"), "hn": MaxViolation(), "sum": SumOfHinges()}
 REFERENCE = {
@@ -251,6 +259,8 @@ def test_user_rules_match_their_literal_loops():
     assert_rule_matches(TopKAveraged(2), literal(k_hardest(2)), max_examples=30)
     assert_rule_matches(HardestBelow(), literal(hardest_below), max_examples=30)
     assert_rule_matches(MaxViolation(), literal(k_hardest(1)), max_examples=30)
+    assert_rule_matches(HardestAndHalfOfAll(), literal(hardest_and_half_of_all), max_examples=30)
+    assert_rule_matches(SumOfHinges(), literal(lambda negatives, positive, margin: dict.fromkeys(negatives, 1.0)))
 
 
 def test_assert_rule_matches_says_where_a_rule_and_its_loop_differ():
@@ -275,6 +285,91 @@ def test_sparse_user_rules_take_the_lean_core_and_dense_ones_the_plain_path():
         assert selhn.rules.is_sparse(rule) is lean
         loss = selhn.RuleLoss(rule, reduction="none")(img, txt)
         assert ("EmbeddingLoss" in type(loss.grad_fn).__name__) is lean, rule
+
+
+class _ShorthandByDirection(SelectionRule):
+    """Each direction its own shorthand: the image anchors' hardest negative, weight left out;
+    the caption anchors' no candidate and one coefficient for all (``spelled_out``: the same
+    choice with every tensor written out, the two halves of one (L, 2) selection)."""
+
+    def __init__(self, spelled_out: bool) -> None:
+        self.spelled_out = spelled_out
+
+    def select(self, anchors):
+        size = anchors.positive.shape[0]
+        if anchors.direction == "i2t":
+            hardest = anchors.hardest_index.unsqueeze(1)
+            if not self.spelled_out:
+                return Selection(hardest)
+            return Selection(torch.cat([hardest, hardest], 1), torch.tensor([[1.0, 0.0]]).expand(size, 2))
+        if not self.spelled_out:
+            return Selection(every=0.25)
+        nothing = torch.zeros(size, 0, dtype=torch.long)
+        return Selection(nothing, nothing.to(anchors.scores.dtype), torch.full((size,), 0.25, dtype=torch.float64))
+
+
+class _DenseTwin(_ShorthandByDirection):
+    """The same choice on the plain path (its dense view, derived from the selection)."""
+
+    def weights(self, anchors):
+        return anchors.dense(self.select(anchors))
+
+
+def test_the_shorthand_selections_equal_their_spelled_out_tensors_on_every_path():
+    """Weights left out, no candidate, one number for every anchor, and one side choosing slots
+    where the other chooses none: the same losses and gradients as every tensor written out, on
+    score matrices and embeddings, lean and plain."""
+    generator = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(7, 5, generator=generator, dtype=torch.float64), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(7, 5, generator=generator, dtype=torch.float64), dim=1)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3, 4])
+    mask = ids[:, None] == ids[None, :]
+    expected = None
+    for rule in (_ShorthandByDirection(False), _ShorthandByDirection(True), _DenseTwin(False)):
+        assert selhn.rules.is_sparse(rule) is not isinstance(rule, _DenseTwin)
+        scores = (img @ txt.T).requires_grad_()
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        on_scores = F.rule_loss(scores, rule, mask=mask, reduction="none")
+        on_embeddings = selhn.RuleLoss(rule, reduction="none")(a, b, ids=ids)
+        (on_scores.sum() + on_embeddings.sum()).backward()
+        got = (on_scores, on_embeddings, scores.grad, a.grad, b.grad)
+        if expected is None:
+            expected = got
+            assert on_scores[1].gt(0).any() and on_scores[0].gt(0).any()  # both forms count
+            continue
+        for value, reference in zip(got, expected, strict=True):
+            torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_the_shorthand_selections_are_checked():
+    from selhn.rules import Selection
+
+    class Returns(SelectionRule):
+        def __init__(self, make):
+            self.make = make
+
+        def select(self, anchors):
+            return self.make(anchors)
+
+        def __repr__(self):
+            return "Returns()"
+
+    scores = torch.rand(4, 4)
+    one = torch.zeros(4, 1, dtype=torch.long)
+    cases = [
+        (lambda a: Selection(weight=torch.ones(4, 1)), ValueError, "gave a weight but no candidate"),
+        (lambda a: Selection(one, every=math.inf), ValueError, r"every=inf: weights must be finite"),
+        (lambda a: Selection(one, every=True), TypeError, "every must be a torch.Tensor or a number, got bool"),
+        (lambda a: Selection(one, every="all"), TypeError, "every must be a torch.Tensor or a number, got str"),
+        (lambda a: Selection(one[:3]), ValueError, r"shape \(4, k\), one row per anchor, got \(3, 1\)"),
+    ]
+    for make, error, message in cases:
+        with pytest.raises(error, match=message):
+            F.rule_loss(scores, Returns(make))
+    # an integer coefficient is a number like any other
+    torch.testing.assert_close(
+        F.rule_loss(scores, Returns(lambda a: Selection(every=1))), F.rule_loss(scores, SumOfHinges())
+    )
 
 
 def test_a_built_in_rules_subclass_that_overrides_the_weights_is_dense():

@@ -31,6 +31,15 @@ class HardestBelow(SelectionRule):
         return Selection(index, chosen.to(anchors.scores.dtype))
 
 
+@dataclass(frozen=True)
+class HardestAndHalfOfAll(SelectionRule):
+    """The hardest negative's hinge plus half of every hinge, in the shorthand forms: weights left
+    out (1 on the chosen negative) and one coefficient for every anchor (a number)."""
+
+    def select(self, anchors: Anchors) -> Selection:
+        return Selection(anchors.hardest_index.unsqueeze(1), every=0.5)
+
+
 def literal(choose):
     """A literal per-anchor loss: for each anchor, ``choose(scores of its negatives by index,
     positive, margin)`` gives {negative: weight}; the loss is the weighted sum of their hinges."""
@@ -71,3 +80,11 @@ def hardest_below(negatives, positive, margin):
     if not below:
         return {}
     return {max(below, key=lambda n: (negatives[n], -n)): 1.0}
+
+
+def hardest_and_half_of_all(negatives, positive, margin):
+    """1 on the hardest negative (ties: the lowest index), plus 0.5 on every negative."""
+    weights = {n: 0.5 for n in negatives}
+    for n in k_hardest(1)(negatives, positive, margin):
+        weights[n] += 1.0
+    return weights
