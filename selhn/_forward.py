@@ -315,21 +315,20 @@ def _choose(
     copies: Callable[[int], Tensor | None],
 ) -> tuple[Chosen, Tensor | None, list[int]]:
     """Step 2 (:func:`_select`), then which anchors take all their hinges (2, L; None where none
-    does or every anchor does, at one coefficient) and how many per side; a cold start's chosen
-    negatives (no chosen hinge counts) dropped. Eager, one device read for both where the
-    coefficients differ by anchor; compiled, every anchor may take all its hinges."""
+    does or every anchor does, at one coefficient) and how many per side. Where every anchor
+    takes all its hinges and no chosen hinge counts (a cold start), the chosen negatives are
+    dropped. Eager, one device read where the coefficients differ by anchor (and a second in a
+    cold start); compiled, every anchor may take all its hinges."""
     chosen = _select(matrices, layout, offset, positives, excluded, opt, copies)
     n_anchors = positives.shape[1]
     if chosen.every is None:
         return chosen, None, [0, 0]
     falls_back = chosen.every != 0 if isinstance(chosen.every, Tensor) else None  # None: every anchor, alike
-    if falls_back is None or not opt.lean:
-        hard_used = not opt.lean or chosen.hard_coef is None or bool(chosen.hard_coef.any())
-        n_falling = [n_anchors] * 2
-    else:
-        any_hard = chosen.hard_coef.any().view(1) if chosen.hard_coef is not None else falls_back.new_zeros(1)
-        *n_falling, hard_used = torch.cat([falls_back.sum(1), any_hard]).tolist()
-    if not hard_used:  # (a cold start: no chosen hinge is active, or none was chosen)
+    if not opt.lean:
+        return chosen, falls_back, [n_anchors] * 2
+    n_falling = [n_anchors] * 2 if falls_back is None else falls_back.sum(1).tolist()
+    everyone = sum(n_falling) == 2 * n_anchors
+    if everyone and chosen.hard_coef is not None and not bool(chosen.hard_coef.any()):
         chosen = chosen._replace(hard_index=None, hard_coef=None)
     return chosen, falls_back, n_falling
 
