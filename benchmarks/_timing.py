@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+import statistics
 import time
 from collections.abc import Callable
 
@@ -56,3 +58,14 @@ def time_rounds(
             times[name].append(time.perf_counter() - start)
             spent += times[name][-1]
     return times, done
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float, float]:
+    """The median of paired differences (one per round) and its 95% interval, from the order
+    statistics a sign test gives (no assumption on the differences' distribution)."""
+    ordered = sorted(differences)
+    n = len(ordered)
+    half_width = 1.96 * math.sqrt(n) / 2
+    low = ordered[max(0, math.floor(n / 2 - half_width))]
+    high = ordered[min(n - 1, math.ceil(n / 2 + half_width))]
+    return statistics.median(ordered), low, high

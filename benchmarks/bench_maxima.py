@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _timing import device_label
+from _timing import device_label, paired_interval
 
 from selhn import _selection
 
@@ -48,16 +48,6 @@ def both_two_level(scores: torch.Tensor) -> None:
     """Both directions' maxima in two levels."""
     _selection._two_level_max(scores, 1, _selection.ROW_GROUP)
     _selection._two_level_max(scores, 0, _selection.COL_GROUP)
-
-
-def paired_interval(differences: list[float]) -> tuple[float, float, float]:
-    """The median of paired differences and its 95% interval (order statistics, sign test)."""
-    ordered = sorted(differences)
-    n = len(ordered)
-    half_width = 1.96 * math.sqrt(n) / 2
-    low = ordered[max(0, math.floor(n / 2 - half_width))]
-    high = ordered[min(n - 1, math.ceil(n / 2 + half_width))]
-    return statistics.median(ordered), low, high
 
 
 def time_as_in_a_step(size: int, dim: int, rounds: int, shuffler: random.Random) -> dict[str, list[float]]:

@@ -792,7 +792,8 @@ def test_versions_benchmark_script_smoke():
     command += ["--sizes", "16", "--dim", "8", "--rounds", "3"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
     for case in ("MaxViolationLoss", "SelHNLoss steady", "SelHNLoss cold", "SumHingeLoss", "SumHinge, dense"):
-        assert re.search(rf"{case} +this [0-9.]+x  other [0-9.]+x  this/other [0-9.]+", result.stdout), case
+        pattern = rf"{case} +this [0-9.]+x  other [0-9.]+x  this/other [0-9.]+  this - other [+-][0-9]+ us  "
+        assert re.search(pattern + r"paired [+-][0-9]+ us \[[+-][0-9]+, [+-][0-9]+\]", result.stdout), case
 
 
 def test_maxima_benchmark_script_smoke():
