@@ -50,6 +50,23 @@ def both_two_level(scores: torch.Tensor) -> None:
     _selection._two_level_max(scores, 0, _selection.COL_GROUP)
 
 
+#: The two ways, by name.
+WAYS: dict[str, Callable[[torch.Tensor], None]] = {"max": both_max, "two-level": both_two_level}
+
+
+def interleaved(
+    rounds: int, shuffler: random.Random, timed: Callable[[Callable[[torch.Tensor], None]], float]
+) -> dict[str, list[float]]:
+    """Seconds per call of each way, ``timed(way)`` once per round for each, in a fresh order."""
+    times: dict[str, list[float]] = {name: [] for name in WAYS}
+    order = list(WAYS)
+    for _ in range(rounds):
+        shuffler.shuffle(order)
+        for name in order:
+            times[name].append(timed(WAYS[name]))
+    return times
+
+
 def time_as_in_a_step(size: int, dim: int, rounds: int, shuffler: random.Random) -> dict[str, list[float]]:
     """Seconds per call of each way, each on a fresh score matrix after a pass over a buffer
     larger than the caches."""
@@ -58,35 +75,29 @@ def time_as_in_a_step(size: int, dim: int, rounds: int, shuffler: random.Random)
     img = unit(torch.randn(size, dim, generator=generator), dim=1)
     txt = unit(torch.randn(size, dim, generator=generator), dim=1)
     clear = torch.zeros(CLEAR_MIB * 2**20 // 4)
-    ways: dict[str, Callable[[torch.Tensor], None]] = {"max": both_max, "two-level": both_two_level}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    order = list(ways)
-    for _ in range(rounds):
-        shuffler.shuffle(order)
-        for name in order:
-            clear.add_(1.0)
-            scores = img @ txt.t()
-            scores.diagonal().fill_(-math.inf)
-            start = time.perf_counter()
-            ways[name](scores)
-            times[name].append(time.perf_counter() - start)
-    return times
+
+    def timed(way: Callable[[torch.Tensor], None]) -> float:
+        clear.add_(1.0)
+        scores = img @ txt.t()
+        scores.diagonal().fill_(-math.inf)
+        start = time.perf_counter()
+        way(scores)
+        return time.perf_counter() - start
+
+    return interleaved(rounds, shuffler, timed)
 
 
 def time_in_a_tight_loop(size: int, calls: int, rounds: int, shuffler: random.Random) -> dict[str, list[float]]:
     """Seconds per call of each way, called ``calls`` times in a row on one hot matrix."""
     scores = torch.randn(size, size, generator=torch.Generator().manual_seed(size))
-    ways: dict[str, Callable[[torch.Tensor], None]] = {"max": both_max, "two-level": both_two_level}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    order = list(ways)
-    for _ in range(rounds):
-        shuffler.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            for _ in range(calls):
-                ways[name](scores)
-            times[name].append((time.perf_counter() - start) / calls)
-    return times
+
+    def timed(way: Callable[[torch.Tensor], None]) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            way(scores)
+        return (time.perf_counter() - start) / calls
+
+    return interleaved(rounds, shuffler, timed)
 
 
 def main() -> None:

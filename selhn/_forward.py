@@ -13,7 +13,8 @@ the image anchors, row 1 the caption anchors.
    hinges are summed (max violation's hardest negative, SelHN's where the gap is wide), and
    each anchor's coefficient :math:`k_a` on all of its hinges (1 for the sum of hinges,
    :math:`1/|N_a|` where SelHN falls back, 0 elsewhere); the anchors with :math:`k_a \ne 0`
-   *fall back*;
+   *fall back* (:func:`_who_falls_back`). The candidates' exact copies are looked up only
+   where a chosen hinge counts (:class:`CandidateCopies`);
 3. for the anchors that fall back, the sum of their hinges and how many are active
    (:func:`_fallback_terms`), times :math:`k_a`;
 4. the backward plan: which form each side's fallback terms keep for backward
@@ -305,26 +306,16 @@ class CandidateCopies:
         return self.found[side]
 
 
-def _choose(
-    matrices: list[Tensor],
-    layout: Layout,
-    offset: int,
-    positives: Tensor,
-    excluded: Tensor | None,
-    opt: Options,
-    copies: Callable[[int], Tensor | None],
-) -> tuple[Chosen, Tensor | None, list[int]]:
-    """Step 2 (:func:`_select`), then which anchors take all their hinges (2, L; None where none
-    does or every anchor does, at one coefficient) and how many per side. Where every anchor
-    takes all its hinges and no chosen hinge counts (a cold start), the chosen negatives are
-    dropped. Eager, one device read where the coefficients differ by anchor (and a second in a
-    cold start); compiled, every anchor may take all its hinges."""
-    chosen = _select(matrices, layout, offset, positives, excluded, opt, copies)
-    n_anchors = positives.shape[1]
+def _who_falls_back(chosen: Chosen, n_anchors: int, lean: bool) -> tuple[Chosen, Tensor | None, list[int]]:
+    """After step 2: which anchors take all their hinges (2, L; None where none does or every
+    anchor does, at one coefficient) and how many per side. Where every anchor takes all its
+    hinges and no chosen hinge counts (a cold start), the chosen negatives are dropped. Eager,
+    one device read where the coefficients differ by anchor (and a second in a cold start);
+    compiled, every anchor may take all its hinges."""
     if chosen.every is None:
         return chosen, None, [0, 0]
     falls_back = chosen.every != 0 if isinstance(chosen.every, Tensor) else None  # None: every anchor, alike
-    if not opt.lean:
+    if not lean:
         return chosen, falls_back, [n_anchors] * 2
     n_falling = [n_anchors] * 2 if falls_back is None else falls_back.sum(1).tolist()
     everyone = sum(n_falling) == 2 * n_anchors
@@ -347,11 +338,13 @@ def forward_pass(
     (:attr:`selhn.rules.Anchors.copies`); None for a score matrix."""
     positives = _take_positives(matrices, layout, offset, excluded, opt.lean)
     copies = CandidateCopies(candidates if opt.lean else None)
-    chosen, falls_back, n_falling = _choose(matrices, layout, offset, positives, excluded, opt, copies.unsearched)
+    choose = functools.partial(_select, matrices, layout, offset, positives, excluded, opt)
+    n_anchors = positives.shape[1]
+    chosen, falls_back, n_falling = _who_falls_back(choose(copies.unsearched), n_anchors, opt.lean)
     if copies.asked and chosen.hard_index is not None and copies.search():
         # a rule read the copies, a chosen hinge counts, and some candidates are exact copies:
         # the rules choose again, seeing them
-        chosen, falls_back, n_falling = _choose(matrices, layout, offset, positives, excluded, opt, copies.searched)
+        chosen, falls_back, n_falling = _who_falls_back(choose(copies.searched), n_anchors, opt.lean)
     hard_loss, hard_index, hard_coef, every = chosen
     hard_positive = None if hard_coef is None else _slot_sum(hard_coef)  # the chosen hinges' weight on s_p
     no_forms: tuple[Form, ...] = ("none", "none")

@@ -341,37 +341,6 @@ def test_the_shorthand_selections_equal_their_spelled_out_tensors_on_every_path(
             torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
 
 
-def test_the_shorthand_selections_are_checked():
-    from selhn.rules import Selection
-
-    class Returns(SelectionRule):
-        def __init__(self, make):
-            self.make = make
-
-        def select(self, anchors):
-            return self.make(anchors)
-
-        def __repr__(self):
-            return "Returns()"
-
-    scores = torch.rand(4, 4)
-    one = torch.zeros(4, 1, dtype=torch.long)
-    cases = [
-        (lambda a: Selection(weight=torch.ones(4, 1)), ValueError, "gave a weight but no candidate"),
-        (lambda a: Selection(one, every=math.inf), ValueError, r"every=inf: weights must be finite"),
-        (lambda a: Selection(one, every=True), TypeError, "every must be a torch.Tensor or a number, got bool"),
-        (lambda a: Selection(one, every="all"), TypeError, "every must be a torch.Tensor or a number, got str"),
-        (lambda a: Selection(one[:3]), ValueError, r"shape \(4, k\), one row per anchor, got \(3, 1\)"),
-    ]
-    for make, error, message in cases:
-        with pytest.raises(error, match=message):
-            F.rule_loss(scores, Returns(make))
-    # an integer coefficient is a number like any other
-    torch.testing.assert_close(
-        F.rule_loss(scores, Returns(lambda a: Selection(every=1))), F.rule_loss(scores, SumOfHinges())
-    )
-
-
 def test_a_built_in_rules_subclass_that_overrides_the_weights_is_dense():
     class Doubled(MaxViolation):
         def weights(self, anchors):
@@ -426,10 +395,19 @@ def test_bad_selections_are_refused_by_name():
         (lambda a: Selection(one, torch.full((4, 1), math.nan)), ValueError, "NaN or infinite weight"),
         (lambda a: Selection(one, torch.ones(4, 1), every=torch.ones(3)), ValueError, r"every must have shape \(4,\)"),
         (lambda a: Selection(one, torch.ones(4, 1), every=[1.0] * 4), TypeError, "every must be a torch.Tensor"),
+        # the shorthand forms
+        (lambda a: Selection(weight=torch.ones(4, 1)), ValueError, "gave a weight but no candidate"),
+        (lambda a: Selection(one, every=math.inf), ValueError, r"every=inf: weights must be finite"),
+        (lambda a: Selection(one, every=True), TypeError, "every must be a torch.Tensor or a number, got bool"),
+        (lambda a: Selection(one, every="all"), TypeError, "every must be a torch.Tensor or a number, got str"),
+        (lambda a: Selection(one[:3]), ValueError, r"shape \(4, k\), one row per anchor, got \(3, 1\)"),
     ]
     for make, error, message in cases:
         with pytest.raises(error, match=message):
             F.rule_loss(scores, Returns(make))
+    # an integer coefficient for every anchor is a number like any other
+    every_one = Returns(lambda a: Selection(every=1))
+    torch.testing.assert_close(F.rule_loss(scores, every_one), F.rule_loss(scores, SumOfHinges()))
 
 
 def test_a_chosen_candidate_that_is_no_negative_counts_zero():
