@@ -412,11 +412,13 @@ def _form_owner(rule: SelectionRule) -> tuple[str, type] | None:
     the rule's MRO that defines ``select`` (``"select"``, checked first) or ``weights``; None
     where none does. (Read once per class: every loss call asks.)"""
     rule_class: Any = type(rule)  # (a class is hashable; mypy reads SelectionRule's __hash__ as None)
+    if torch.compiler.is_compiling():  # traced once into the graph (Dynamo warns on a cached function)
+        return _find_form_owner(rule_class)
     return _form_owner_of_class(rule_class)
 
 
-@functools.cache
-def _form_owner_of_class(rule_class: type) -> tuple[str, type] | None:
+def _find_form_owner(rule_class: type) -> tuple[str, type] | None:
+    """:func:`_form_owner` of a class, looked up along its MRO."""
     for cls in rule_class.__mro__:
         if cls is SelectionRule:
             return None
@@ -424,6 +426,10 @@ def _form_owner_of_class(rule_class: type) -> tuple[str, type] | None:
             if method in cls.__dict__:
                 return method, cls
     return None
+
+
+#: :func:`_find_form_owner`, read once per class (every eager loss call asks).
+_form_owner_of_class = functools.cache(_find_form_owner)
 
 
 @dataclass(frozen=True)
