@@ -549,8 +549,8 @@ def assert_selection_rule(
             at = (direction, anchor)
             raise AssertionError(
                 f"{names[direction]} {anchor} should take the {branch} branch "
-                f"(expected {float(expected[at]):.6g}, got {float(got[at]):.6g}; "
-                f"hard value {float(hard[at]):.6g})"
+                f"(expected {float(expected[at].detach()):.6g}, got {float(got[at].detach()):.6g}; "
+                f"hard value {float(hard[at].detach()):.6g})"
             )
 
     check()
