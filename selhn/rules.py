@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -561,16 +562,15 @@ def _checked_selection(rule: SelectionRule, anchors: Anchors, selection: object)
     if index is not None:
         in_range = ((index >= 0) & (index < n_candidates)).all()
         checks.append((in_range, f"{_named(rule)}.select returned a candidate outside [0, {n_candidates})"))
-    finite = [torch.isfinite(value).all() for value in (weight, every) if isinstance(value, Tensor)]
-    if finite:
-        all_finite = finite[0] if len(finite) == 1 else finite[0] & finite[1]
-        checks.append((all_finite, f"{_named(rule)}.select returned a NaN or infinite weight: weights must be finite"))
+    for value in (weight, every):
+        if isinstance(value, Tensor):
+            message = f"{_named(rule)}.select returned a NaN or infinite weight: weights must be finite"
+            checks.append((torch.isfinite(value).all(), message))
     if checks:
-        every_check = checks[0][0] if len(checks) == 1 else checks[0][0] & checks[1][0]
         if torch.compiler.is_compiling():  # no Python branch on data in a graph: torch raises it (RuntimeError)
             for holds, message in checks:
                 torch._assert_async(holds, message)
-        elif not bool(every_check):
+        elif not bool(functools.reduce(operator.and_, (holds for holds, _ in checks))):
             raise ValueError(next(message for holds, message in checks if not bool(holds)))
     return Selection(index, weight, every)
 
